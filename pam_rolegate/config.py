@@ -1,0 +1,332 @@
+"""The configuration file: YAML in, frozen dataclasses out, every mistake refused as FILE:LINE:COL.
+
+We walk PyYAML's node tree (yaml.compose) instead of loading plain dicts, because only nodes
+carry positions, and because a plain load silently keeps the last of two duplicate keys.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import yaml
+
+from . import names
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/rolegate/rolegate.yaml"
+CONFIG_ENV = "ROLEGATE_CONFIG"
+SUPPORTED_VERSIONS = (1,)
+SOURCES = ("instance-profile", "profile:NAME", "keyring:NAME")
+DELIVERIES = ("file", "process")
+
+ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
+POLICY_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}|aws):policy/[\w+=,.@/-]{1,512}")
+_DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_USER_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]*\$?")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the gatekeeper (source) credentials come from."""
+
+    kind: str  # "instance-profile" | "profile" | "keyring"
+    name: Optional[str] = None
+
+    def __str__(self):
+        return self.kind if self.name is None else f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Match:
+    """Login facts a rule requires; an empty tuple means 'any'. A tuple means any of."""
+
+    users: Tuple[str, ...] = ()
+    groups: Tuple[str, ...] = ()
+    services: Tuple[str, ...] = ()
+    targets: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int  # 1-based position in `roles`, for explanations and logs
+    line: int  # where the rule starts in the file
+    match: Match
+    role: str
+    duration: Optional[int] = None  # overrides session.duration
+    external_id: Optional[str] = None
+    policy_arns: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    duration: int = 3600
+    refresh_before: int = 1200
+    name: str = "{principal}@{hostname}"
+    source_identity: str = "{principal}"
+    tags: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    region: str
+    source: Source = Source("instance-profile")
+    runtime_dir: str = "/run/rolegate"
+    delivery: str = "file"
+    sts_timeout: int = 3
+    reap_interval: int = 30
+    imds_allow_users: Tuple[str, ...] = ()
+    session: SessionSettings = field(default_factory=SessionSettings)
+    roles: Tuple[Rule, ...] = ()
+    version: int = 1
+
+    def duration_for(self, rule):
+        return rule.duration or self.session.duration
+
+
+def parse_duration(value):
+    """900, "900", "15m", "1h", "1h30m" -> seconds. Raises ValueError with the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like 15m, 1h, 1h30m")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    m = _DURATION_RE.fullmatch(text)
+    if not text or not m or not any(m.groups()):
+        raise ValueError(f"{value!r} is not a duration; use seconds (900) or 15m, 1h, 1h30m, 90s")
+    h, mi, s = (int(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def config_path(explicit=None, environ=os.environ):
+    return explicit or environ.get(CONFIG_ENV) or DEFAULT_PATH
+
+
+def load(path=None):
+    """Read and validate the config file; raises ConfigError located at the mistake."""
+    path = config_path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read the config: {err.strerror}", path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("the config is not UTF-8 text", path) from None
+    return parse(text, path)
+
+
+def parse(text, path="<config>"):
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = " ".join(p for p in (err.context, err.problem) if p) or "invalid YAML"
+        if mark is None:
+            raise ConfigError(f"YAML syntax error: {problem}", path) from None
+        raise ConfigError(f"YAML syntax error: {problem}", path, mark.line + 1, mark.column + 1) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"YAML error: {err}", path) from None
+    if root is None:
+        raise ConfigError("the config is empty; it needs at least 'version: 1' and 'region'", path)
+    return _Reader(path).config(root)
+
+
+class _Reader:
+    """Turns a composed YAML node tree into a Config, raising at the first mistake."""
+
+    def __init__(self, path):
+        self.path = path
+        self._loader = yaml.SafeLoader("")
+
+    # -- located errors and primitive readers ------------------------------------------------
+
+    def fail(self, node, message):
+        mark = node.start_mark
+        raise ConfigError(message, self.path, mark.line + 1, mark.column + 1)
+
+    def value(self, node):
+        return self._loader.construct_object(node, deep=True)
+
+    def mapping(self, node, what, allowed, required=()):
+        """A mapping node -> {key: (key_node, value_node)}, refusing unknown/duplicate/missing keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"{what} must be a mapping of key: value")
+        seen = {}
+        for key_node, value_node in node.value:
+            key = self.value(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                self.fail(key_node, f"{what}: keys must be plain words")
+            if key in seen:
+                first = seen[key][0].start_mark.line + 1
+                self.fail(key_node, f"{what}: duplicate key '{key}' (first given on line {first})")
+            if key not in allowed:
+                self.fail(key_node, f"{what}: unknown key '{key}'; allowed: {', '.join(allowed)}")
+            seen[key] = (key_node, value_node)
+        for key in required:
+            if key not in seen:
+                self.fail(node, f"{what}: missing required key '{key}'")
+        return seen
+
+    def string(self, node, what, pattern=None, hint=""):
+        value = self.value(node) if isinstance(node, yaml.ScalarNode) else None
+        if isinstance(value, bool) or value is None or not isinstance(value, (str, int)):
+            self.fail(node, f"{what} must be a single text value")
+        value = str(value)
+        if pattern is not None and not pattern.fullmatch(value):
+            self.fail(node, f"{what} {value!r} is not valid{hint}")
+        return value
+
+    def strings(self, node, what, pattern=None, hint=""):
+        """A scalar or a list of scalars -> tuple of strings (a list means 'any of')."""
+        if isinstance(node, yaml.SequenceNode):
+            if not node.value:
+                self.fail(node, f"{what}: an empty list matches nothing; remove the key instead")
+            return tuple(self.string(n, what, pattern, hint) for n in node.value)
+        return (self.string(node, what, pattern, hint),)
+
+    def duration(self, node, what, low=names.DURATION_MIN, high=names.DURATION_MAX):
+        value = self.value(node) if isinstance(node, yaml.ScalarNode) else None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as err:
+            self.fail(node, f"{what}: {err}")
+        if not low <= seconds <= high:
+            self.fail(node, f"{what} is {seconds}s; it must lie between {low}s and {high}s")
+        return seconds
+
+    def template(self, node, what):
+        text = self.string(node, what)
+        problem = names.check_template(text)
+        if problem:
+            self.fail(node, f"{what}: {problem}")
+        return text
+
+    # -- sections ----------------------------------------------------------------------------
+
+    def config(self, root):
+        keys = self.mapping(
+            root,
+            "the config",
+            ("version", "region", "source", "runtime_dir", "delivery", "sts_timeout",
+             "reap_interval", "imds_allow_users", "session", "roles"),
+            required=("version", "region"),
+        )
+        version_node = keys["version"][1]
+        version = self.value(version_node)
+        if version not in SUPPORTED_VERSIONS:
+            self.fail(version_node, f"version {version!r} is not supported; this rolegate reads version 1")
+        kw = {"path": self.path, "version": version}
+        kw["region"] = self.string(keys["region"][1], "region", re.compile(r"[a-z]{2}(-[a-z]+)+-\d+"),
+                                   " (expected a region such as us-east-1)")
+        if "source" in keys:
+            kw["source"] = self.source(keys["source"][1])
+        if "runtime_dir" in keys:
+            node = keys["runtime_dir"][1]
+            runtime_dir = self.string(node, "runtime_dir")
+            if not os.path.isabs(runtime_dir) or os.path.normpath(runtime_dir) in ("/", "/run", "/tmp"):
+                self.fail(node, "runtime_dir must be an absolute directory of rolegate's own, such as /run/rolegate")
+            kw["runtime_dir"] = os.path.normpath(runtime_dir)
+        if "delivery" in keys:
+            node = keys["delivery"][1]
+            kw["delivery"] = self.string(node, "delivery")
+            if kw["delivery"] not in DELIVERIES:
+                self.fail(node, f"delivery {kw['delivery']!r} is unknown; allowed: file, process")
+        if "sts_timeout" in keys:
+            kw["sts_timeout"] = self.duration(keys["sts_timeout"][1], "sts_timeout", 1, 60)
+        if "reap_interval" in keys:
+            kw["reap_interval"] = self.duration(keys["reap_interval"][1], "reap_interval", 1, 3600)
+        if "imds_allow_users" in keys:
+            kw["imds_allow_users"] = self.strings(keys["imds_allow_users"][1], "imds_allow_users",
+                                                  _USER_RE, " (expected a user name)")
+        session = self.session(keys["session"][1]) if "session" in keys else SessionSettings()
+        kw["session"] = session
+        roles = ()
+        if "roles" in keys:
+            node = keys["roles"][1]
+            if not isinstance(node, yaml.SequenceNode):
+                self.fail(node, "roles must be a list of rules, each '- match: {...}' with a 'role'")
+            roles = tuple(self.rule(i + 1, n, session) for i, n in enumerate(node.value))
+        kw["roles"] = roles
+        return Config(**kw)
+
+    def source(self, node):
+        text = self.string(node, "source")
+        if text == "instance-profile":
+            return Source("instance-profile")
+        kind, _, name = text.partition(":")
+        if kind in ("profile", "keyring") and name:
+            return Source(kind, name)
+        self.fail(node, f"source {text!r} is unknown; allowed: {', '.join(SOURCES)}")
+
+    def session(self, node):
+        keys = self.mapping(node, "session", ("duration", "refresh_before", "name", "source_identity", "tags"))
+        defaults = SessionSettings()
+        duration = self.duration(keys["duration"][1], "session.duration") if "duration" in keys else defaults.duration
+        refresh_before = defaults.refresh_before
+        if "refresh_before" in keys:
+            rb_node = keys["refresh_before"][1]
+            refresh_before = self.duration(rb_node, "session.refresh_before", 0, names.DURATION_MAX)
+            if refresh_before >= duration:
+                self.fail(rb_node, f"session.refresh_before ({refresh_before}s) must be shorter than "
+                                   f"session.duration ({duration}s)")
+        kw = {"duration": duration, "refresh_before": refresh_before}
+        for key in ("name", "source_identity"):
+            if key in keys:
+                kw[key] = self.template(keys[key][1], f"session.{key}")
+        if "tags" in keys:
+            kw["tags"] = self.tags(keys["tags"][1])
+        return SessionSettings(**kw)
+
+    def tags(self, node):
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, "session.tags must be a mapping of tag key: value template")
+        if len(node.value) > names.TAGS_MAX:
+            self.fail(node, f"session.tags has {len(node.value)} tags; STS allows at most {names.TAGS_MAX}")
+        tags, seen = [], set()
+        for key_node, value_node in node.value:
+            key = self.string(key_node, "session tag key")
+            if key in seen:
+                self.fail(key_node, f"session.tags: duplicate key '{key}'")
+            seen.add(key)
+            problem = names.tag_key_problem(key)
+            if problem:
+                self.fail(key_node, f"session tag {key!r}: {problem}")
+            tags.append((key, self.template(value_node, f"session tag {key!r}")))
+        return tuple(tags)
+
+    def rule(self, index, node, session):
+        what = f"roles[{index}]"
+        keys = self.mapping(node, what, ("match", "role", "duration", "external_id", "policy_arns"),
+                            required=("match", "role"))
+        match = self.match(keys["match"][1], what)
+        role = self.string(keys["role"][1], f"{what}.role", ROLE_ARN_RE,
+                           " (expected arn:aws:iam::123456789012:role/NAME)")
+        kw = {"index": index, "line": node.start_mark.line + 1, "match": match, "role": role}
+        if "duration" in keys:
+            kw["duration"] = self.duration(keys["duration"][1], f"{what}.duration")
+            if session.refresh_before >= kw["duration"]:
+                self.fail(keys["duration"][1], f"{what}.duration ({kw['duration']}s) must be longer than "
+                                               f"session.refresh_before ({session.refresh_before}s)")
+        if "external_id" in keys:
+            kw["external_id"] = self.string(keys["external_id"][1], f"{what}.external_id", names.EXTERNAL_ID_RE,
+                                            " (2-1224 of A-Z a-z 0-9 _+=,.@:/-)")
+        if "policy_arns" in keys:
+            arns = self.strings(keys["policy_arns"][1], f"{what}.policy_arns", POLICY_ARN_RE,
+                                " (expected arn:aws:iam::aws:policy/NAME or arn:aws:iam::ACCOUNT:policy/NAME)")
+            if len(arns) > names.POLICY_ARNS_MAX:
+                self.fail(keys["policy_arns"][1], f"{what}.policy_arns has {len(arns)} ARNs; "
+                                                  f"STS allows at most {names.POLICY_ARNS_MAX}")
+            kw["policy_arns"] = arns
+        return Rule(**kw)
+
+    def match(self, node, what):
+        keys = self.mapping(node, f"{what}.match", ("user", "group", "service", "target"))
+        fields = {}
+        for key, attr in (("user", "users"), ("group", "groups"), ("service", "services"), ("target", "targets")):
+            if key in keys:
+                fields[attr] = self.strings(keys[key][1], f"{what}.match.{key}", _USER_RE,
+                                            f" (expected a {key} name)")
+        return Match(**fields)

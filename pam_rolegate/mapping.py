@@ -1,0 +1,120 @@
+"""Who is logging in, and which rule (if any) gives them a role. Pure except `resolve`, which asks NSS."""
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+# PAM services that switch from one account to another: for these PAM_RUSER (the invoking
+# user) is the human we hold to account, and PAM_USER is only the account they become.
+SWITCH_USER_SERVICES = frozenset({"sudo", "sudo-i", "su", "su-l"})
+# The service name for requests a shell makes itself (PAM-less shells: SSM, su -l via profile.d).
+SHELL_SERVICE = "shell"
+
+
+@dataclass(frozen=True)
+class LoginFacts:
+    user: str  # PAM_USER: the account the session runs as (the target)
+    service: str
+    ruser: Optional[str] = None
+    rhost: Optional[str] = None
+    tty: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Login facts resolved through NSS: who the principal is, what the target account is."""
+
+    principal: str
+    principal_uid: int
+    groups: Tuple[str, ...]  # the principal's primary and supplementary groups
+    target: str
+    target_uid: int
+    target_gid: int
+    service: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    rule: object  # config.Rule or None
+    reason: str
+    identity: Identity
+
+
+class UnknownUser(LookupError):
+    pass
+
+
+def principal_name(facts):
+    if facts.service in SWITCH_USER_SERVICES and facts.ruser:
+        return facts.ruser
+    return facts.user
+
+
+def user_groups(name, gid):
+    """Primary and supplementary group names, through NSS (so LDAP/SSSD groups count)."""
+    found = []
+    for g in os.getgrouplist(name, gid):
+        try:
+            found.append(grp.getgrgid(g).gr_name)
+        except KeyError:
+            found.append(str(g))  # a gid with no name still matches a numeric rule
+    return tuple(dict.fromkeys(found))
+
+
+def resolve(facts):
+    """LoginFacts -> Identity. Raises UnknownUser when NSS does not know an account."""
+    principal = principal_name(facts)
+    try:
+        p = pwd.getpwnam(principal)
+    except KeyError:
+        raise UnknownUser(f"no such user {principal!r}") from None
+    try:
+        t = p if facts.user == principal else pwd.getpwnam(facts.user)
+    except KeyError:
+        raise UnknownUser(f"no such user {facts.user!r}") from None
+    return Identity(
+        principal=principal, principal_uid=p.pw_uid, groups=user_groups(principal, p.pw_gid),
+        target=facts.user, target_uid=t.pw_uid, target_gid=t.pw_gid, service=facts.service,
+    )
+
+
+def _why_not(match, ident):
+    """None when `match` accepts the identity, else the first field that does not fit."""
+    if match.users and ident.principal not in match.users:
+        return f"user {ident.principal} is not {'/'.join(match.users)}"
+    if match.groups and not set(match.groups) & set(ident.groups):
+        return f"{ident.principal} is in none of the groups {'/'.join(match.groups)}"
+    if match.services and ident.service not in match.services:
+        return f"service {ident.service} is not {'/'.join(match.services)}"
+    if match.targets and ident.target not in match.targets and str(ident.target_uid) not in match.targets:
+        return f"target {ident.target} is not {'/'.join(match.targets)}"
+    return None
+
+
+def decide(config, ident):
+    """First matching rule wins. Returns a Decision whose reason explains the outcome."""
+    misses = []
+    for rule in config.roles:
+        why = _why_not(rule.match, ident)
+        if why is None:
+            return Decision(rule, f"rule {rule.index} (line {rule.line}) matches", ident)
+        misses.append(f"rule {rule.index}: {why}")
+    detail = "; ".join(misses) if misses else "the config has no rules"
+    return Decision(None, f"no rule matches ({detail})", ident)
+
+
+def explain(decision):
+    """Multi-line text for `rolegate check-user`."""
+    ident = decision.identity
+    lines = [
+        f"principal: {ident.principal} (uid {ident.principal_uid})",
+        f"groups:    {', '.join(ident.groups) or '-'}",
+        f"target:    {ident.target} (uid {ident.target_uid})",
+        f"service:   {ident.service}",
+        f"decision:  {decision.reason}",
+    ]
+    if decision.rule is not None:
+        lines.append(f"role:      {decision.rule.role}")
+    return lines

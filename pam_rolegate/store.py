@@ -1,0 +1,242 @@
+"""Credential files on tmpfs: root-owned directories, 0600 files owned by their user, atomic writes.
+
+Every path is walked with directory file descriptors and O_NOFOLLOW, and files are replaced by
+rename, never written in place: a symlink, hard link or FIFO planted anywhere in the tree is
+replaced or refused, never followed, so a root write cannot be redirected outside runtime_dir.
+
+Layout (all directories root-owned):
+    runtime_dir/                 0755  the broker's socket lives here
+    runtime_dir/state/           0700  the broker's records (root only)
+    runtime_dir/grants/          0711  users may pass through, not list
+    runtime_dir/grants/GRANT/    0711
+    runtime_dir/grants/GRANT/credentials   0600, owned by the grant's target user
+    runtime_dir/grants/GRANT/config        0600, (delivery: process) AWS config file
+"""
+
+import errno
+import os
+import secrets
+import stat
+import subprocess
+
+from .errors import StoreError
+
+GRANTS = "grants"
+STATE = "state"
+CREDENTIALS = "credentials"
+AWS_CONFIG = "config"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MEMORY_FS = ("tmpfs", "ramfs")
+
+
+def _unescape_mount(path):
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def fs_type(path, mountinfo="/proc/self/mountinfo"):
+    """The filesystem type holding `path` (the longest mount point that contains it)."""
+    path = os.path.realpath(path)
+    best, best_type = "", None
+    with open(mountinfo) as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            point = _unescape_mount(left.split()[4])
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, best_type = point, right.split()[0]
+    return best_type
+
+
+def credentials_ini(creds):
+    """The AWS shared-credentials format, profile `default`."""
+    lines = ["# written by rolegate; replaced before it expires, removed at logout", "[default]",
+             f"aws_access_key_id = {creds.access_key_id}",
+             f"aws_secret_access_key = {creds.secret_access_key}"]
+    if creds.session_token:
+        lines.append(f"aws_session_token = {creds.session_token}")
+    if creds.expiration is not None:
+        lines.append(f"# expires {creds.expiration.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def process_config_ini(region, command):
+    """An AWS config file whose default profile fetches credentials through credential_process."""
+    return (f"# written by rolegate for this session\n[default]\nregion = {region}\n"
+            f"credential_process = {command}\n").encode()
+
+
+class CredentialStore:
+    def __init__(self, runtime_dir, mount=True):
+        self.runtime_dir = runtime_dir
+        self.mount = mount
+
+    # -- the safe walk -----------------------------------------------------------------------
+
+    @staticmethod
+    def _check_dir(fd, where):
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{where} is not a directory")
+        if st.st_uid != 0:
+            raise StoreError(f"{where} is owned by uid {st.st_uid}, not root; remove it and restart rolegated")
+        if st.st_mode & 0o022:
+            raise StoreError(f"{where} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+                             f"remove it and restart rolegated")
+
+    def _subdir(self, parent_fd, name, mode, where, create=True):
+        """Open (creating if asked) a root-owned directory entry without following links.
+
+        Anything else found there (a symlink, file or FIFO) can only have been left by root,
+        as every parent is root-only: it is removed, not followed.
+        """
+        for _ in range(3):
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                try:
+                    os.mkdir(name, mode, dir_fd=parent_fd)
+                except FileExistsError:
+                    pass
+                continue
+            except OSError as err:
+                if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                os.unlink(name, dir_fd=parent_fd)
+                continue
+            try:
+                os.fchmod(fd, mode)  # mkdir's mode passes through the umask
+                self._check_dir(fd, where)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        raise StoreError(f"{where} keeps changing under us; is something else writing to {self.runtime_dir}?")
+
+    def _root_fd(self):
+        path = self.runtime_dir
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.makedirs(path, 0o755, exist_ok=True)
+            st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise StoreError(f"{path} is a symbolic link; runtime_dir must be a real directory")
+        fd = os.open(path, _DIR_FLAGS)
+        try:
+            self._check_dir(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _grants_fd(self, create=True):
+        root = self._root_fd()
+        try:
+            return self._subdir(root, GRANTS, 0o711, os.path.join(self.runtime_dir, GRANTS), create)
+        finally:
+            os.close(root)
+
+    # -- public ------------------------------------------------------------------------------
+
+    def prepare(self):
+        """Make runtime_dir safe to use: a root-owned directory on tmpfs (mounting one if allowed)."""
+        fd = self._root_fd()
+        os.close(fd)
+        kind = fs_type(self.runtime_dir)
+        if kind not in _MEMORY_FS:
+            if not self.mount:
+                raise StoreError(f"{self.runtime_dir} is on {kind}, not tmpfs: credentials would reach the disk. "
+                                 f"Mount a tmpfs there or set runtime_dir to a directory under /run")
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "mode=0755,uid=0,gid=0,nosuid,nodev,noexec,size=64m",
+                 "rolegate", self.runtime_dir], capture_output=True, text=True)
+            if done.returncode != 0 or fs_type(self.runtime_dir) not in _MEMORY_FS:
+                raise StoreError(f"{self.runtime_dir} is on {kind}, not tmpfs, and mounting one failed: "
+                                 f"{done.stderr.strip()}; set runtime_dir to a directory under /run")
+        os.close(self._grants_fd())
+        root = self._root_fd()
+        try:
+            os.close(self._subdir(root, STATE, 0o700, os.path.join(self.runtime_dir, STATE)))
+        finally:
+            os.close(root)
+
+    def path(self, grant_id, name=CREDENTIALS):
+        return os.path.join(self.runtime_dir, GRANTS, grant_id, name)
+
+    def write(self, grant_id, name, content, uid, gid):
+        """Atomically put `content` at grants/GRANT/NAME, 0600, owned by uid:gid. Returns the path."""
+        _check_name(grant_id)
+        _check_name(name)
+        grants = self._grants_fd()
+        try:
+            gfd = self._subdir(grants, grant_id, 0o711, self.path(grant_id, ""))
+        finally:
+            os.close(grants)
+        try:
+            for _ in range(5):
+                tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600, dir_fd=gfd)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise StoreError(f"could not create a temporary file in {self.path(grant_id, '')}")
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, 0o600)
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp, dir_fd=gfd)
+                raise
+            os.close(fd)
+            os.rename(tmp, name, src_dir_fd=gfd, dst_dir_fd=gfd)
+        finally:
+            os.close(gfd)
+        return self.path(grant_id, name)
+
+    def remove(self, grant_id):
+        """Remove a grant's directory and everything in it. True when something was removed."""
+        _check_name(grant_id)
+        grants = self._grants_fd(create=False)
+        if grants is None:
+            return False
+        try:
+            try:
+                gfd = os.open(grant_id, _DIR_FLAGS, dir_fd=grants)
+            except FileNotFoundError:
+                return False
+            except OSError as err:
+                if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                os.unlink(grant_id, dir_fd=grants)  # a planted non-directory: drop the entry only
+                return True
+            try:
+                for entry in os.listdir(gfd):
+                    os.unlink(entry, dir_fd=gfd)  # unlink never follows a symlink
+            finally:
+                os.close(gfd)
+            os.rmdir(grant_id, dir_fd=grants)
+            return True
+        finally:
+            os.close(grants)
+
+    def grant_ids(self):
+        grants = self._grants_fd(create=False)
+        if grants is None:
+            return []
+        try:
+            return sorted(os.listdir(grants))
+        finally:
+            os.close(grants)
+
+
+def _check_name(name):
+    if not name or "/" in name or name in (".", ".."):
+        raise StoreError(f"refusing unsafe file name {name!r}")

@@ -1,0 +1,350 @@
+"""The only module that talks to AWS: gatekeeper (source) credentials, AssumeRole, GetCallerIdentity.
+
+boto3 is imported lazily, inside the functions that need it, so `rolegate env` (run by every
+login shell) and `check-user` without `--assume` never pay its ~0.5 s import.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Optional, Tuple
+
+from . import names
+from .errors import AccessDenied, InvalidRequest, SourceCredentialsError, StsUnavailable, Throttled
+
+IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+IMDS_DEFAULT = "http://169.254.169.254"
+IMDS_TOKEN_TTL = 300
+KEYRING_SERVICE = "rolegate"
+# Re-fetch gatekeeper credentials this long before they expire.
+SOURCE_MARGIN = timedelta(minutes=5)
+
+_THROTTLE_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+_DENIED_CODES = {"AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch",
+                 "UnrecognizedClientException"}
+_INVALID_CODES = {"ValidationError", "InvalidParameterValue", "MalformedPolicyDocument",
+                  "PackedPolicyTooLarge", "RegionDisabledException", "InvalidIdentityToken"}
+
+
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str
+    session_token: Optional[str]
+    expiration: Optional[datetime]  # timezone-aware UTC; None for long-term keys
+
+    def seconds_left(self, now):
+        if self.expiration is None:
+            return float("inf")
+        return (self.expiration - now).total_seconds()
+
+    @property
+    def masked_key(self):
+        """The access key id as logs may show it: all but the last 4 characters hidden."""
+        return "*" * max(len(self.access_key_id) - 4, 0) + self.access_key_id[-4:]
+
+    def __repr__(self):  # never let a secret reach a log through repr()
+        return f"Credentials({self.masked_key}, expires={self.expiration})"
+
+
+@dataclass(frozen=True)
+class AssumeRequest:
+    role_arn: str
+    session_name: str
+    source_identity: str
+    duration: int
+    tags: Tuple[Tuple[str, str], ...] = ()
+    external_id: Optional[str] = None
+    policy_arns: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    hostname: str
+    instance_id: str = ""
+
+
+def build_request(config, rule, ident, rhost=None, host=None):
+    """Render the rule and session templates for one identity into a valid AssumeRequest."""
+    host = host or HostFacts(socket.gethostname())
+    values = {"principal": ident.principal, "user": ident.target, "service": ident.service,
+              "hostname": host.hostname, "instance_id": host.instance_id, "rhost": rhost or ""}
+    s = config.session
+    request = AssumeRequest(
+        role_arn=rule.role,
+        session_name=names.sts_name(names.render(s.name, values)),
+        source_identity=names.sts_name(names.render(s.source_identity, values)),
+        duration=config.duration_for(rule),
+        tags=tuple((k, names.tag_value(names.render(v, values))) for k, v in s.tags),
+        external_id=rule.external_id,
+        policy_arns=rule.policy_arns,
+    )
+    names.check_request(request.session_name, request.source_identity, dict(request.tags),
+                        request.policy_arns, request.external_id)
+    return request
+
+
+# -- gatekeeper (source) credentials ---------------------------------------------------------
+
+
+class ImdsSource:
+    """The instance role's credentials through IMDSv2 only (a session token, then the role).
+
+    The endpoint is the SDKs' standard variable, so tests point it at moto and nothing else
+    changes. Environment credentials are never consulted: only root can reach IMDS once the
+    firewall is applied, and the broker's environment must not silently become the source.
+    """
+
+    name = "instance-profile"
+
+    def __init__(self, endpoint=None, timeout=1.0):
+        self.endpoint = (endpoint or os.environ.get(IMDS_ENDPOINT_ENV) or IMDS_DEFAULT).rstrip("/")
+        self.timeout = timeout
+
+    def _call(self, method, path, headers, timeout):
+        req = urllib.request.Request(self.endpoint + path, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.read().decode("utf-8")
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise SourceCredentialsError(
+                f"instance metadata service at {self.endpoint} failed on {path}: {err}; is an "
+                f"instance role attached, IMDSv2 enabled, and is this process root?") from None
+
+    def _token(self, timeout):
+        return self._call("PUT", "/latest/api/token",
+                          {"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)}, timeout)
+
+    def get(self, timeout=None):
+        timeout = timeout or self.timeout
+        hdr = {"X-aws-ec2-metadata-token": self._token(timeout)}
+        roles = self._call("GET", "/latest/meta-data/iam/security-credentials/", hdr, timeout).split()
+        if not roles:
+            raise SourceCredentialsError("no instance role is attached to this instance; attach the gatekeeper role")
+        data = json.loads(self._call("GET", f"/latest/meta-data/iam/security-credentials/{roles[0]}", hdr, timeout))
+        return Credentials(data["AccessKeyId"], data["SecretAccessKey"], data.get("Token"),
+                           _parse_time(data.get("Expiration")))
+
+    def instance_id(self, timeout=None):
+        timeout = timeout or self.timeout
+        hdr = {"X-aws-ec2-metadata-token": self._token(timeout)}
+        return self._call("GET", "/latest/meta-data/instance-id", hdr, timeout).strip()
+
+
+class ProfileSource:
+    """A named profile from root's AWS config files (for hosts without an instance role)."""
+
+    def __init__(self, profile):
+        self.profile = profile
+        self.name = f"profile:{profile}"
+
+    def get(self, timeout=None):
+        import botocore.exceptions
+        import botocore.session
+
+        try:
+            session = botocore.session.Session(profile=self.profile)
+            creds = session.get_credentials()
+        except botocore.exceptions.ProfileNotFound:
+            creds = None
+        if creds is None:
+            raise SourceCredentialsError(f"AWS profile {self.profile!r} has no credentials; "
+                                         f"add it to root's ~/.aws/credentials or change 'source'")
+        frozen = creds.get_frozen_credentials()
+        expiry = getattr(creds, "_expiry_time", None)
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token, expiry)
+
+    def instance_id(self, timeout=None):
+        return ""
+
+
+class KeyringSource:
+    """Credentials kept in the system keyring: service 'rolegate', user NAME, password a JSON
+    object with AccessKeyId and SecretAccessKey (and optionally SessionToken)."""
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.name = f"keyring:{entry}"
+
+    def get(self, timeout=None):
+        try:
+            import keyring
+        except ImportError:
+            raise SourceCredentialsError("source keyring:… needs the optional 'keyring' package: "
+                                         "pip install 'rolegate[keyring]' in rolegate's environment") from None
+        try:
+            secret = keyring.get_password(KEYRING_SERVICE, self.entry)
+        except Exception as err:  # keyring backends raise their own types
+            raise SourceCredentialsError(f"the keyring refused entry {self.entry!r}: {err}") from None
+        if not secret:
+            raise SourceCredentialsError(
+                f"no keyring entry service={KEYRING_SERVICE!r} user={self.entry!r}; store a JSON object "
+                f"with AccessKeyId and SecretAccessKey there")
+        try:
+            data = json.loads(secret)
+            return Credentials(data["AccessKeyId"], data["SecretAccessKey"], data.get("SessionToken"),
+                               _parse_time(data.get("Expiration")))
+        except (ValueError, KeyError, TypeError):
+            raise SourceCredentialsError(f"keyring entry {self.entry!r} is not a JSON object with "
+                                         f"AccessKeyId and SecretAccessKey") from None
+
+    def instance_id(self, timeout=None):
+        return ""
+
+
+def make_source(source):
+    """config.Source -> provider. A closed registry: nothing is loaded by name from outside."""
+    if source.kind == "instance-profile":
+        return ImdsSource()
+    if source.kind == "profile":
+        return ProfileSource(source.name)
+    if source.kind == "keyring":
+        return KeyringSource(source.name)
+    raise SourceCredentialsError(f"unknown source {source}")
+
+
+def _parse_time(text):
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+# -- STS ------------------------------------------------------------------------------------
+
+
+def default_client_factory(creds, region, timeout):
+    """A boto3 STS client that uses exactly `creds` and gives up after `timeout` seconds.
+
+    botocore's own retries are off: the engine retries itself, inside its time budget.
+    The endpoint honours AWS_ENDPOINT_URL_STS, the SDKs' standard override.
+    """
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    cfg = BotoConfig(connect_timeout=max(timeout, 0.1), read_timeout=max(timeout, 0.1),
+                     retries={"total_max_attempts": 1}, user_agent_appid="rolegate")
+    return boto3.session.Session().client(
+        "sts", region_name=region, config=cfg,
+        aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
+        aws_session_token=creds.session_token)
+
+
+class StsEngine:
+    """AssumeRole with the gatekeeper credentials, within a time budget, errors sorted by kind."""
+
+    def __init__(self, region, source, budget=3.0, client_factory=default_client_factory,
+                 clock: Callable[[], datetime] = utcnow, sleep=time.sleep):
+        self.region = region
+        self.source = source
+        self.budget = budget
+        self.client_factory = client_factory
+        self.clock = clock
+        self.sleep = sleep
+        self._lock = threading.Lock()
+        self._source_creds = None
+        self._client = None
+
+    @classmethod
+    def from_config(cls, config, **kw):
+        return cls(config.region, make_source(config.source), budget=config.sts_timeout, **kw)
+
+    def _client_for(self, remaining, fresh):
+        """The cached client, or (on a retry, or when gatekeeper keys changed) a new one."""
+        with self._lock:
+            creds = self._source_creds
+            if creds is None or creds.seconds_left(self.clock()) < SOURCE_MARGIN.total_seconds():
+                creds = self.source.get(timeout=max(min(remaining, 2.0), 0.1))
+                self._source_creds, self._client = creds, None
+            if self._client is None or fresh:
+                client = self.client_factory(creds, self.region, remaining)
+                if self._client is None:
+                    self._client = client
+                return client
+            return self._client
+
+    def _forget_source(self):
+        with self._lock:
+            self._source_creds, self._client = None, None
+
+    def _call(self, what, invoke):
+        """Run `invoke(client)` with retries for throttling and outages until the budget is spent."""
+        import botocore.exceptions as bex
+
+        deadline = time.monotonic() + self.budget
+        attempt, last = 0, None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.05:
+                raise last or StsUnavailable(f"{what}: no time left in the {self.budget:g}s budget")
+            client = self._client_for(remaining, fresh=attempt > 0)
+            attempt += 1
+            try:
+                return invoke(client)
+            except bex.ClientError as err:
+                code = err.response.get("Error", {}).get("Code", "")
+                msg = err.response.get("Error", {}).get("Message", "")
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in _THROTTLE_CODES:
+                    last = Throttled(f"{what}: STS is throttling requests ({code}); retry later")
+                elif code == "ExpiredToken" and attempt == 1:
+                    self._forget_source()  # gatekeeper keys rotated under us: fetch anew, once
+                    last = StsUnavailable(f"{what}: gatekeeper credentials expired")
+                    continue
+                elif code in _DENIED_CODES:
+                    raise AccessDenied(f"{what}: access denied ({code}: {msg}); run 'rolegate policy' for the "
+                                       f"permissions and trust the gatekeeper and role need") from None
+                elif code in _INVALID_CODES or 400 <= status < 500:
+                    raise InvalidRequest(f"{what}: STS rejected the request ({code}: {msg})") from None
+                else:
+                    last = StsUnavailable(f"{what}: STS error {code or status}: {msg}")
+            except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
+                last = StsUnavailable(f"{what}: STS did not answer within the {self.budget:g}s budget ({err})")
+            backoff = min(0.1 * 2 ** attempt, 1.0)
+            if deadline - time.monotonic() <= backoff + 0.05:
+                raise last
+            self.sleep(backoff)
+
+    def assume(self, request):
+        params = {"RoleArn": request.role_arn, "RoleSessionName": request.session_name,
+                  "DurationSeconds": request.duration, "SourceIdentity": request.source_identity}
+        if request.tags:
+            params["Tags"] = [{"Key": k, "Value": v} for k, v in request.tags]
+        if request.external_id:
+            params["ExternalId"] = request.external_id
+        if request.policy_arns:
+            params["PolicyArns"] = [{"arn": a} for a in request.policy_arns]
+        reply = self._call(f"AssumeRole {request.role_arn}", lambda c: c.assume_role(**params))
+        c = reply["Credentials"]
+        return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"],
+                           c["Expiration"].astimezone(timezone.utc))
+
+    def host_facts(self):
+        """Hostname, and the instance id when the source is the instance profile (else empty)."""
+        try:
+            instance_id = self.source.instance_id(timeout=1.0)
+        except SourceCredentialsError:
+            instance_id = ""
+        return HostFacts(socket.gethostname(), instance_id)
+
+
+def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory):
+    """GetCallerIdentity with the given (assumed) credentials: which role really arrived."""
+    import botocore.exceptions as bex
+
+    try:
+        reply = client_factory(creds, region, timeout).get_caller_identity()
+    except bex.ClientError as err:
+        raise AccessDenied(f"GetCallerIdentity failed: {err}") from None
+    except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
+        raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
+    return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}

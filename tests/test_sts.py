@@ -1,0 +1,218 @@
+"""The STS grant engine against the real moto server, and against endpoints that misbehave."""
+
+import http.server
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from pam_rolegate import config, mapping, names, sts
+from pam_rolegate.errors import AccessDenied, SourceCredentialsError, StsUnavailable, Throttled
+
+CONFIG = """
+version: 1
+region: us-east-1
+session:
+  duration: 15m
+  refresh_before: 5m
+  tags: {host: "{hostname}", service: "{service}", who: "{principal}"}
+roles:
+  - match: {user: alice}
+    role: arn:aws:iam::123456789012:role/s3-full-access
+  - match: {group: developers}
+    role: arn:aws:iam::123456789012:role/developer
+    external_id: example-id
+    policy_arns: [arn:aws:iam::aws:policy/ReadOnlyAccess]
+"""
+
+
+def ident(principal="alice", target=None, groups=(), service="sshd"):
+    return mapping.Identity(principal=principal, principal_uid=1000, groups=tuple(groups),
+                            target=target or principal, target_uid=1000, target_gid=1000, service=service)
+
+
+@pytest.fixture
+def cfg():
+    return config.parse(CONFIG, "test.yaml")
+
+
+def assume_for(cfg, identity, **engine_kw):
+    decision = mapping.decide(cfg, identity)
+    assert decision.rule is not None, f"expected a rule for {identity.principal}: {decision.reason}"
+    request = sts.build_request(cfg, decision.rule, identity, host=sts.HostFacts("bastion-1", "i-fake"))
+    engine = sts.StsEngine.from_config(cfg, **engine_kw)
+    return request, engine.assume(request)
+
+
+def test_sts__mapped_user_gets_the_mapped_role(moto, cfg):
+    request, creds = assume_for(cfg, ident("alice"))
+    who = sts.caller_identity(creds, cfg.region)
+    assert who["Arn"] == "arn:aws:sts::123456789012:assumed-role/s3-full-access/alice@bastion-1", \
+        f"GetCallerIdentity with the new keys named the wrong role/session: {who['Arn']}"
+    assert request.source_identity == "alice", f"SourceIdentity should be the Linux user: {request}"
+    assert dict(request.tags) == {"host": "bastion-1", "service": "sshd", "who": "alice"}, request.tags
+    assert creds.expiration is not None and creds.seconds_left(sts.utcnow()) > 800, \
+        f"15m credentials should have ~900 s left, have {creds.seconds_left(sts.utcnow())}"
+    assert moto.assume_role_calls() == 1, "exactly one AssumeRole should have reached the server"
+
+
+def test_sts__group_member_maps_by_group_with_external_id_and_policies(moto, cfg):
+    request, creds = assume_for(cfg, ident("carol", groups=("carol", "developers")))
+    assert request.role_arn.endswith(":role/developer"), request
+    assert request.external_id == "example-id" and request.policy_arns == ("arn:aws:iam::aws:policy/ReadOnlyAccess",)
+    who = sts.caller_identity(creds, cfg.region)
+    assert who["Arn"].endswith(":assumed-role/developer/carol@bastion-1"), who["Arn"]
+
+
+def test_sts__unicode_and_long_user_names_get_valid_session_names(moto, cfg):
+    long_name = "jörg.ü" + "x" * 80
+    rule = cfg.roles[0]
+    request = sts.build_request(cfg, rule, ident(long_name), host=sts.HostFacts("h", ""))
+    assert names.is_sts_name(request.session_name) and names.is_sts_name(request.source_identity), request
+    creds = sts.StsEngine.from_config(cfg).assume(request)
+    arn = sts.caller_identity(creds, cfg.region)["Arn"]
+    assert arn.endswith("/" + request.session_name), f"session name did not arrive intact: {arn}"
+
+
+def test_sts__environment_credentials_never_become_the_source(moto, cfg, monkeypatch):
+    # An IMDS that is not there, and tempting keys in the broker's environment.
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENVIRONMENT0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    with pytest.raises(SourceCredentialsError) as err:
+        assume_for(cfg, ident("alice"))
+    assert "instance metadata" in str(err.value), f"error should name IMDS: {err.value}"
+    assert moto.assume_role_calls() == 0, "no AssumeRole may be made with environment credentials"
+
+
+def test_sts__profile_source(moto, cfg, tmp_path, monkeypatch):
+    (tmp_path / "credentials").write_text("[gate]\naws_access_key_id = AKIAPROFILE00000001\n"
+                                          "aws_secret_access_key = s3cret\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    cfg = config.parse(CONFIG.replace("region: us-east-1", "region: us-east-1\nsource: profile:gate"), "t.yaml")
+    _, creds = assume_for(cfg, ident("alice"))
+    assert creds.access_key_id and creds.access_key_id != "AKIAPROFILE00000001", "expected assumed-role keys"
+    missing = sts.ProfileSource("nope")
+    with pytest.raises(SourceCredentialsError, match="profile 'nope'"):
+        missing.get()
+
+
+class _MemoryKeyring:
+    """A keyring backend kept in memory (the real keyring API, a fake store)."""
+
+    priority = 1
+
+    def __init__(self, entries):
+        self.entries = entries
+
+    def get_password(self, service, username):
+        return self.entries.get((service, username))
+
+
+def test_sts__keyring_source(moto, cfg):
+    keyring = pytest.importorskip("keyring")
+    secret = json.dumps({"AccessKeyId": "AKIAKEYRING00000001", "SecretAccessKey": "x"})
+    previous = keyring.get_keyring()
+    keyring.set_keyring(_MemoryKeyring({("rolegate", "gate"): secret}))
+    try:
+        creds = sts.KeyringSource("gate").get()
+        assert creds.access_key_id == "AKIAKEYRING00000001", creds
+        with pytest.raises(SourceCredentialsError, match="no keyring entry"):
+            sts.KeyringSource("other").get()
+    finally:
+        keyring.set_keyring(previous)
+
+
+class _Blackhole:
+    """A TCP server that accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.held = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.mark.parametrize("which", ["sts", "imds"])
+def test_sts__endpoint_that_never_answers_costs_at_most_the_budget(moto, cfg, monkeypatch, which):
+    hole = _Blackhole()
+    try:
+        var = "AWS_ENDPOINT_URL_STS" if which == "sts" else "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+        monkeypatch.setenv(var, hole.url)
+        cfg = config.parse(CONFIG.replace("region: us-east-1", "region: us-east-1\nsts_timeout: 1"), "t.yaml")
+        start = time.monotonic()
+        with pytest.raises((StsUnavailable, SourceCredentialsError)):
+            assume_for(cfg, ident("alice"))
+        elapsed = time.monotonic() - start
+        # 1 s budget; the bound is generous (it proves "no hang", not a speed).
+        assert elapsed < 2.5, f"a silent {which} endpoint held the engine for {elapsed:.2f}s (budget 1 s)"
+    finally:
+        hole.close()
+
+
+def _error_server(code, status):
+    body = (f'<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
+            f"<Code>{code}</Code><Message>made up by the test</Message></Error>"
+            f"<RequestId>1</RequestId></ErrorResponse>").encode()
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            hits.append(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", "text/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, hits
+
+
+@pytest.mark.parametrize("code,status,error,retried", [
+    ("Throttling", 400, Throttled, True),
+    ("AccessDenied", 403, AccessDenied, False),
+])
+def test_sts__throttling_and_access_denied_are_distinct_errors(moto, cfg, monkeypatch, code, status, error, retried):
+    server, hits = _error_server(code, status)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:%d" % server.server_address[1])
+        cfg = config.parse(CONFIG.replace("region: us-east-1", "region: us-east-1\nsts_timeout: 2"), "t.yaml")
+        start = time.monotonic()
+        with pytest.raises(error) as err:
+            assume_for(cfg, ident("alice"))
+        assert time.monotonic() - start < 3.5, "the engine overran its 2 s budget"
+        assert (len(hits) > 1) == retried, f"{code}: expected retried={retried}, server saw {len(hits)} calls"
+        assert code in str(err.value), f"the error should name STS's code: {err.value}"
+    finally:
+        server.shutdown()
+
+
+def test_sts__credentials_repr_masks_the_key():
+    creds = sts.Credentials("ASIAEXAMPLEKEY123456", "supersecret", "token", None)
+    text = repr(creds) + creds.masked_key
+    assert "supersecret" not in text and "ASIAEXAMPLEKEY12" not in text and text.count("3456") == 2, text
