@@ -100,23 +100,28 @@ def test_sts__profile_source(moto, cfg, tmp_path, monkeypatch):
         missing.get()
 
 
-class _MemoryKeyring:
-    """A keyring backend kept in memory (the real keyring API, a fake store)."""
-
-    priority = 1
-
-    def __init__(self, entries):
-        self.entries = entries
-
-    def get_password(self, service, username):
-        return self.entries.get((service, username))
-
-
 def test_sts__keyring_source(moto, cfg):
     keyring = pytest.importorskip("keyring")
-    secret = json.dumps({"AccessKeyId": "AKIAKEYRING00000001", "SecretAccessKey": "x"})
+    import keyring.backend
+
+    class MemoryKeyring(keyring.backend.KeyringBackend):
+        """A keyring backend kept in memory: the real keyring API, a fake store."""
+
+        priority = 1
+        entries = {}
+
+        def get_password(self, service, username):
+            return self.entries.get((service, username))
+
+        def set_password(self, service, username, password):
+            self.entries[(service, username)] = password
+
+        def delete_password(self, service, username):
+            self.entries.pop((service, username), None)
+
     previous = keyring.get_keyring()
-    keyring.set_keyring(_MemoryKeyring({("rolegate", "gate"): secret}))
+    keyring.set_keyring(MemoryKeyring())
+    keyring.set_password("rolegate", "gate", json.dumps({"AccessKeyId": "AKIAKEYRING00000001", "SecretAccessKey": "x"}))
     try:
         creds = sts.KeyringSource("gate").get()
         assert creds.access_key_id == "AKIAKEYRING00000001", creds
