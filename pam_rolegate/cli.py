@@ -123,6 +123,103 @@ def run_policy(args, deps):
     return EXIT_OK
 
 
+def _broker_call(request, deps, timeout=5.0):
+    from . import client, protocol
+
+    reply = client.call(request, path=client.socket_path(environ=deps.environ), timeout=timeout)
+    if isinstance(reply, protocol.ErrorReply):
+        raise BrokerRefused(reply.code, reply.message)
+    return reply
+
+
+class BrokerRefused(RolegateError):
+    def __init__(self, code, message):
+        self.code = code
+        super().__init__(message)
+
+
+def _quote(value, shell):
+    if shell == "fish":
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + value.replace("'", "'\\''") + "'"  # sh and csh alike
+
+
+_SET = {"sh": "export {k}={v}", "csh": "setenv {k} {v}", "fish": "set -gx {k} {v}"}
+_UNSET = {"sh": "unset {k}", "csh": "unsetenv {k}", "fish": "set -e {k}"}
+
+
+def shell_lines(env, unset, shell):
+    """Shell code that unsets `unset` and sets `env`, quoted for sh, csh or fish."""
+    lines = [_UNSET[shell].format(k=k) for k in unset]
+    lines += [_SET[shell].format(k=k, v=_quote(v, shell)) for k, v in sorted(env.items())]
+    return lines
+
+
+def run_env(args, deps):
+    from . import protocol
+
+    reply = _broker_call(protocol.Env(), deps)
+    env = reply.get("env") or {}
+    runtime_dir = (reply.get("runtime_dir") or "/run/rolegate").rstrip("/") + "/"
+    # Static keys would shadow the grant; pointers into runtime_dir that are not ours are stale.
+    unset = [k for k in protocol.STATIC_KEY_VARS if k in deps.environ]
+    unset += [k for k in protocol.POINTER_VARS
+              if k not in env and deps.environ.get(k, "").startswith(runtime_dir)]
+    for line in shell_lines(env, unset, args.shell):
+        deps.say(line)
+    if not reply.get("granted") and args.verbose:
+        deps.warn(f"no role for you on this host: {reply.get('reason')}")
+    return EXIT_OK
+
+
+def run_credentials(args, deps):
+    from . import protocol
+
+    reply = _broker_call(protocol.GetCredentials(grant=args.grant), deps)
+    deps.say(json.dumps({k: reply.get(k) for k in
+                         ("Version", "AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")}))
+    return EXIT_OK
+
+
+def run_status(args, deps):
+    from . import protocol
+
+    reply = _broker_call(protocol.Status(), deps)
+    grants = reply.get("grants") or []
+    if args.json:
+        deps.say(json.dumps({"grants": grants, "delivery": reply.get("delivery")}, indent=2))
+        return EXIT_OK
+    if not grants:
+        deps.say("no grants" + ("" if os.getuid() == 0 else " for you") + " on this host")
+        return EXIT_OK
+    rows = [("PRINCIPAL", "TARGET", "ROLE", "SESSIONS", "EXPIRES", "NEXT REFRESH")]
+    for g in grants:
+        rows.append((g["principal"], g["target"], g["role"], str(g["sessions"]), g["expires"] or "-",
+                     g["next_refresh"] + (f" (failed {g['failures']}x)" if g.get("failures") else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        deps.say("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return EXIT_OK
+
+
+def run_whoami(args, deps):
+    from . import sts
+
+    region = deps.environ.get("AWS_REGION") or deps.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    who = sts.session_identity(region)
+    deps.say(who["Arn"])
+    return EXIT_OK
+
+
+def run_daemon(args, deps):
+    from . import broker, config
+
+    if os.geteuid() != 0:
+        deps.warn("rolegated must run as root (it reads the gatekeeper credentials and chowns files)")
+        return EXIT_ERROR
+    return broker.serve(config.config_path(args.config, deps.environ))
+
+
 # -- wiring --------------------------------------------------------------------------------------
 
 
@@ -143,6 +240,25 @@ def parser():
     s.add_argument("--target", help="the account the session runs as (default: USER)")
     s.add_argument("--assume", action="store_true", help="really call AssumeRole and GetCallerIdentity")
     s.set_defaults(run=run_check_user)
+
+    s = sub.add_parser("daemon", help="run the broker (rolegated) in the foreground")
+    s.set_defaults(run=run_daemon)
+
+    s = sub.add_parser("env", help="shell lines that point this shell at your credentials")
+    s.add_argument("--shell", choices=("sh", "csh", "fish"), default="sh")
+    s.add_argument("-v", "--verbose", action="store_true", help="say why when you have no role")
+    s.set_defaults(run=run_env)
+
+    s = sub.add_parser("credentials", help="credential_process JSON for your grant")
+    s.add_argument("--grant", help="the grant id (written into the session's AWS config file)")
+    s.set_defaults(run=run_credentials)
+
+    s = sub.add_parser("status", help="grants, roles and expiry (yours; root sees all)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=run_status)
+
+    s = sub.add_parser("whoami", help="GetCallerIdentity with this session's credentials")
+    s.set_defaults(run=run_whoami)
 
     s = sub.add_parser("policy", help="IAM policies the config needs, as JSON")
     s.add_argument("--gatekeeper", default="arn:aws:iam::ACCOUNT_ID:role/GATEKEEPER_ROLE",

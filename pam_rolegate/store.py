@@ -156,11 +156,7 @@ class CredentialStore:
                 raise StoreError(f"{self.runtime_dir} is on {kind}, not tmpfs, and mounting one failed: "
                                  f"{done.stderr.strip()}; set runtime_dir to a directory under /run")
         os.close(self._grants_fd())
-        root = self._root_fd()
-        try:
-            os.close(self._subdir(root, STATE, 0o700, os.path.join(self.runtime_dir, STATE)))
-        finally:
-            os.close(root)
+        os.close(self._state_fd())
 
     def path(self, grant_id, name=CREDENTIALS):
         return os.path.join(self.runtime_dir, GRANTS, grant_id, name)
@@ -175,31 +171,40 @@ class CredentialStore:
         finally:
             os.close(grants)
         try:
-            for _ in range(5):
-                tmp = f".{name}.{secrets.token_hex(8)}.tmp"
-                try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600, dir_fd=gfd)
-                    break
-                except FileExistsError:
-                    continue
-            else:
-                raise StoreError(f"could not create a temporary file in {self.path(grant_id, '')}")
-            try:
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, 0o600)
-                view = memoryview(content)
-                while view:
-                    view = view[os.write(fd, view):]
-            except BaseException:
-                os.close(fd)
-                os.unlink(tmp, dir_fd=gfd)
-                raise
-            os.close(fd)
-            os.rename(tmp, name, src_dir_fd=gfd, dst_dir_fd=gfd)
+            _atomic_write(gfd, name, content, uid, gid)
         finally:
             os.close(gfd)
         return self.path(grant_id, name)
+
+    def _state_fd(self):
+        root = self._root_fd()
+        try:
+            return self._subdir(root, STATE, 0o700, os.path.join(self.runtime_dir, STATE))
+        finally:
+            os.close(root)
+
+    def write_state(self, name, content):
+        """Atomically replace state/NAME (root only, 0600): the broker's records."""
+        _check_name(name)
+        fd = self._state_fd()
+        try:
+            _atomic_write(fd, name, content, 0, 0)
+        finally:
+            os.close(fd)
+
+    def read_state(self, name):
+        """The content of state/NAME, or None when there is none."""
+        _check_name(name)
+        fd = self._state_fd()
+        try:
+            try:
+                f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                return None
+            with os.fdopen(f, "rb") as fh:
+                return fh.read()
+        finally:
+            os.close(fd)
 
     def remove(self, grant_id):
         """Remove a grant's directory and everything in it. True when something was removed."""
@@ -235,6 +240,32 @@ class CredentialStore:
             return sorted(os.listdir(grants))
         finally:
             os.close(grants)
+
+
+def _atomic_write(dir_fd, name, content, uid, gid):
+    """Write a temp file beside NAME (O_EXCL, O_NOFOLLOW, 0600, chowned first), then rename over it."""
+    for _ in range(5):
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise StoreError(f"could not create a temporary file for {name}")
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o600)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _check_name(name):

@@ -276,16 +276,17 @@ class StsEngine:
         with self._lock:
             self._source_creds, self._client = None, None
 
-    def _call(self, what, invoke):
+    def _call(self, what, invoke, budget=None):
         """Run `invoke(client)` with retries for throttling and outages until the budget is spent."""
         import botocore.exceptions as bex
 
-        deadline = time.monotonic() + self.budget
+        budget = self.budget if budget is None else min(budget, self.budget)
+        deadline = time.monotonic() + budget
         attempt, last = 0, None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0.05:
-                raise last or StsUnavailable(f"{what}: no time left in the {self.budget:g}s budget")
+                raise last or StsUnavailable(f"{what}: no time left in the {budget:g}s budget")
             client = self._client_for(remaining, fresh=attempt > 0)
             attempt += 1
             try:
@@ -308,13 +309,14 @@ class StsEngine:
                 else:
                     last = StsUnavailable(f"{what}: STS error {code or status}: {msg}")
             except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
-                last = StsUnavailable(f"{what}: STS did not answer within the {self.budget:g}s budget ({err})")
+                last = StsUnavailable(f"{what}: STS did not answer within the {budget:g}s budget ({err})")
             backoff = min(0.1 * 2 ** attempt, 1.0)
             if deadline - time.monotonic() <= backoff + 0.05:
                 raise last
             self.sleep(backoff)
 
-    def assume(self, request):
+    def assume(self, request, budget=None):
+        """AssumeRole; `budget` (seconds) may shorten the configured time budget for this call."""
         params = {"RoleArn": request.role_arn, "RoleSessionName": request.session_name,
                   "DurationSeconds": request.duration, "SourceIdentity": request.source_identity}
         if request.tags:
@@ -323,7 +325,7 @@ class StsEngine:
             params["ExternalId"] = request.external_id
         if request.policy_arns:
             params["PolicyArns"] = [{"arn": a} for a in request.policy_arns]
-        reply = self._call(f"AssumeRole {request.role_arn}", lambda c: c.assume_role(**params))
+        reply = self._call(f"AssumeRole {request.role_arn}", lambda c: c.assume_role(**params), budget)
         c = reply["Credentials"]
         return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"],
                            c["Expiration"].astimezone(timezone.utc))
@@ -348,3 +350,18 @@ def caller_identity(creds, region, timeout=3.0, client_factory=default_client_fa
     except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
         raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
     return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}
+
+
+def session_identity(region):
+    """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has."""
+    import boto3
+    import botocore.exceptions as bex
+
+    try:
+        return boto3.session.Session().client("sts", region_name=region).get_caller_identity()
+    except bex.NoCredentialsError:
+        raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
+    except bex.ClientError as err:
+        raise AccessDenied(f"GetCallerIdentity failed: {err}") from None
+    except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
+        raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
