@@ -3,7 +3,7 @@ single-flight STS calls, refresh before expiry, reaping of dead sessions, record
 
 A *grant* is (target user, principal, role): one credentials file shared by its sessions, removed
 when its last session ends. A *session* is one PAM session (the process that opened it, named by
-pid and start time) or one PAM-less shell session (its session leader).
+pid and start time) or one PAM-less shell (the shell that asked, by the same two numbers).
 """
 
 import dataclasses
@@ -325,11 +325,12 @@ class Broker:
         facts = self._own_facts(peer)
         if facts is None:
             return protocol.ErrorReply(protocol.E_UNKNOWN_USER, f"uid {peer.uid} has no user name")
-        leader, started = procs.session_leader(peer.pid)
-        if leader is None:
-            leader, started = peer.pid, procs.start_time(peer.pid)
-        sid = f"shell-{peer.uid}-{leader}-{started}"
-        return self._grant_session(peer, facts, "shell", leader, started, sid=sid)
+        # The session lives as long as the shell that asked (the parent of `rolegate env`, which
+        # the profile.d snippet runs); a shell that never goes away keeps it, like a PAM session.
+        shell = procs.parent(peer.pid) or peer.pid
+        started = procs.start_time(shell)
+        sid = f"shell-{peer.uid}-{shell}-{started}"
+        return self._grant_session(peer, facts, "shell", shell, started, sid=sid)
 
     def credentials(self, peer, req):
         if req.grant is None:

@@ -1,7 +1,5 @@
 """Process identity from /proc: a pid plus its start time names one process, even after pid reuse."""
 
-import os
-
 
 def start_time(pid):
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
@@ -30,10 +28,11 @@ def alive(pid, started):
         return False
 
 
-def session_leader(pid):
-    """(leader pid, its start time) of the session `pid` belongs to, or (None, None)."""
+def parent(pid):
+    """The parent pid of `pid` (field 4 of /proc/PID/stat), or None."""
     try:
-        sid = os.getsid(pid)
-    except (ProcessLookupError, PermissionError, OSError):
-        return None, None
-    return sid, start_time(sid)
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[1])

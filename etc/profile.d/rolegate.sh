@@ -1,0 +1,20 @@
+# rolegate: point the AWS CLI and SDKs at this login's role credentials.
+# Logins through PAM (ssh, sudo -i, console) already carry the variables; shells that never
+# went through PAM (su -l, AWS SSM Session Manager) ask the broker for the user's own grant.
+# POSIX sh; silent unless something is wrong. Installed by `rolegate install`.
+__rolegate_bin=@ROLEGATE@
+__rolegate_dir=@RUNTIME_DIR@/
+__rolegate_have=
+case "${AWS_SHARED_CREDENTIALS_FILE:-}" in
+    "$__rolegate_dir"*) [ -r "$AWS_SHARED_CREDENTIALS_FILE" ] && __rolegate_have=1 ;;
+esac
+case "${AWS_CONFIG_FILE:-}" in
+    "$__rolegate_dir"*) [ -r "$AWS_CONFIG_FILE" ] && __rolegate_have=1 ;;
+esac
+if [ -n "$__rolegate_have" ]; then
+    # Static keys inherited from elsewhere would shadow the grant (SDKs read them first).
+    unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_SECURITY_TOKEN
+elif [ -x "$__rolegate_bin" ]; then
+    __rolegate_out=$("$__rolegate_bin" env --shell sh) && eval "$__rolegate_out"
+fi
+unset __rolegate_bin __rolegate_dir __rolegate_have __rolegate_out

@@ -1,0 +1,256 @@
+"""A whole host inside the sandbox: users, the AWS stand-in, rolegated, PAM, sshd on 127.0.0.1, sudo.
+
+Only for use inside scripts/sandbox (conftest.require_sandbox): it runs useradd, writes /etc and
+starts daemons, all of which vanish with the sandbox's mount namespace.
+"""
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from conftest import free_port, start_moto
+
+VENV = os.environ.get("ROLEGATE_TEST_VENV") or os.path.dirname(os.path.dirname(sys.executable))
+ROLEGATE = "/usr/local/bin/rolegate"
+ROLEGATED = "/usr/local/bin/rolegated"
+RUNTIME_DIR = "/run/rolegate"
+SOCKET = RUNTIME_DIR + "/rolegated.sock"
+CONFIG_PATH = "/etc/rolegate/rolegate.yaml"
+
+ACCOUNT = "123456789012"
+E2E_CONFIG = f"""
+version: 1
+region: us-east-1
+sts_timeout: 2
+reap_interval: 2s
+session:
+  duration: 1h
+  refresh_before: 20m
+roles:
+  - match: {{group: admins, service: [sudo-i, sudo], target: root}}
+    role: arn:aws:iam::{ACCOUNT}:role/admin
+  - match: {{user: alice}}
+    role: arn:aws:iam::{ACCOUNT}:role/alice-role
+  - match: {{group: developers}}
+    role: arn:aws:iam::{ACCOUNT}:role/developer
+"""
+
+
+def run(cmd, timeout=60, check=True, **kw):
+    """subprocess.run with text output and a bound; a failure shows its output."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{cmd!r} exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}")
+    return done
+
+
+class Host:
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.moto = None
+        self.broker = None
+        self.broker_log_path = os.path.join(workdir, "rolegated.log")
+        self.sshd = None
+        self.sshd_port = None
+        self.keys = {}
+        self.env = {}
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def install_commands(self):
+        os.makedirs("/usr/local/bin", exist_ok=True)
+        for name in ("rolegate", "rolegated"):
+            target = os.path.join(VENV, "bin", name)
+            if os.path.lexists(f"/usr/local/bin/{name}"):
+                os.unlink(f"/usr/local/bin/{name}")
+            os.symlink(target, f"/usr/local/bin/{name}")
+
+    def start_moto(self):
+        self.moto = start_moto()
+        self.env = dict(self.moto.env())
+        # Sessions reach the stand-in through the same standard variables (sshd sessions via pam_env).
+        with open("/etc/environment", "a") as fh:
+            for key, value in self.env.items():
+                fh.write(f"{key}={value}\n")
+
+    def add_user(self, name, groups=(), shell="/bin/bash"):
+        for g in groups:
+            if run(["getent", "group", g], check=False).returncode != 0:
+                run(["groupadd", g])
+        if run(["id", name], check=False).returncode != 0:
+            cmd = ["useradd", "-m", "-s", shell, name]
+            if groups:
+                cmd += ["-G", ",".join(groups)]
+            run(cmd)
+        key = os.path.join(self.workdir, f"id_{name}")
+        if not os.path.exists(key):
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+            home = os.path.expanduser(f"~{name}")
+            os.makedirs(f"{home}/.ssh", exist_ok=True)
+            shutil.copy(key + ".pub", f"{home}/.ssh/authorized_keys")
+            run(["chown", "-R", f"{name}:", f"{home}/.ssh"])
+            os.chmod(f"{home}/.ssh", 0o700)
+        self.keys[name] = key
+
+    def allow_sudo(self, *users):
+        with open("/etc/sudoers.d/rolegate-test", "w") as fh:
+            for u in users:
+                fh.write(f"{u} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+        os.chmod("/etc/sudoers.d/rolegate-test", 0o440)
+
+    def write_config(self, text=E2E_CONFIG):
+        os.makedirs(os.path.dirname(CONFIG_PATH), exist_ok=True)
+        with open(CONFIG_PATH, "w") as fh:
+            fh.write(text)
+
+    def install_pam(self, options="debug"):
+        """rolegate's pam-auth-update profile, enabled the Debian way (into the sandbox's /etc)."""
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from pam_rolegate import install
+
+        hook = os.path.join(VENV, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
+                            "site-packages", "pam_rolegate", "pam_hook.py")
+        assert os.path.exists(hook), f"the installed hook is missing at {hook}"
+        with open("/usr/share/pam-configs/rolegate", "w") as fh:
+            fh.write(install.pam_profile(options, hook=hook))
+        run(["pam-auth-update", "--package", "--enable", "rolegate"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        with open("/etc/profile.d/rolegate.sh", "w") as fh:
+            fh.write(install.profile_snippet(ROLEGATE, RUNTIME_DIR))
+        return hook
+
+    # -- the broker ---------------------------------------------------------------------------
+
+    def start_broker(self, wait=True):
+        log = open(self.broker_log_path, "a")
+        self.broker = subprocess.Popen([ROLEGATED], stdout=log, stderr=log, env=dict(os.environ, **self.env),
+                                       start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_for_socket()
+        return self.broker
+
+    def wait_for_socket(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.broker is not None and self.broker.poll() is not None:
+                raise AssertionError(f"rolegated exited with {self.broker.returncode}:\n{self.broker_log()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(SOCKET)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"rolegated did not listen within {timeout}s:\n{self.broker_log()}")
+
+    def stop_broker(self, sig=signal.SIGTERM):
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.send_signal(sig)
+            self.broker.wait(15)
+        self.broker = None
+
+    def broker_log(self):
+        try:
+            with open(self.broker_log_path) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def log_mark(self):
+        return len(self.broker_log())
+
+    def log_since(self, mark):
+        return self.broker_log()[mark:]
+
+    # -- sshd ------------------------------------------------------------------------------------
+
+    def start_sshd(self):
+        hostkey = os.path.join(self.workdir, "ssh_host_ed25519_key")
+        if not os.path.exists(hostkey):
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostkey])
+        self.sshd_port = free_port()
+        cfg = os.path.join(self.workdir, "sshd_config")
+        with open(cfg, "w") as fh:
+            fh.write(f"""Port {self.sshd_port}
+ListenAddress 127.0.0.1
+HostKey {hostkey}
+PidFile {self.workdir}/sshd.pid
+UsePAM yes
+KbdInteractiveAuthentication no
+PasswordAuthentication no
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+PermitRootLogin no
+PrintMotd no
+PrintLastLog no
+LogLevel VERBOSE
+""")
+        log = open(os.path.join(self.workdir, "sshd.log"), "a")
+        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stdout=log, stderr=log,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.sshd_port), timeout=1).close()
+                return
+            except OSError:
+                assert self.sshd.poll() is None, f"sshd exited: {self.sshd_log()}"
+                time.sleep(0.05)
+        raise AssertionError("sshd did not listen within 20 s")
+
+    def sshd_log(self):
+        with open(os.path.join(self.workdir, "sshd.log")) as fh:
+            return fh.read()
+
+    def ssh_cmd(self, user, command=None, tty=False):
+        cmd = ["ssh", "-i", self.keys[user], "-p", str(self.sshd_port), "-o", "StrictHostKeyChecking=no",
+               "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+               "-o", "ConnectTimeout=10"]
+        cmd += ["-tt"] if tty else ["-T"]
+        cmd.append(f"{user}@127.0.0.1")
+        if command is not None:
+            cmd.append(command)
+        return cmd
+
+    # -- entry paths: each runs `script` (sh) in a session of `user` and returns CompletedProcess --
+
+    def session(self, path, user, script, timeout=60):
+        """Run `script` in a session of `user` entered through `path`:
+        ssh (command), ssh-login (login shell fed on stdin), sudo-i (user runs `sudo -i`),
+        su-l (root runs `su -l user`), shell (a PAM-less login shell started with setpriv)."""
+        if path == "ssh":
+            return run(self.ssh_cmd(user, script), timeout=timeout, check=False)
+        if path == "ssh-login":
+            return run(self.ssh_cmd(user), input=script + "\nexit\n", timeout=timeout, check=False)
+        if path == "sudo-i":
+            inner = shlex.join(["sudo", "-i", "sh", "-c", script])
+            return run(["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--reset-env",
+                        "sh", "-c", inner], timeout=timeout, check=False)
+        if path == "su-l":
+            return run(["su", "-l", user, "-c", script], timeout=timeout, check=False)
+        if path == "shell":
+            return run(["setsid", "--wait", "setpriv", "--reuid", user, "--regid", user, "--init-groups",
+                        "--reset-env", "bash", "-l", "-c", script], timeout=timeout, check=False)
+        raise ValueError(path)
+
+    def stop(self):
+        for proc in (self.sshd,):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+        self.stop_broker()
+        if self.moto is not None:
+            self.moto.proc.terminate()
+            self.moto.proc.wait(10)
+
+
+def make_host():
+    workdir = tempfile.mkdtemp(prefix="rolegate-host-", dir="/run")
+    os.chmod(workdir, 0o700)
+    return Host(workdir)
