@@ -20,10 +20,16 @@ SUPPORTED_VERSIONS = (1,)
 SOURCES = ("instance-profile", "profile:NAME", "keyring:NAME")
 DELIVERIES = ("file", "process")
 
-ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
-POLICY_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}|aws):policy/[\w+=,.@/-]{1,512}")
-_DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
-_USER_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]*\$?")
+# re.ASCII everywhere: \d and \w must not accept other scripts' digits and letters.
+ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}", re.ASCII)
+POLICY_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}|aws):policy/([\w+=,.@-]+/)*[\w+=,.@-]{1,128}", re.ASCII)
+REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+", re.ASCII)
+_DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
+_USER_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]*\$?", re.ASCII)
+# Directories the broker would hide under a tmpfs mount, or share with others.
+_SYSTEM_DIRS = frozenset({"/", "/run", "/var/run", "/tmp", "/var/tmp", "/dev", "/dev/shm", "/etc", "/var", "/usr",
+                          "/home", "/root", "/boot", "/proc", "/sys", "/opt", "/srv", "/bin", "/sbin", "/lib"})
+_TEXT_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def parse_duration(value):
     if isinstance(value, int):
         return value
     text = str(value).strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     m = _DURATION_RE.fullmatch(text)
     if not text or not m or not any(m.groups()):
@@ -127,6 +133,10 @@ def parse(text, path="<config>"):
         if mark is None:
             raise ConfigError(f"YAML syntax error: {problem}", path) from None
         raise ConfigError(f"YAML syntax error: {problem}", path, mark.line + 1, mark.column + 1) from None
+    except yaml.reader.ReaderError as err:
+        line = text[:err.position].count("\n") + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        raise ConfigError(f"YAML error: character {err.character!r} is not allowed in YAML", path, line, column) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"YAML error: {err}", path) from None
     if root is None:
@@ -148,7 +158,14 @@ class _Reader:
         raise ConfigError(message, self.path, mark.line + 1, mark.column + 1)
 
     def value(self, node):
-        return self._loader.construct_object(node, deep=True)
+        if node.tag == "tag:yaml.org,2002:merge" or (isinstance(node, yaml.MappingNode) and any(
+                k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value)):
+            self.fail(node, "YAML merge keys (<<) are not supported; write the keys out")
+        try:
+            return self._loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError) as err:
+            problem = getattr(err, "problem", None) or str(err)
+            self.fail(node, f"cannot read this value ({node.tag}): {problem}")
 
     def mapping(self, node, what, allowed, required=()):
         """A mapping node -> {key: (key_node, value_node)}, refusing unknown/duplicate/missing keys."""
@@ -171,10 +188,10 @@ class _Reader:
         return seen
 
     def string(self, node, what, pattern=None, hint=""):
-        value = self.value(node) if isinstance(node, yaml.ScalarNode) else None
-        if isinstance(value, bool) or value is None or not isinstance(value, (str, int)):
+        """A scalar taken as written: `user: 007` stays '007', not the number 7."""
+        if not isinstance(node, yaml.ScalarNode) or node.tag not in _TEXT_TAGS:
             self.fail(node, f"{what} must be a single text value")
-        value = str(value)
+        value = node.value
         if pattern is not None and not pattern.fullmatch(value):
             self.fail(node, f"{what} {value!r} is not valid{hint}")
         return value
@@ -216,19 +233,19 @@ class _Reader:
         )
         version_node = keys["version"][1]
         version = self.value(version_node)
-        if version not in SUPPORTED_VERSIONS:
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
             self.fail(version_node, f"version {version!r} is not supported; this rolegate reads version 1")
         kw = {"path": self.path, "version": version}
-        kw["region"] = self.string(keys["region"][1], "region", re.compile(r"[a-z]{2}(-[a-z]+)+-\d+"),
+        kw["region"] = self.string(keys["region"][1], "region", REGION_RE,
                                    " (expected a region such as us-east-1)")
         if "source" in keys:
             kw["source"] = self.source(keys["source"][1])
         if "runtime_dir" in keys:
             node = keys["runtime_dir"][1]
             runtime_dir = self.string(node, "runtime_dir")
-            if not os.path.isabs(runtime_dir) or os.path.normpath(runtime_dir) in ("/", "/run", "/tmp"):
+            if not runtime_dir.startswith("/") or os.path.normpath(runtime_dir).replace("//", "/") in _SYSTEM_DIRS:
                 self.fail(node, "runtime_dir must be an absolute directory of rolegate's own, such as /run/rolegate")
-            kw["runtime_dir"] = os.path.normpath(runtime_dir)
+            kw["runtime_dir"] = os.path.normpath(runtime_dir).replace("//", "/")
         if "delivery" in keys:
             node = keys["delivery"][1]
             kw["delivery"] = self.string(node, "delivery")
@@ -265,7 +282,8 @@ class _Reader:
         keys = self.mapping(node, "session", ("duration", "refresh_before", "name", "source_identity", "tags"))
         defaults = SessionSettings()
         duration = self.duration(keys["duration"][1], "session.duration") if "duration" in keys else defaults.duration
-        refresh_before = defaults.refresh_before
+        # Unset, refresh_before is 20 minutes, or a third of a shorter session.
+        refresh_before = min(defaults.refresh_before, duration // 3)
         if "refresh_before" in keys:
             rb_node = keys["refresh_before"][1]
             refresh_before = self.duration(rb_node, "session.refresh_before", 0, names.DURATION_MAX)
