@@ -42,9 +42,14 @@ def fill(text, **values):
     return text
 
 
+def pam_control(options):
+    """`optional` lets a login through whatever the hook returns; on_error=deny needs `required`."""
+    return "required" if "on_error=deny" in options.split() else "optional"
+
+
 def pam_profile(options="", services=HOOK_SERVICES, hook=None):
     return fill(template("pam-config"), services=":".join(services), hook=hook or hook_path(),
-                options=options).replace(" \n", "\n")
+                options=options, control=pam_control(options)).replace(" \n", "\n")
 
 
 def profile_snippet(rolegate_bin=None, runtime_dir="/run/rolegate"):

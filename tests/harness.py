@@ -5,6 +5,7 @@ starts daemons, all of which vanish with the sandbox's mount namespace.
 """
 
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -254,3 +255,60 @@ def make_host():
     workdir = tempfile.mkdtemp(prefix="rolegate-host-", dir="/run")
     os.chmod(workdir, 0o700)
     return Host(workdir)
+
+
+# What a session reports about itself: its rolegate variables and who STS says it is. One line
+# of `;`-separated commands, because `sudo -i` joins its arguments and escapes newlines away.
+REPORT = "; ".join([
+    'echo "FILE=${AWS_SHARED_CREDENTIALS_FILE:-}"',
+    'echo "REGION=${AWS_REGION:-}"',
+    'echo "STATIC=${AWS_ACCESS_KEY_ID:-}"',
+    'echo "ARN=$(AWS_ENDPOINT_URL_STS=%s /usr/local/bin/rolegate whoami 2>&1 | tail -n 1)"',
+])
+
+
+def parse_report(text):
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in ("FILE", "REGION", "STATIC", "ARN"):
+            out[key] = value
+    return out
+
+
+class Held:
+    """A session kept open until release(): ssh (or sudo -i) running `read`, after reporting."""
+
+    def __init__(self, host, user, path="ssh"):
+        script = (REPORT % host.moto.url) + "; echo READY; read _ignored"
+        if path == "ssh":
+            cmd = host.ssh_cmd(user, script)
+        else:
+            cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--reset-env",
+                   "sh", "-c", shlex.join(["sudo", "-i", "sh", "-c", script])]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # Read the raw pipe (not a buffered reader, which select() cannot see into) until READY.
+        out, fd = b"", self.proc.stdout.fileno()
+        deadline = time.monotonic() + 30
+        while b"READY\n" not in out and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+            chunk = os.read(fd, 4096) if ready else b""
+            if not chunk:
+                break
+            out += chunk
+        lines = out.decode().splitlines(keepends=True)
+        self.info = parse_report("".join(lines))
+        assert self.info.get("FILE"), f"{user}'s held {path} session has no credentials file: {lines} " \
+                                      f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}"
+
+    def release(self):
+        self.proc.stdin.write(b"\n")
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def wait_gone(path, timeout=10):
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not os.path.exists(path)

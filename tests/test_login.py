@@ -4,34 +4,15 @@ import json
 import os
 import socket
 import stat
-import subprocess
 import time
 
 import pytest
 
 from conftest import require_sandbox
-from harness import ACCOUNT, RUNTIME_DIR, SOCKET, make_host, run
+from harness import ACCOUNT, REPORT, RUNTIME_DIR, SOCKET, Held, make_host, parse_report, run, wait_gone
 
 HOSTNAME = socket.gethostname()
 ENTRY_PATHS = ["ssh", "ssh-login", "su-l", "shell"]  # the ways a user reaches their own grant
-
-# What a session reports about itself: its rolegate variables and who STS says it is.
-REPORT = """
-echo "FILE=${AWS_SHARED_CREDENTIALS_FILE:-}"
-echo "REGION=${AWS_REGION:-}"
-echo "STATIC=${AWS_ACCESS_KEY_ID:-}"
-echo "ARN=$(AWS_ENDPOINT_URL_STS=%s /usr/local/bin/rolegate whoami 2>&1 | tail -n 1)"
-"""
-
-
-def parse_report(text):
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key in ("FILE", "REGION", "STATIC", "ARN"):
-            out[key] = value
-    return out
-
 
 @pytest.fixture(scope="module")
 def host():
@@ -81,45 +62,6 @@ def test_login__unmapped_user_logs_in_without_rolegate_variables(host, path):
     got = parse_report(done.stdout)
     assert got.get("FILE") == "" and got.get("REGION") == "", f"an unmapped user got rolegate variables: {got}"
     assert "assumed-role" not in got.get("ARN", ""), f"an unmapped user got a role: {got}"
-
-
-class Held:
-    """A session kept open until release(): ssh (or sudo -i) running `read`, after reporting."""
-
-    def __init__(self, host, user, path="ssh"):
-        script = (REPORT % host.moto.url) + "echo READY; read _ignored"
-        if path == "ssh":
-            cmd = host.ssh_cmd(user, script)
-        else:
-            import shlex
-            cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--reset-env",
-                   "sh", "-c", shlex.join(["sudo", "-i", "sh", "-c", script])]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        lines = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.strip() == "READY":
-                break
-            lines.append(line)
-        self.info = parse_report("".join(lines))
-        assert self.info.get("FILE"), f"{user}'s held {path} session has no credentials file: {lines} " \
-                                      f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}"
-
-    def release(self):
-        self.proc.stdin.write("\n")
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
-
-def wait_gone(path, timeout=10):
-    deadline = time.monotonic() + timeout
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not os.path.exists(path)
 
 
 def test_login__credentials_file_is_private_tmpfs_0600(host):

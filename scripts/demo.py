@@ -1,0 +1,82 @@
+"""The tour behind scripts/demo; runs inside scripts/sandbox (see there)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from harness import E2E_CONFIG, make_host, run  # noqa: E402
+
+SHOW = ('echo "  AWS_SHARED_CREDENTIALS_FILE=${AWS_SHARED_CREDENTIALS_FILE:-(unset)}"; '
+        'echo "  AWS_REGION=${AWS_REGION:-(unset)}"; '
+        'echo "  rolegate whoami: $(AWS_ENDPOINT_URL_STS=%s rolegate whoami 2>&1 | tail -n 1)"')
+
+
+def say(text):
+    print("\n" + textwrap.fill(text, 96))
+
+
+def show(done):
+    for line in (done.stdout + done.stderr).splitlines():
+        print(line if line.startswith("  ") else "  " + line)
+
+
+def main():
+    h = make_host()
+    try:
+        say("1. A fresh sandboxed host: a local AWS stand-in (moto) plays STS and the instance "
+            "metadata service; the broker takes the instance role's credentials from it over IMDSv2.")
+        h.install_commands()
+        h.start_moto()
+        for user, groups in (("alice", ()), ("bob", ()), ("dave", ("admins",))):
+            h.add_user(user, groups=groups)
+        h.allow_sudo("dave")
+        h.write_config()
+        print("  users: alice (mapped by name), bob (no rule), dave (group admins, may sudo)")
+        print("  config /etc/rolegate/rolegate.yaml:")
+        print(textwrap.indent(E2E_CONFIG.strip(), "    "))
+        show(run(["rolegate", "check-config"], check=False))
+        say("2. Install: the pam-auth-update profile (hook guarded by a service allow-list), the "
+            "profile.d snippet, then start rolegated and sshd on 127.0.0.1.")
+        hook = h.install_pam(options="")
+        print(f"  hook: {hook}")
+        print("  " + "\n  ".join(l for l in open("/etc/pam.d/common-session").read().splitlines() if "rolegate" in l
+                                 or "pam_python" in l or "pam_succeed_if" in l))
+        h.start_broker()
+        h.start_sshd()
+        show(run(["rolegate", "check-user", "alice"], check=False))
+        say("3. alice logs in over ssh and asks STS who she is: her own role, with her name as "
+            "the session name and SourceIdentity.")
+        show(h.session("ssh", "alice", SHOW % h.moto.url))
+        say("4. bob has no rule: he logs in normally and gets nothing.")
+        show(h.session("ssh", "bob", SHOW % h.moto.url))
+        say("5. dave runs `sudo -i`: the admin rule matches the invoking user (dave), not root.")
+        show(h.session("sudo-i", "dave", SHOW % h.moto.url))
+        say("6. alice keeps a session open; root sees the grant; she logs out and the file is gone.")
+        proc = subprocess.Popen(h.ssh_cmd("alice", 'echo "$AWS_SHARED_CREDENTIALS_FILE"; read x'),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        path = proc.stdout.readline().strip()
+        show(run(["rolegate", "status"], check=False))
+        print(f"  {path}: " + run(["stat", "-c", "%A %U on", path]).stdout.strip() + " "
+              + run(["stat", "-f", "-c", "%T", path]).stdout.strip())
+        peek = run(["setpriv", "--reuid", "bob", "--regid", "bob", "--init-groups", "cat", path], check=False)
+        print(f"  bob tries to read it: {peek.stderr.strip()}")
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(30)
+        for _ in range(100):
+            if not os.path.exists(path):
+                break
+            time.sleep(0.05)
+        print(f"  after logout: {path} {'still exists (unexpected!)' if os.path.exists(path) else 'is gone'}")
+        say("7. The broker's log: one line per decision.")
+        print(textwrap.indent(h.broker_log().strip(), "  "))
+        say("Done. Everything above lived in a private mount namespace and is gone now.")
+    finally:
+        h.stop()
+
+
+if __name__ == "__main__":
+    main()
