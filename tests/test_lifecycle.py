@@ -1,0 +1,234 @@
+"""Lifecycle with real parts: refresh before expiry, process delivery across rotations, STS outages,
+reaping of killed sessions, broker SIGKILL + restart, SIGHUP reload.
+
+Time is short by configuration, not by sleeping an hour: 900 s credentials with refresh_before
+890 s are renewed about every 10 s.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import require_sandbox, start_moto
+from harness import ACCOUNT, CONFIG_PATH, RUNTIME_DIR, Held, make_host, run, wait_gone
+
+FAST = f"""
+version: 1
+region: us-east-1
+sts_timeout: 2
+reap_interval: 2s
+delivery: {{delivery}}
+session:
+  duration: 900
+  refresh_before: 890
+roles:
+  - match: {{{{user: [alice, erin]}}}}
+    role: arn:aws:iam::{ACCOUNT}:role/alice-role
+  - match: {{{{user: carol}}}}
+    role: arn:aws:iam::{ACCOUNT}:role/developer
+"""
+
+
+@pytest.fixture(scope="module")
+def host():
+    require_sandbox()
+    h = make_host()
+    try:
+        h.install_commands()
+        h.start_moto()
+        for user in ("alice", "carol", "erin"):
+            h.add_user(user)
+        h.write_config(FAST.format(delivery="file"))
+        h.install_pam()
+        h.start_broker()
+        h.start_sshd()
+        yield h
+    finally:
+        h.stop()
+
+
+def key_id(path):
+    for line in open(path):
+        if line.startswith("aws_access_key_id"):
+            return line.split("=", 1)[1].strip()
+    raise AssertionError(f"no access key in {path}")
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def whoami_with_file(host, path):
+    code = ("from pam_rolegate import sts\nimport configparser\n"
+            f"c = configparser.ConfigParser(); c.read({path!r}); d = c['default']\n"
+            "print(sts.caller_identity(sts.Credentials(d['aws_access_key_id'], d['aws_secret_access_key'], "
+            "d['aws_session_token'], None), 'us-east-1')['Arn'])")
+    return run([sys.executable, "-c", code], env=dict(os.environ, **host.env)).stdout.strip()
+
+
+def status(host):
+    return json.loads(run(["rolegate", "status", "--json"]).stdout)["grants"]
+
+
+def test_lifecycle__file_is_rewritten_before_expiry_while_the_session_lives(host):
+    held = Held(host, "alice")
+    try:
+        path = held.info["FILE"]
+        keys = [key_id(path)]
+        for _ in range(2):
+            keys.append(wait_for(lambda: key_id(path) != keys[-1] and key_id(path), 30, "a refreshed key"))
+            arn = whoami_with_file(host, path)
+            assert arn.startswith(f"arn:aws:sts::{ACCOUNT}:assumed-role/alice-role/"), \
+                f"credentials after rotation {len(keys) - 1} do not work: {arn}"
+        assert len(set(keys)) == 3, f"expected three distinct keys over two rotations: {keys}"
+        assert os.stat(path).st_mode & 0o777 == 0o600, "a rotation changed the file's mode"
+    finally:
+        held.release()
+    assert wait_gone(path), "file outlived the session"
+
+
+def test_lifecycle__sts_failure_during_refresh_keeps_the_valid_file_and_retries(host):
+    held = Held(host, "carol")
+    port = int(host.moto.url.rsplit(":", 1)[1])
+    try:
+        path = held.info["FILE"]
+        before = open(path).read()
+        mark = host.log_mark()
+        host.moto.proc.terminate()
+        host.moto.proc.wait(10)
+        wait_for(lambda: host.log_since(mark).count("action=refresh") >= 2, 40, "two failed refresh attempts")
+        assert open(path).read() == before, "a failed refresh changed or truncated the still-valid file"
+        log = host.log_since(mark)
+        assert "attempt=1" in log and "attempt=2" in log, f"retries were not logged once per attempt:\n{log}"
+        host.moto = start_moto(port=port)
+        wait_for(lambda: open(path).read() != before, 60, "a successful refresh after STS came back")
+    finally:
+        held.release()
+
+
+def test_lifecycle__killed_pam_process_is_reaped(host):
+    held = Held(host, "alice")
+    path = held.info["FILE"]
+    pam_pids = [s["pid"] for g in status(host) for s in g.get("session_list", []) if s["kind"] == "pam"]
+    assert len(pam_pids) == 1, f"expected one PAM session, root's status shows {pam_pids}"
+    start = time.monotonic()
+    os.kill(pam_pids[0], signal.SIGKILL)  # sshd's privileged process: close_session never runs
+    assert wait_gone(path, timeout=2 + 5), "the killed session's file was not reaped within reap_interval + 5 s"
+    assert time.monotonic() - start < 7
+    held.proc.kill()
+    held.proc.wait(10)
+
+
+def test_lifecycle__reused_pid_does_not_keep_a_dead_session_alive():
+    from pam_rolegate import procs
+    me = os.getpid()
+    started = procs.start_time(me)
+    assert procs.alive(me, started), "this very process should count as alive"
+    assert not procs.alive(me, started + 1), "a different start time (a reused pid) must count as dead"
+    child = subprocess.Popen(["sleep", "30"])
+    child_started = procs.start_time(child.pid)
+    assert procs.alive(child.pid, child_started), "a running child should count as alive"
+    child.kill()
+    child.wait()
+    assert not procs.alive(child.pid, child_started), "a killed (and reaped) child must count as dead"
+
+
+def test_lifecycle__broker_sigkill_and_restart_keeps_sessions_and_drops_strays(host):
+    held = Held(host, "alice")
+    try:
+        path = held.info["FILE"]
+        host.stop_broker(signal.SIGKILL)
+        stray = os.path.join(RUNTIME_DIR, "grants", "999-nobody-000000000000")
+        os.makedirs(stray)
+        open(os.path.join(stray, "credentials"), "w").close()
+        mark = host.log_mark()
+        host.start_broker()
+        assert os.path.exists(path), "the restarted broker dropped a live session's file"
+        assert not os.path.exists(stray), "a stray grant directory survived the broker's start"
+        assert "recovered: sessions=1" in host.log_since(mark), f"recovery not logged:\n{host.log_since(mark)}"
+        old = key_id(path)
+        wait_for(lambda: key_id(path) != old, 30, "a refresh after restart")
+    finally:
+        held.release()
+    assert wait_gone(path), "a close after the restart did not remove the file"
+
+
+def test_lifecycle__sighup_reload_changes_rules_keeps_old_on_error_and_revokes(host):
+    held = Held(host, "erin")
+    path = held.info["FILE"]
+    try:
+        # A broken file: refused with FILE:LINE:COL, old rules stay.
+        with open(CONFIG_PATH, "a") as fh:
+            fh.write("rols: []\n")
+        mark = host.log_mark()
+        host.broker.send_signal(signal.SIGHUP)
+        wait_for(lambda: "action=reload" in host.log_since(mark), 10, "the reload to be logged")
+        assert f"{CONFIG_PATH}:" in host.log_since(mark) and "unknown key 'rols'" in host.log_since(mark), \
+            f"a bad reload should log FILE:LINE:COL:\n{host.log_since(mark)}"
+        assert os.path.exists(path), "a failed reload revoked a grant"
+        # erin removed from the rules: her file goes by the next refresh; carol's role changes.
+        new = FAST.format(delivery="file").replace("[alice, erin]", "[alice]").replace(
+            "role/developer", "role/developer-v2")
+        host.write_config(new)
+        mark = host.log_mark()
+        host.broker.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded:" in host.log_since(mark), 10, "the reload")
+        assert wait_gone(path, timeout=15), "erin's file survived her removal from the config"
+        arn = Held(host, "carol")
+        try:
+            assert "assumed-role/developer-v2/" in arn.info["ARN"], f"new logins still get the old role: {arn.info}"
+        finally:
+            arn.release()
+    finally:
+        held.release()
+        host.write_config(FAST.format(delivery="file"))
+        host.broker.send_signal(signal.SIGHUP)
+
+
+LONG_CLIENT = """
+import boto3, time
+sts = boto3.client("sts", region_name="us-east-1")
+seen = []
+deadline = time.time() + 60
+while time.time() < deadline and len(set(seen)) < 3:
+    sts.get_caller_identity()
+    key = sts._request_signer._credentials.get_frozen_credentials().access_key
+    if not seen or seen[-1] != key:
+        seen.append(key)
+    time.sleep(0.5)
+print(" ".join(seen))
+"""
+
+
+def test_lifecycle__process_delivery_long_running_client_follows_rotations(host):
+    host.write_config(FAST.format(delivery="process"))
+    host.stop_broker()
+    host.start_broker()
+    try:
+        script = os.path.join(host.workdir, "long_client.py")
+        with open(script, "w") as fh:
+            fh.write(LONG_CLIENT)
+        os.chmod(host.workdir, 0o755)
+        os.chmod(script, 0o644)
+        cmd = (f'echo "CONFIG=$AWS_CONFIG_FILE"; AWS_ENDPOINT_URL_STS={host.moto.url} '
+               f'{sys.executable} {script}')
+        done = host.session("ssh", "alice", cmd, timeout=90)
+        assert "CONFIG=" + RUNTIME_DIR in done.stdout, f"no AWS_CONFIG_FILE from process delivery: {done.stdout}"
+        keys = done.stdout.strip().splitlines()[-1].split()
+        assert len(set(keys)) >= 3, f"one boto3 client should see 2 rotations; saw keys {keys}: {done.stderr}"
+    finally:
+        os.chmod(host.workdir, 0o700)
+        host.write_config(FAST.format(delivery="file"))
+        host.stop_broker()
+        host.start_broker()
