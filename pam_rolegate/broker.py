@@ -582,7 +582,10 @@ class _Handler(socketserver.BaseRequestHandler):
             pid, uid, gid = peer_credentials(sock)
             sock.settimeout(CONNECTION_TIMEOUT)
             try:
-                header = _recv_exact(sock, 4)
+                first = sock.recv(4)
+                if not first:
+                    return  # connected and left without a word (a liveness probe): nothing to log
+                header = first + _recv_exact(sock, 4 - len(first))
                 body = _recv_exact(sock, protocol.body_length(header))
             except (ProtocolError, OSError) as err:
                 server.broker.log.decision("refused", uid=uid, pid=pid, reason=f"bad frame: {err}")

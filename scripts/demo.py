@@ -11,7 +11,8 @@ from harness import E2E_CONFIG, make_host, run  # noqa: E402
 
 SHOW = ('echo "  AWS_SHARED_CREDENTIALS_FILE=${AWS_SHARED_CREDENTIALS_FILE:-(unset)}"; '
         'echo "  AWS_REGION=${AWS_REGION:-(unset)}"; '
-        'echo "  rolegate whoami: $(AWS_ENDPOINT_URL_STS=%s rolegate whoami 2>&1 | tail -n 1)"')
+        'echo "  rolegate whoami: $(AWS_ENDPOINT_URL_STS=%s AWS_EC2_METADATA_DISABLED=true rolegate whoami 2>&1 '
+        '| tail -n 1)"')
 
 
 def say(text):
@@ -50,7 +51,8 @@ def main():
         say("3. alice logs in over ssh and asks STS who she is: her own role, with her name as "
             "the session name and SourceIdentity.")
         show(h.session("ssh", "alice", SHOW % h.moto.url))
-        say("4. bob has no rule: he logs in normally and gets nothing.")
+        say("4. bob has no rule: he logs in normally and gets nothing. (On a real host the IMDS "
+            "firewall keeps him from the instance role too; this sandbox switches IMDS off for sessions.)")
         show(h.session("ssh", "bob", SHOW % h.moto.url))
         say("5. dave runs `sudo -i`: the admin rule matches the invoking user (dave), not root.")
         show(h.session("sudo-i", "dave", SHOW % h.moto.url))

@@ -75,10 +75,11 @@ class Host:
     def start_moto(self):
         self.moto = start_moto()
         self.env = dict(self.moto.env())
-        # Sessions reach the stand-in through the same standard variables (sshd sessions via pam_env).
+        # Sessions reach the stand-in's STS through the standard variable (sshd sessions via
+        # pam_env). Their SDKs must not fall back to IMDS: keeping users away from it is the
+        # firewall's job, which is tested on its own; here it is simply switched off for them.
         with open("/etc/environment", "a") as fh:
-            for key, value in self.env.items():
-                fh.write(f"{key}={value}\n")
+            fh.write(f"AWS_ENDPOINT_URL_STS={self.moto.url}\nAWS_EC2_METADATA_DISABLED=true\n")
 
     def add_user(self, name, groups=(), shell="/bin/bash"):
         for g in groups:
@@ -263,7 +264,8 @@ REPORT = "; ".join([
     'echo "FILE=${AWS_SHARED_CREDENTIALS_FILE:-}"',
     'echo "REGION=${AWS_REGION:-}"',
     'echo "STATIC=${AWS_ACCESS_KEY_ID:-}"',
-    'echo "ARN=$(AWS_ENDPOINT_URL_STS=%s /usr/local/bin/rolegate whoami 2>&1 | tail -n 1)"',
+    'echo "ARN=$(AWS_ENDPOINT_URL_STS=%s AWS_EC2_METADATA_DISABLED=true /usr/local/bin/rolegate whoami 2>&1 '
+    '| tail -n 1)"',
 ])
 
 
