@@ -211,6 +211,26 @@ def run_whoami(args, deps):
     return EXIT_OK
 
 
+def run_firewall(args, deps):
+    from . import firewall
+
+    if args.action == "show":
+        table = firewall.show()
+        deps.say(table.rstrip() if table else f"no IMDS lockdown in force (table inet {firewall.TABLE} is absent)")
+        return EXIT_OK if table else EXIT_FAIL
+    if os.geteuid() != 0:
+        deps.warn("changing the firewall needs root")
+        return EXIT_ERROR
+    if args.action == "remove":
+        deps.say("IMDS lockdown removed" if firewall.remove() else "no IMDS lockdown was in force")
+        return EXIT_OK
+    cfg = _load_config(args, deps)
+    uids = firewall.allowed_uids(cfg.imds_allow_users)
+    firewall.apply(uids)
+    deps.say(f"IMDS ({firewall.IMDS_V4}, {firewall.IMDS_V6}) is now reachable only by uid {', '.join(map(str, uids))}")
+    return EXIT_OK
+
+
 def run_daemon(args, deps):
     from . import broker, config
 
@@ -259,6 +279,10 @@ def parser():
 
     s = sub.add_parser("whoami", help="GetCallerIdentity with this session's credentials")
     s.set_defaults(run=run_whoami)
+
+    s = sub.add_parser("firewall", help="the IMDS lockdown: apply, remove or show the nftables rules")
+    s.add_argument("action", choices=("apply", "remove", "show"))
+    s.set_defaults(run=run_firewall)
 
     s = sub.add_parser("policy", help="IAM policies the config needs, as JSON")
     s.add_argument("--gatekeeper", default="arn:aws:iam::ACCOUNT_ID:role/GATEKEEPER_ROLE",
