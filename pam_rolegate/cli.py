@@ -231,6 +231,30 @@ def run_firewall(args, deps):
     return EXIT_OK
 
 
+def run_install(args, deps):
+    from . import install
+
+    if os.geteuid() != 0:
+        deps.warn("install needs root")
+        return EXIT_ERROR
+    try:
+        install.install(options=args.options, firewall=not args.no_firewall, say=deps.say)
+    except install.InstallError as err:
+        deps.warn(str(err))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def run_uninstall(args, deps):
+    from . import install
+
+    if os.geteuid() != 0:
+        deps.warn("uninstall needs root")
+        return EXIT_ERROR
+    install.uninstall(say=deps.say)
+    return EXIT_OK
+
+
 def run_daemon(args, deps):
     from . import broker, config
 
@@ -279,6 +303,14 @@ def parser():
 
     s = sub.add_parser("whoami", help="GetCallerIdentity with this session's credentials")
     s.set_defaults(run=run_whoami)
+
+    s = sub.add_parser("install", help="put rolegate in place: PAM, profile.d, systemd unit, firewall")
+    s.add_argument("--options", default="", help="hook options for the PAM line, e.g. 'on_error=deny timeout=2'")
+    s.add_argument("--no-firewall", action="store_true", help="do not apply the IMDS lockdown now")
+    s.set_defaults(run=run_install)
+
+    s = sub.add_parser("uninstall", help="remove exactly what install put in place")
+    s.set_defaults(run=run_uninstall)
 
     s = sub.add_parser("firewall", help="the IMDS lockdown: apply, remove or show the nftables rules")
     s.add_argument("action", choices=("apply", "remove", "show"))

@@ -1,7 +1,13 @@
 """The installed pieces: where the shipped templates are, and how they are filled for this host."""
 
+import hashlib
+import json
 import os
+import re
+import subprocess
 import sys
+
+from .errors import RolegateError
 
 # Services whose PATH the user does not control: the only ones that may run the hook (README,
 # "The PATH hazard"). su and su-l are deliberately absent: they get credentials via profile.d.
@@ -57,5 +63,184 @@ def profile_snippet(rolegate_bin=None, runtime_dir="/run/rolegate"):
 
 
 def systemd_unit(rolegated_bin=None, runtime_dir="/run/rolegate", docdir=None):
-    return fill(template("unit"), rolegated=rolegated_bin or bin_path("rolegated"), runtime_dir=runtime_dir,
+    return fill(template("unit"), rolegated=rolegated_bin or bin_path("rolegated"),
+                rolegate=bin_path("rolegate"), runtime_dir=runtime_dir,
                 docdir=docdir or os.path.join(sys.prefix, "share", "rolegate"))
+
+
+# -- putting the pieces in place ------------------------------------------------------------------
+# Every file install writes is recorded with its content hash in MANIFEST, so uninstall removes
+# exactly what install added (and keeps what the admin changed since, saying so).
+
+MANIFEST = "/var/lib/rolegate/install.json"
+PAM_PROFILE = "/usr/share/pam-configs/rolegate"
+COMMON_SESSION = "/etc/pam.d/common-session"
+PROFILE_D = "/etc/profile.d/rolegate.sh"
+UNIT = "/etc/systemd/system/rolegated.service"
+CONFIG = "/etc/rolegate/rolegate.yaml"
+MARK_BEGIN = "# BEGIN rolegate (managed by `rolegate install`; remove with `rolegate uninstall`)"
+MARK_END = "# END rolegate"
+
+
+class InstallError(RolegateError):
+    pass
+
+
+def _sha(data):
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def sudoers_has_secure_path(paths=("/etc/sudoers",), dropin="/etc/sudoers.d"):
+    """True when an uncommented `Defaults ... secure_path=` is in sudoers or its drop-ins."""
+    files = list(paths)
+    if os.path.isdir(dropin):
+        files += [os.path.join(dropin, f) for f in sorted(os.listdir(dropin)) if "." not in f and not f.endswith("~")]
+    pattern = re.compile(r"^\s*Defaults\b[^#]*\bsecure_path\s*=", re.M)
+    for path in files:
+        try:
+            with open(path) as fh:
+                if pattern.search(fh.read()):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _write_new(path, text, record, mode=0o644):
+    """Write `path` unless identical content is there; remember that we own it."""
+    try:
+        with open(path) as fh:
+            if fh.read() == text:
+                record.setdefault("files", {})[path] = _sha(text)
+                return False
+    except FileNotFoundError:
+        pass
+    made = []
+    d = os.path.dirname(path)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(made):
+        os.mkdir(d, 0o755)
+        record.setdefault("dirs", []).append(d)
+    tmp = path + ".rolegate-tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    record.setdefault("files", {})[path] = _sha(text)
+    return True
+
+
+def _run(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    if done.returncode != 0:
+        raise InstallError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+    return done
+
+
+def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
+    """Put every piece in place; idempotent. Returns the manifest."""
+    if not sudoers_has_secure_path():
+        raise InstallError("sudoers has no 'Defaults secure_path=...': with the hook in sudo's stack a user's PATH "
+                           "would choose root's Python (README, 'The PATH hazard'). Add Debian's default line "
+                           "with visudo, then run install again")
+    record = _load_manifest()
+    if os.path.exists("/usr/sbin/pam-auth-update"):
+        _write_new(PAM_PROFILE, pam_profile(options), record)
+        _run(["/usr/sbin/pam-auth-update", "--package", "--enable", "rolegate"])
+        record["pam"] = "pam-auth-update"
+        say(f"PAM: {PAM_PROFILE} enabled with pam-auth-update (hook behind the service allow-list)")
+    else:
+        block = MARK_BEGIN + "\n" + "".join("session " + line.strip().replace("\t", " ", 1) + "\n"
+                                           for line in pam_profile(options).split("Session:\n", 1)[1].splitlines()
+                                           if line.strip()) + MARK_END + "\n"
+        with open(COMMON_SESSION) as fh:
+            text = fh.read()
+        if MARK_BEGIN not in text:
+            with open(COMMON_SESSION, "a") as fh:
+                fh.write(block)
+        record["pam"] = "common-session"
+        say(f"PAM: marked block appended to {COMMON_SESSION}")
+    _write_new(PROFILE_D, profile_snippet(runtime_dir=runtime_dir), record)
+    say(f"shells: {PROFILE_D}")
+    if not os.path.exists(CONFIG):
+        _write_new(CONFIG, template("config"), record)
+        say(f"config: example written to {CONFIG}; edit it, then `rolegate check-config`")
+    else:
+        say(f"config: {CONFIG} kept as it is")
+    _write_new(UNIT, systemd_unit(runtime_dir=runtime_dir), record)
+    if firewall:
+        from . import config as config_mod, firewall as fw
+
+        fw.apply(fw.allowed_uids(config_mod.load(CONFIG).imds_allow_users))
+        record["firewall"] = True
+        say("IMDS: locked to root (nftables table inet rolegate)")
+    _save_manifest(record)
+    if os.path.isdir("/run/systemd/system"):
+        _run(["systemctl", "daemon-reload"])
+        _run(["systemctl", "enable", "--now", "rolegated.service"])
+        say("broker: rolegated.service enabled and started (it applies the IMDS firewall first)")
+    else:
+        say(f"broker: systemd is not running here; start it with `{bin_path('rolegate')} firewall apply && "
+            f"{bin_path('rolegated')} &` (unit file left at {UNIT})")
+    return record
+
+
+def uninstall(say=print):
+    """Reverse exactly what install recorded; files changed since are kept and named."""
+    record = _load_manifest()
+    if not record:
+        say("rolegate install left no record here; nothing to undo")
+        return record
+    if os.path.isdir("/run/systemd/system") and UNIT in record.get("files", {}):
+        subprocess.run(["systemctl", "disable", "--now", "rolegated.service"], capture_output=True)
+    if record.get("firewall"):
+        from . import firewall as fw
+
+        fw.remove()
+    if record.get("pam") == "pam-auth-update":
+        _run(["/usr/sbin/pam-auth-update", "--package", "--remove", "rolegate"])
+    elif record.get("pam") == "common-session":
+        with open(COMMON_SESSION) as fh:
+            text = fh.read()
+        start, end = text.find(MARK_BEGIN), text.find(MARK_END)
+        if start >= 0 and end > start:
+            with open(COMMON_SESSION, "w") as fh:
+                fh.write(text[:start] + text[end + len(MARK_END) + 1:])
+    for path, digest in record.get("files", {}).items():
+        try:
+            with open(path) as fh:
+                current = fh.read()
+        except FileNotFoundError:
+            continue
+        if _sha(current) == digest:
+            os.unlink(path)
+        else:
+            say(f"kept {path}: changed since install")
+    for d in sorted(record.get("dirs", []), key=len, reverse=True):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+    os.unlink(MANIFEST)
+    try:
+        os.rmdir(os.path.dirname(MANIFEST))
+    except OSError:
+        pass
+    say("rolegate uninstalled")
+    return record
+
+
+def _load_manifest():
+    try:
+        with open(MANIFEST) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return {}
+
+
+def _save_manifest(record):
+    os.makedirs(os.path.dirname(MANIFEST), mode=0o755, exist_ok=True)
+    with open(MANIFEST, "w") as fh:
+        json.dump(record, fh, indent=1, sort_keys=True)

@@ -1,0 +1,101 @@
+"""rolegate install / uninstall in the sandbox: idempotent, exactly reversible, refuses sudo without secure_path."""
+
+import os
+import secrets
+import stat
+
+import pytest
+
+from conftest import require_sandbox
+from harness import make_host, run
+
+
+def snapshot(root="/etc"):
+    """Every entry under `root`: type, mode, owner and content (or link target)."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as fh:
+                    body = fh.read()
+            else:
+                body = None
+            state[path] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body)
+    return state
+
+
+def diff(a, b):
+    return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+
+
+@pytest.fixture(scope="module")
+def host():
+    require_sandbox()
+    h = make_host()
+    h.install_commands()
+    yield h
+    h.stop()
+
+
+def test_install__twice_equals_once_and_uninstall_restores_etc_byte_for_byte(host):
+    before = snapshot()
+    done = run(["rolegate", "install", "--no-firewall"], check=False)
+    assert done.returncode == 0, f"install failed: {done.stdout} {done.stderr}"
+    once = snapshot()
+    common = open("/etc/pam.d/common-session").read()
+    assert "pam_succeed_if.so quiet service notin sshd:sudo:sudo-i:login" in common, \
+        f"the allow-list guard is missing from common-session:\n{common}"
+    assert "pam_python.so" in common and os.path.exists("/etc/profile.d/rolegate.sh"), "pieces missing"
+    assert os.path.exists("/etc/rolegate/rolegate.yaml"), "no example config was written"
+    assert run(["rolegate", "check-config"], check=False).returncode == 0, "the installed example is invalid"
+    again = run(["rolegate", "install", "--no-firewall"], check=False)
+    assert again.returncode == 0, f"second install failed: {again.stderr}"
+    assert diff(once, snapshot()) == [], f"install twice differs from once: {diff(once, snapshot())}"
+    gone = run(["rolegate", "uninstall"], check=False)
+    assert gone.returncode == 0, f"uninstall failed: {gone.stderr}"
+    assert diff(before, snapshot()) == [], f"/etc after install+uninstall differs: {diff(before, snapshot())}"
+
+
+def test_install__never_overwrites_the_admins_config(host):
+    os.makedirs("/etc/rolegate", exist_ok=True)
+    mine = "version: 1\nregion: eu-west-1\n"
+    with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+        fh.write(mine)
+    try:
+        assert run(["rolegate", "install", "--no-firewall"], check=False).returncode == 0
+        assert open("/etc/rolegate/rolegate.yaml").read() == mine, "install overwrote the admin's config"
+        assert run(["rolegate", "uninstall"], check=False).returncode == 0
+        assert open("/etc/rolegate/rolegate.yaml").read() == mine, "uninstall removed the admin's config"
+    finally:
+        os.unlink("/etc/rolegate/rolegate.yaml")
+
+
+def test_install__refuses_sudo_stacks_without_secure_path(host):
+    original = open("/etc/sudoers").read()
+    try:
+        with open("/etc/sudoers", "w") as fh:
+            fh.write("\n".join("#" + line if "secure_path" in line else line for line in original.splitlines()) + "\n")
+        before = snapshot()
+        done = run(["rolegate", "install", "--no-firewall"], check=False)
+        assert done.returncode != 0 and "secure_path" in done.stderr, f"install should refuse: {done.stderr}"
+        assert diff(before, snapshot()) == [], "a refused install changed /etc"
+    finally:
+        with open("/etc/sudoers", "w") as fh:
+            fh.write(original)
+
+
+def test_install__applies_and_uninstall_removes_the_firewall_in_its_own_netns(host):
+    name = "rg-inst-" + secrets.token_hex(3)
+    run(["ip", "netns", "add", name])
+    ns = ["ip", "netns", "exec", name]
+    try:
+        assert run(ns + ["rolegate", "install"], check=False).returncode == 0
+        assert run(ns + ["rolegate", "firewall", "show"], check=False).returncode == 0, "install did not apply it"
+        assert run(ns + ["rolegate", "uninstall"], check=False).returncode == 0
+        assert run(ns + ["nft", "list", "ruleset"]).stdout.strip() == "", "uninstall left firewall rules"
+    finally:
+        run(["ip", "netns", "delete", name], check=False)
