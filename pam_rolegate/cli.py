@@ -255,6 +255,23 @@ def run_uninstall(args, deps):
     return EXIT_OK
 
 
+def run_doctor(args, deps):
+    from . import config, doctor
+
+    if os.geteuid() != 0:
+        deps.warn("doctor needs root (it probes IMDS as another uid and reads root-only files)")
+        return EXIT_ERROR
+    results = doctor.run_all(config.config_path(args.config, deps.environ), assume=args.assume)
+    if args.json:
+        deps.say(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        for r in results:
+            deps.say(f"{r.verdict:4}  {r.name:18} {r.detail}")
+            if r.verdict != doctor.PASS and r.fix:
+                deps.say(f"      {'':18} fix: {r.fix}")
+    return EXIT_FAIL if any(r.verdict == doctor.FAIL for r in results) else EXIT_OK
+
+
 def run_daemon(args, deps):
     from . import broker, config
 
@@ -303,6 +320,11 @@ def parser():
 
     s = sub.add_parser("whoami", help="GetCallerIdentity with this session's credentials")
     s.set_defaults(run=run_whoami)
+
+    s = sub.add_parser("doctor", help="check every piece of the installation: PASS/WARN/FAIL with the fix")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--assume", action="store_true", help="also assume every configured role")
+    s.set_defaults(run=run_doctor)
 
     s = sub.add_parser("install", help="put rolegate in place: PAM, profile.d, systemd unit, firewall")
     s.add_argument("--options", default="", help="hook options for the PAM line, e.g. 'on_error=deny timeout=2'")

@@ -1,0 +1,258 @@
+"""`rolegate doctor`: every check of an installation, each a small object with a name, a verdict and the fix.
+
+A closed registry (CHECKS): a root process loads no check from anywhere else.
+"""
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from . import install
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+PAM_DIR = "/etc/pam.d"
+PAM_PYTHON = ("/lib/security/pam_python.so", "/lib/x86_64-linux-gnu/security/pam_python.so",
+              "/usr/lib/x86_64-linux-gnu/security/pam_python.so", "/lib/aarch64-linux-gnu/security/pam_python.so")
+NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    verdict: str
+    detail: str
+    fix: str = ""
+
+
+# -- PAM stack reading -----------------------------------------------------------------------------
+
+
+def session_lines(service, pam_dir=PAM_DIR, _depth=0):
+    """The effective `session` lines of a service, @include and include/substack followed."""
+    path = os.path.join(pam_dir, service)
+    if _depth > 10 or not os.path.exists(path):
+        return []
+    lines = []
+    for raw in open(path):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("@include"):
+            lines += session_lines(line.split()[1], pam_dir, _depth + 1)
+            continue
+        parts = line.split()
+        kind = parts[0].lstrip("-")
+        if kind != "session" or len(parts) < 3:
+            continue
+        if parts[1] in ("include", "substack"):
+            lines += session_lines(parts[2], pam_dir, _depth + 1)
+        else:
+            lines.append(line)
+    return lines
+
+
+def hook_runs_for(service, pam_dir=PAM_DIR):
+    """True when rolegate's hook line would run for `service`: present, and not jumped over by
+    the allow-list guard right before it (`[success=1 ...] pam_succeed_if.so ... service notin A:B`)."""
+    lines = session_lines(service, pam_dir)
+    for i, line in enumerate(lines):
+        if "pam_python.so" in line and "pam_rolegate" in line:
+            guard = lines[i - 1] if i else ""
+            if "pam_succeed_if.so" in guard and "success=1" in guard and "service notin" in guard:
+                allowed = guard.split("service notin", 1)[1].split()[0].split(":")
+                if service not in allowed:
+                    continue
+            return True
+    return False
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+
+def check_config(ctx):
+    from . import config
+    from .errors import ConfigError
+
+    try:
+        ctx["config"] = config.load(ctx["config_path"])
+        return [Result("config", PASS, f"{ctx['config_path']} is valid")]
+    except ConfigError as err:
+        return [Result("config", FAIL, str(err), "fix the file at that position; `rolegate check-config`")]
+
+
+def check_pam_python(ctx):
+    found = [p for p in PAM_PYTHON if os.path.exists(p)]
+    if found:
+        return [Result("pam-python", PASS, found[0])]
+    return [Result("pam-python", FAIL, "pam_python.so is not installed", "apt-get install libpam-python")]
+
+
+def check_pam_stacks(ctx):
+    out = []
+    for svc in install.HOOK_SERVICES:
+        if not os.path.exists(os.path.join(PAM_DIR, svc)):
+            out.append(Result(f"pam-{svc}", WARN, f"{PAM_DIR}/{svc} does not exist (service not installed)"))
+        elif hook_runs_for(svc):
+            out.append(Result(f"pam-{svc}", PASS, f"the hook runs in {svc}'s session stack"))
+        else:
+            out.append(Result(f"pam-{svc}", FAIL, f"the hook is not in {svc}'s effective session stack",
+                              "rolegate install (or pam-auth-update --enable rolegate)"))
+    exposed = sorted(s for s in os.listdir(PAM_DIR) if s not in install.HOOK_SERVICES
+                     and not s.startswith("common-") and os.path.isfile(os.path.join(PAM_DIR, s))
+                     and hook_runs_for(s))
+    if exposed:
+        out.append(Result("pam-allow-list", FAIL, f"the hook is reachable from {', '.join(exposed)}: a user's "
+                          f"PATH can choose root's Python there (README: The PATH hazard)",
+                          "put the guard `[success=1 default=ignore] pam_succeed_if.so quiet service notin "
+                          "sshd:sudo:sudo-i:login` right before the hook line; rolegate install does"))
+    else:
+        out.append(Result("pam-allow-list", PASS, "su, su-l and every other service skip the hook"))
+    return out
+
+
+def check_secure_path(ctx):
+    if install.sudoers_has_secure_path():
+        return [Result("sudo-secure-path", PASS, "sudoers sets secure_path")]
+    return [Result("sudo-secure-path", FAIL, "sudoers has no secure_path: with the hook in sudo's stack a user's "
+                   "PATH chooses root's Python", "add Debian's `Defaults secure_path=...` line with visudo")]
+
+
+def check_profile(ctx):
+    if os.path.exists(install.PROFILE_D):
+        return [Result("profile-d", PASS, install.PROFILE_D)]
+    return [Result("profile-d", FAIL, f"{install.PROFILE_D} is missing: su -l and SSM shells get no credentials",
+                   "rolegate install")]
+
+
+def check_runtime_dir(ctx):
+    from . import store
+
+    cfg = ctx.get("config")
+    path = cfg.runtime_dir if cfg else "/run/rolegate"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return [Result("runtime-dir", FAIL, f"{path} does not exist", "start rolegated; it creates it")]
+    problems = []
+    if not stat.S_ISDIR(st.st_mode):
+        problems.append("is not a directory")
+    if st.st_uid != 0:
+        problems.append(f"is owned by uid {st.st_uid}")
+    if st.st_mode & 0o022:
+        problems.append(f"is writable by group/others (mode {stat.S_IMODE(st.st_mode):o})")
+    if store.fs_type(path) not in ("tmpfs", "ramfs"):
+        problems.append(f"is on {store.fs_type(path)}, not tmpfs")
+    if problems:
+        return [Result("runtime-dir", FAIL, f"{path} " + "; ".join(problems),
+                       f"stop rolegated, remove {path}, start rolegated (it recreates it safely)")]
+    return [Result("runtime-dir", PASS, f"{path}: tmpfs, root-owned, mode {stat.S_IMODE(st.st_mode):o}")]
+
+
+def check_broker(ctx):
+    from . import client, protocol
+    from .errors import BrokerUnavailable
+
+    cfg = ctx.get("config")
+    path = os.path.join(cfg.runtime_dir if cfg else "/run/rolegate", "rolegated.sock")
+    try:
+        reply = client.call(protocol.Ping(), path=path, timeout=3)
+    except BrokerUnavailable as err:
+        return [Result("broker", FAIL, str(err), "systemctl start rolegated (journalctl -u rolegated for why)")]
+    if isinstance(reply, protocol.ErrorReply):
+        return [Result("broker", FAIL, f"ping refused: {reply.message}", "restart rolegated")]
+    return [Result("broker", PASS, f"rolegated pid {reply.get('pid')} answers on {path}")]
+
+
+def _connect_as(uid, family, addr, timeout=2.0):
+    """Connect to addr:80 from a forked child running as `uid`; returns the errno name or 'connected'."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to uid, try, report, exit without cleanup handlers
+        try:
+            os.close(r)
+            if uid:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect((addr, 80))
+                result = "connected"
+            except socket.timeout:
+                result = "timeout"
+            except OSError as err:
+                result = errno.errorcode.get(err.errno, str(err.errno))
+            os.write(w, result.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return data or "unknown"
+
+
+def check_imds(ctx):
+    from . import firewall
+
+    out = []
+    for label, family, addr in (("ipv4", socket.AF_INET, firewall.IMDS_V4), ("ipv6", socket.AF_INET6, firewall.IMDS_V6)):
+        root = _connect_as(0, family, addr)
+        user = _connect_as(NOBODY, family, addr)
+        if root != "connected":
+            verdict = FAIL if label == "ipv4" else WARN
+            out.append(Result(f"imds-{label}", verdict, f"root cannot reach IMDS at {addr} ({root})",
+                              "enable the instance metadata service (and its IPv6 endpoint) on the instance"))
+            continue
+        if user == "connected":
+            out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY} reaches IMDS at {addr}: any user can take the "
+                              f"gatekeeper role", "rolegate firewall apply"))
+        else:
+            out.append(Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} is refused ({user})"))
+    return out
+
+
+def check_gatekeeper(ctx):
+    from . import sts
+    from .errors import StsError
+
+    cfg = ctx.get("config")
+    if cfg is None:
+        return [Result("gatekeeper", FAIL, "no valid config", "fix the config first")]
+    try:
+        creds = sts.make_source(cfg.source).get(timeout=3)
+    except StsError as err:
+        return [Result("gatekeeper", FAIL, str(err), "see the message; `rolegate policy` for the IAM side")]
+    out = [Result("gatekeeper", PASS, f"{cfg.source} credentials {creds.masked_key}"
+                  + (" (IMDSv2 token flow)" if cfg.source.kind == "instance-profile" else ""))]
+    if ctx.get("assume"):
+        from . import mapping
+
+        engine = sts.StsEngine.from_config(cfg)
+        for rule in cfg.roles:
+            ident = mapping.Identity("rolegate-doctor", 0, (), "root", 0, 0, "doctor")
+            try:
+                request = sts.build_request(cfg, rule, ident, host=sts.HostFacts(socket.gethostname()))
+                engine.assume(request)
+                out.append(Result(f"assume-rule-{rule.index}", PASS, f"{rule.role} is assumable"))
+            except StsError as err:
+                out.append(Result(f"assume-rule-{rule.index}", FAIL, str(err), "rolegate policy shows the trust needed"))
+    return out
+
+
+CHECKS = (check_config, check_pam_python, check_pam_stacks, check_secure_path, check_profile,
+          check_runtime_dir, check_broker, check_imds, check_gatekeeper)
+
+
+def run_all(config_path, assume=False):
+    ctx = {"config_path": config_path, "assume": assume}
+    results = []
+    for check in CHECKS:
+        try:
+            results += check(ctx)
+        except Exception as err:  # a broken check is a failed check, not a crashed doctor
+            results.append(Result(check.__name__[6:].replace("_", "-"), FAIL, f"the check itself failed: {err}"))
+    return results

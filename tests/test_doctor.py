@@ -1,0 +1,121 @@
+"""rolegate doctor on a complete sandbox installation inside a network namespace with a real IMDS
+stand-in (moto on 169.254.169.254), then with each piece broken on purpose."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import require_sandbox
+from harness import make_host, run
+from pam_rolegate import firewall
+
+
+@pytest.fixture(scope="module")
+def site():
+    require_sandbox()
+    h = make_host()
+    h.install_commands()
+    name = "rg-doc-" + secrets.token_hex(3)
+    run(["ip", "netns", "add", name])
+    ns = ["ip", "netns", "exec", name]
+    run(ns + ["ip", "link", "set", "lo", "up"])
+    run(ns + ["ip", "addr", "add", firewall.IMDS_V4 + "/32", "dev", "lo"])
+    run(ns + ["ip", "-6", "addr", "add", firewall.IMDS_V6 + "/128", "dev", "lo", "nodad"], check=False)
+    moto_bin = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    procs = [subprocess.Popen(ns + [moto_bin, "-H", addr, "-p", "80"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for addr in (firewall.IMDS_V4, firewall.IMDS_V6)]
+    env = dict(os.environ, AWS_ENDPOINT_URL_STS=f"http://{firewall.IMDS_V4}")
+    deadline = time.monotonic() + 30
+    while run(ns + ["python3", "-c", f"import socket; socket.create_connection(('{firewall.IMDS_V4}', 80), 1)"],
+              check=False).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run(ns + ["rolegate", "install"], check=False, env=env).returncode == 0, "install failed"
+    broker = {}
+
+    def start():
+        broker["p"] = subprocess.Popen(ns + ["rolegated"], env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not os.path.exists("/run/rolegate/rolegated.sock") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop():
+        broker["p"].send_signal(signal.SIGTERM)
+        broker["p"].wait(15)
+
+    start()
+
+    def doctor():
+        done = run(ns + ["rolegate", "doctor", "--json"], check=False, env=env)
+        return done.returncode, {r["name"]: r for r in json.loads(done.stdout)}
+
+    yield ns, doctor, start, stop, env
+    stop()
+    run(ns + ["rolegate", "uninstall"], check=False)
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+    run(["ip", "netns", "delete", name], check=False)
+    h.stop()
+
+
+def test_doctor__passes_on_a_complete_installation(site):
+    _ns, doctor, *_ = site
+    code, results = doctor()
+    failed = {n: r["detail"] for n, r in results.items() if r["verdict"] == "FAIL"}
+    assert code == 0 and not failed, f"doctor failed on a complete installation: {failed}"
+    for name in ("config", "pam-sshd", "pam-sudo", "pam-sudo-i", "pam-allow-list", "sudo-secure-path",
+                 "profile-d", "runtime-dir", "broker", "imds-ipv4", "gatekeeper"):
+        assert results.get(name, {}).get("verdict") == "PASS", f"check {name}: {results.get(name)}"
+
+
+def _expect_fail(doctor, name):
+    code, results = doctor()
+    failed = sorted(n for n, r in results.items() if r["verdict"] == "FAIL")
+    assert code == 1, f"doctor exited {code} with {name} broken"
+    assert name in failed, f"breaking {name} should fail check {name}; failed: {failed}"
+    assert results[name].get("fix"), f"the failing check {name} gives no fix"
+    return failed
+
+
+def test_doctor__names_each_broken_piece(site):
+    ns, doctor, start, stop, env = site
+    # firewall removed
+    run(ns + ["rolegate", "firewall", "remove"])
+    assert _expect_fail(doctor, "imds-ipv4")
+    run(ns + ["rolegate", "firewall", "apply"], env=env)
+    # broker stopped
+    stop()
+    _expect_fail(doctor, "broker")
+    start()
+    # PAM line missing
+    run(["pam-auth-update", "--package", "--remove", "rolegate"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    _expect_fail(doctor, "pam-sshd")
+    run(["pam-auth-update", "--package", "--enable", "rolegate"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    # hook reachable from su (no guard)
+    with open("/etc/pam.d/su", "a") as fh:
+        fh.write("session optional pam_python.so /x/pam_rolegate/pam_hook.py\n")
+    _expect_fail(doctor, "pam-allow-list")
+    lines = open("/etc/pam.d/su").read().splitlines()[:-1]
+    with open("/etc/pam.d/su", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    # bad config
+    cfg = open("/etc/rolegate/rolegate.yaml").read()
+    with open("/etc/rolegate/rolegate.yaml", "a") as fh:
+        fh.write("rols: []\n")
+    _expect_fail(doctor, "config")
+    with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+        fh.write(cfg)
+    # runtime dir world-writable
+    os.chmod("/run/rolegate", 0o777)
+    _expect_fail(doctor, "runtime-dir")
+    os.chmod("/run/rolegate", 0o755)
+    code, results = doctor()
+    assert code == 0, f"with every piece mended doctor should pass: " \
+                      f"{ {n: r['detail'] for n, r in results.items() if r['verdict'] == 'FAIL'} }"
