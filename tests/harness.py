@@ -61,6 +61,7 @@ class Host:
         self.sshd_port = None
         self.keys = {}
         self.env = {}
+        self.pam_installed = False
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -78,7 +79,10 @@ class Host:
         # Sessions reach the stand-in's STS through the standard variable (sshd sessions via
         # pam_env). Their SDKs must not fall back to IMDS: keeping users away from it is the
         # firewall's job, which is tested on its own; here it is simply switched off for them.
-        with open("/etc/environment", "a") as fh:
+        with open("/etc/environment") as fh:
+            kept = [l for l in fh if not l.startswith(("AWS_ENDPOINT_URL_STS=", "AWS_EC2_METADATA_DISABLED="))]
+        with open("/etc/environment", "w") as fh:
+            fh.writelines(kept)
             fh.write(f"AWS_ENDPOINT_URL_STS={self.moto.url}\nAWS_EC2_METADATA_DISABLED=true\n")
 
     def add_user(self, name, groups=(), shell="/bin/bash"):
@@ -90,6 +94,8 @@ class Host:
             if groups:
                 cmd += ["-G", ",".join(groups)]
             run(cmd)
+        elif groups:  # made by an earlier module of this run, perhaps without these groups
+            run(["usermod", "-aG", ",".join(groups), name])
         key = os.path.join(self.workdir, f"id_{name}")
         if not os.path.exists(key):
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
@@ -124,7 +130,16 @@ class Host:
         run(["pam-auth-update", "--package", "--enable", "rolegate"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         with open("/etc/profile.d/rolegate.sh", "w") as fh:
             fh.write(install.profile_snippet(ROLEGATE, RUNTIME_DIR))
+        self.pam_installed = True
         return hook
+
+    def remove_pam(self):
+        """Undo install_pam, so the next test module starts from a host without rolegate."""
+        run(["pam-auth-update", "--package", "--remove", "rolegate"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        for path in ("/usr/share/pam-configs/rolegate", "/etc/profile.d/rolegate.sh"):
+            if os.path.exists(path):
+                os.unlink(path)
+        self.pam_installed = False
 
     # -- the broker ---------------------------------------------------------------------------
 
@@ -247,6 +262,8 @@ LogLevel VERBOSE
                 proc.terminate()
                 proc.wait(10)
         self.stop_broker()
+        if self.pam_installed:
+            self.remove_pam()
         if self.moto is not None:
             self.moto.proc.terminate()
             self.moto.proc.wait(10)
