@@ -14,6 +14,7 @@ import pwd
 import random
 import secrets
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -33,8 +34,14 @@ STATE_FILE = "records.json"
 SOCKET_NAME = "rolegated.sock"
 # credential_process callers need more than this left, or SDKs call again on every request.
 SDK_MIN_LEFT = 15 * 60
-CONNECTION_TIMEOUT = 5.0
-MAX_CONNECTIONS = 64
+# A request frame must arrive whole within this time, however slowly a client trickles it in.
+FRAME_DEADLINE = 2.0
+# Connections of non-root callers: at most this many at once per uid and in all. Root (the PAM
+# hook) has its own allowance, so no user can crowd logins out of the broker.
+MAX_PER_UID = 4
+MAX_UNPRIVILEGED = 48
+MAX_ROOT = 64
+MAX_SHELL_SESSIONS_PER_UID = 32
 HOOK_MARGIN = 0.3  # seconds kept back from the hook's budget for our own reply
 
 
@@ -128,7 +135,10 @@ class Broker:
     @property
     def host(self):
         if self._host is None:
-            self._host = self.engine.host_facts()
+            facts = self.engine.host_facts()
+            if facts.instance_id or self.cfg.source.kind != "instance-profile":
+                self._host = facts  # a failed instance-id lookup is asked again next time
+            return facts
         return self._host
 
     def _now_dt(self):
@@ -182,8 +192,20 @@ class Broker:
                 raise flight.error
             return flight.grant
         try:
+            if current is not None and current.failures and not force \
+                    and current.credentials.seconds_left(self._now_dt()) > 60:
+                # STS is failing (the refresher is backing off): hand out what is still valid
+                # rather than spend this login's budget on another failing call.
+                flight.grant = current
+                return current
             request = self.build_request(ident, rule, rhost)
-            creds = self.engine.assume(request, budget=budget)
+            try:
+                creds = self.engine.assume(request, budget=budget)
+            except StsError:
+                if current is not None and not force and current.credentials.seconds_left(self._now_dt()) > 60:
+                    flight.grant = current
+                    return current
+                raise
             grant = Grant(
                 id=key, principal=ident.principal, principal_uid=ident.principal_uid, target=ident.target,
                 target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
@@ -330,6 +352,15 @@ class Broker:
         shell = procs.parent(peer.pid) or peer.pid
         started = procs.start_time(shell)
         sid = f"shell-{peer.uid}-{shell}-{started}"
+        with self._lock:
+            mine = [s for s in self._sessions.values() if s.kind == "shell" and s.id.startswith(f"shell-{peer.uid}-")]
+            if sid not in self._sessions and len(mine) >= MAX_SHELL_SESSIONS_PER_UID:
+                self.reap()  # dead shells first; then, if still full, refuse
+                mine = [s for s in self._sessions.values()
+                        if s.kind == "shell" and s.id.startswith(f"shell-{peer.uid}-")]
+                if len(mine) >= MAX_SHELL_SESSIONS_PER_UID:
+                    return self._forbidden(peer, req.ACTION, f"uid {peer.uid} already has "
+                                           f"{len(mine)} live shell sessions (limit {MAX_SHELL_SESSIONS_PER_UID})")
         return self._grant_session(peer, facts, "shell", shell, started, sid=sid)
 
     def credentials(self, peer, req):
@@ -345,11 +376,12 @@ class Broker:
         with self._lock:
             grant = self._grants.get(key)
         if grant is None or (peer.uid != 0 and peer.uid != grant.target_uid):
-            why = f"no live grant {key} for uid {peer.uid}; log in again"
+            # The same answer whether the grant exists or is someone else's: no probing.
             if grant is not None:
-                return self._forbidden(peer, req.ACTION, why)
-            return protocol.ErrorReply(protocol.E_NO_GRANT, why)
-        if grant.credentials.seconds_left(self._now_dt()) <= SDK_MIN_LEFT + 60 and grant.request.duration > SDK_MIN_LEFT + 120:
+                self.log.decision("refused", uid=peer.uid, pid=peer.pid, action=req.ACTION, grant=key)
+            return protocol.ErrorReply(protocol.E_NO_GRANT, f"no live grant {key} for uid {peer.uid}; log in again")
+        if grant.credentials.seconds_left(self._now_dt()) <= SDK_MIN_LEFT + 60 \
+                and grant.request.duration > SDK_MIN_LEFT + 120 and grant.next_refresh <= self.clock():
             grant = self._refresh(grant) or grant
         c = grant.credentials
         return protocol.Reply({"Version": 1, "AccessKeyId": c.access_key_id, "SecretAccessKey": c.secret_access_key,
@@ -400,34 +432,38 @@ class Broker:
         return True
 
     def _refresh(self, grant):
-        """Re-assume one grant. On failure the old (still valid) file stays; retry with backoff."""
+        """Re-assume one grant. On any failure the old (still valid) file stays; retry with backoff."""
+        with self._lock:
+            live = any(s.grant_id == grant.id for s in self._sessions.values())
+            if grant.id not in self._grants or not live:
+                # Its last session ended while this refresh was queued: release, do not revive.
+                self._release_if_unused(grant.id, "released")
+                return None
+            self._pending[grant.id] = self._pending.get(grant.id, 0) + 1
         facts = mapping.LoginFacts(user=grant.target, service=grant.service,
                                    ruser=grant.principal if grant.principal != grant.target else None,
                                    rhost=grant.rhost)
         try:
+            # A user NSS cannot resolve right now (LDAP/SSSD down) is a failed refresh, not a
+            # revocation: only a rule that answers differently releases the grant.
             ident = mapping.resolve(facts)
             rule = mapping.decide(self.cfg, ident).rule
-        except mapping.UnknownUser:
-            rule = None
-        if rule is None or rule.role != grant.role:
-            with self._lock:
-                self.log.decision("released", grant=grant.id, principal=grant.principal, role=grant.role,
-                                  reason="the rules no longer map this login to this role")
-                for sid in [s.id for s in self._sessions.values() if s.grant_id == grant.id]:
-                    self._sessions.pop(sid)
-                self._release_if_unused(grant.id, "released")
-                self._save()
-            return None
-        with self._lock:
-            self._pending[grant.id] = self._pending.get(grant.id, 0) + 1
-        try:
+            if rule is None or rule.role != grant.role:
+                with self._lock:
+                    self.log.decision("released", grant=grant.id, principal=grant.principal, role=grant.role,
+                                      reason="the rules no longer map this login to this role")
+                    for sid in [s.id for s in self._sessions.values() if s.grant_id == grant.id]:
+                        self._sessions.pop(sid)
+                return None  # `finally` releases the grant once this refresh no longer holds it
             new = self._obtain(ident, rule, grant.rhost, force=True)
             self.log.decision("refreshed", grant=grant.id, principal=grant.principal, role=grant.role,
                               key=new.credentials.masked_key, expires=_iso(new.credentials.expiration))
             return new
-        except (StsError, StoreError) as err:
+        except Exception as err:  # STS, IMDS, NSS, a full tmpfs: one grant's trouble stays its own
             with self._lock:
-                current = self._grants.get(grant.id, grant)
+                current = self._grants.get(grant.id)
+                if current is None:
+                    return None
                 failures = current.failures + 1
                 backoff = min(5 * 2 ** (failures - 1), 300)
                 self._grants[grant.id] = dataclasses.replace(current, failures=failures,
@@ -441,6 +477,8 @@ class Broker:
                 self._pending[grant.id] -= 1
                 if not self._pending[grant.id]:
                     del self._pending[grant.id]
+                if self._release_if_unused(grant.id, "released"):
+                    self._save()
 
     def reap(self):
         """Release sessions whose process is gone, and grants nothing holds."""
@@ -575,38 +613,51 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self):
         server = self.server
         sock = self.request
-        if not server.slots.acquire(blocking=False):
-            self._reply(protocol.ErrorReply(protocol.E_BUSY, "the broker is busy; try again"))
+        pid, uid, gid = peer_credentials(sock)
+        if not server.admit(uid):
+            self._reply(protocol.ErrorReply(protocol.E_BUSY, "too many connections from you; try again"))
             return
         try:
-            pid, uid, gid = peer_credentials(sock)
-            sock.settimeout(CONNECTION_TIMEOUT)
             try:
-                first = sock.recv(4)
+                first = _recv_until(sock, 4, time.monotonic() + FRAME_DEADLINE, allow_empty=True)
                 if not first:
                     return  # connected and left without a word (a liveness probe): nothing to log
-                header = first + _recv_exact(sock, 4 - len(first))
-                body = _recv_exact(sock, protocol.body_length(header))
+                deadline = time.monotonic() + FRAME_DEADLINE
+                body = _recv_until(sock, protocol.body_length(first), deadline)
             except (ProtocolError, OSError) as err:
                 server.broker.log.decision("refused", uid=uid, pid=pid, reason=f"bad frame: {err}")
                 self._reply(protocol.ErrorReply(protocol.E_BAD_REQUEST, str(err)))
                 return
             self._reply(server.broker.dispatch(Peer(pid, uid, gid), body))
         finally:
-            server.slots.release()
+            server.leave(uid)
 
     def _reply(self, reply):
         try:
-            self.request.sendall(protocol.encode_reply(reply))
+            data = protocol.encode_reply(reply)
+        except ProtocolError as err:  # a reply too large for one frame
+            data = protocol.encode_reply(protocol.ErrorReply(protocol.E_INTERNAL, str(err)))
+        try:
+            self.request.sendall(data)
         except OSError:
             pass  # the client gave up (its own deadline); nothing to do
 
 
-def _recv_exact(sock, n):
+def _recv_until(sock, n, deadline, allow_empty=False):
+    """Exactly n bytes before `deadline` (a whole-frame bound, not a per-recv one)."""
     data = b""
     while len(data) < n:
-        chunk = sock.recv(n - len(data))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolError(f"frame not received within {FRAME_DEADLINE:g}s")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(n - len(data))
+        except socket.timeout:
+            raise ProtocolError(f"frame not received within {FRAME_DEADLINE:g}s") from None
         if not chunk:
+            if allow_empty and not data:
+                return b""
             raise ProtocolError("connection closed mid-frame")
         data += chunk
     return data
@@ -618,13 +669,33 @@ class BrokerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, path, broker):
         self.broker = broker
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._conn_lock = threading.Lock()
+        self._per_uid = {}
         try:
             os.unlink(path)  # a stale socket from a previous broker (the directory is root-only)
         except FileNotFoundError:
             pass
         super().__init__(path, _Handler)
         os.chmod(path, 0o666)  # anyone may connect; the broker authorises by SO_PEERCRED
+
+    def admit(self, uid):
+        """Count a connection in, unless its uid (or all non-root callers) already hold their share."""
+        with self._conn_lock:
+            mine = self._per_uid.get(uid, 0)
+            others = sum(n for u, n in self._per_uid.items() if u != 0)
+            if uid == 0:
+                if mine >= MAX_ROOT:
+                    return False
+            elif mine >= MAX_PER_UID or others >= MAX_UNPRIVILEGED:
+                return False
+            self._per_uid[uid] = mine + 1
+            return True
+
+    def leave(self, uid):
+        with self._conn_lock:
+            self._per_uid[uid] -= 1
+            if not self._per_uid[uid]:
+                del self._per_uid[uid]
 
 
 def serve(config_path, engine=None, log=None, ready=None):

@@ -90,6 +90,10 @@ def _why_not(match, ident):
         return f"service {ident.service} is not {'/'.join(match.services)}"
     if match.targets and ident.target not in match.targets and str(ident.target_uid) not in match.targets:
         return f"target {ident.target} is not {'/'.join(match.targets)}"
+    if ident.target != ident.principal and not match.targets:
+        # The file belongs to the target account: alice's keys must not land, readable, in
+        # postgres's hands on `sudo -u postgres` unless a rule says so by naming the target.
+        return f"the session runs as {ident.target}, not {ident.principal}, and the rule names no target"
     return None
 
 

@@ -162,8 +162,8 @@ def body_length(header):
 def _load(body):
     try:
         obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError("frame body is not UTF-8 JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("frame body is not UTF-8 JSON (or nests too deep)") from None
     if not isinstance(obj, dict):
         raise ProtocolError("frame body is not a JSON object")
     if obj.get("v") != VERSION:

@@ -126,12 +126,20 @@ class ImdsSource:
                           {"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)}, timeout)
 
     def get(self, timeout=None):
-        timeout = timeout or self.timeout
-        hdr = {"X-aws-ec2-metadata-token": self._token(timeout)}
-        roles = self._call("GET", "/latest/meta-data/iam/security-credentials/", hdr, timeout).split()
+        """Token, role name, credentials: three calls within one `timeout` in total."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+
+        def left():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SourceCredentialsError(f"instance metadata service at {self.endpoint} did not answer in time")
+            return remaining
+
+        hdr = {"X-aws-ec2-metadata-token": self._token(left())}
+        roles = self._call("GET", "/latest/meta-data/iam/security-credentials/", hdr, left()).split()
         if not roles:
             raise SourceCredentialsError("no instance role is attached to this instance; attach the gatekeeper role")
-        data = json.loads(self._call("GET", f"/latest/meta-data/iam/security-credentials/{roles[0]}", hdr, timeout))
+        data = json.loads(self._call("GET", f"/latest/meta-data/iam/security-credentials/{roles[0]}", hdr, left()))
         return Credentials(data["AccessKeyId"], data["SecretAccessKey"], data.get("Token"),
                            _parse_time(data.get("Expiration")))
 
