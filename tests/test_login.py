@@ -230,3 +230,51 @@ def test_login__sts_that_never_answers_costs_at_most_the_hook_timeout(host):
         host.stop_broker()
         host.env = saved
         host.start_broker()
+
+
+def test_trust__sudo_to_another_user_does_not_hand_over_the_invokers_role(host):
+    import shlex
+    done = run(["setpriv", "--reuid", "alice", "--regid", "alice", "--init-groups", "--reset-env", "sh", "-c",
+                shlex.join(["sudo", "-u", "carol", "sh", "-c", REPORT % host.moto.url])], check=False)
+    got = parse_report(done.stdout)
+    assert done.returncode == 0 and got.get("FILE") == "", \
+        f"alice's `sudo -u carol` session got credentials (readable by carol): {got} {done.stderr}"
+
+
+def test_trust__users_cannot_crowd_root_out_of_the_broker(host):
+    code = f"""
+import socket, struct, time
+held = []
+for _ in range(40):
+    s = socket.socket(socket.AF_UNIX); s.connect({SOCKET!r})
+    s.sendall(struct.pack(">I", 65536))  # announce a big frame, then trickle nothing
+    held.append(s)
+print("HOLDING", flush=True)
+time.sleep(6)
+"""
+    import subprocess
+    import sys
+    hog = subprocess.Popen(["setpriv", "--reuid", "bob", "--regid", "bob", "--init-groups", sys.executable, "-c", code],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "HOLDING", "the hog could not connect"
+        start = time.monotonic()
+        got = report(host, "ssh", "alice")
+        assert got.get("FILE"), f"a user holding connections kept alice's login from its credentials: {got}"
+        assert time.monotonic() - start < 10, "login was slowed by another user's idle connections"
+    finally:
+        hog.kill()
+        hog.wait(10)
+
+
+def test_trust__malformed_frames_get_a_reply_not_a_crash(host):
+    body = b"[" * 60000
+    code = f"""
+import socket, struct
+s = socket.socket(socket.AF_UNIX); s.connect({SOCKET!r})
+s.sendall(struct.pack(">I", {len(body)}) + b"[" * {len(body)})
+n = struct.unpack(">I", s.recv(4))[0]; print(s.recv(n).decode())
+"""
+    done = _as_user("bob", code)
+    assert '"code":"bad_request"' in done.stdout, f"deeply nested JSON: {done.stdout} {done.stderr}"
+    assert host.broker.poll() is None, "the broker died on a malformed frame"
