@@ -144,7 +144,7 @@ class Broker:
     def _now_dt(self):
         return _epoch_to_dt(self.clock())
 
-    def _schedule(self, creds, duration):
+    def _schedule(self, creds):
         """When to refresh: refresh_before ahead of expiry, less a little jitter, never in the past."""
         rb = self.cfg.session.refresh_before
         lifetime = creds.seconds_left(self._now_dt())
@@ -210,7 +210,7 @@ class Broker:
                 id=key, principal=ident.principal, principal_uid=ident.principal_uid, target=ident.target,
                 target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
                 role=rule.role, request=request, credentials=creds,
-                next_refresh=self._schedule(creds, request.duration))
+                next_refresh=self._schedule(creds))
             self._write_files(grant)
             with self._lock:
                 self._grants[key] = grant

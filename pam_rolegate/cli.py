@@ -82,8 +82,7 @@ def run_check_user(args, deps):
     from . import sts
 
     engine = _engine(cfg, deps) if args.assume else None
-    host = engine.host_facts() if engine else sts.HostFacts(__import__("socket").gethostname())
-    request = sts.build_request(cfg, decision.rule, ident, host=host)
+    request = sts.build_request(cfg, decision.rule, ident, host=engine.host_facts() if engine else None)
     deps.say(f"session:   {request.session_name}")
     deps.say(f"source id: {request.source_identity}")
     deps.say(f"duration:  {request.duration}s")
