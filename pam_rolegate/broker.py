@@ -151,14 +151,15 @@ class Broker:
         jitter = random.uniform(0, min(30.0, 0.1 * max(lifetime - rb, 0)))
         return self.clock() + max(lifetime - rb - jitter, 1.0)
 
-    def _env_for(self, grant):
-        region = self.cfg.region
-        env = {"AWS_REGION": region, "AWS_DEFAULT_REGION": region}
+    def _pointer(self, grant):
+        """(variable, path) through which a session finds this grant, by delivery."""
         if self.cfg.delivery == "process":
-            env["AWS_CONFIG_FILE"] = self.store.path(grant.id, store.AWS_CONFIG)
-        else:
-            env["AWS_SHARED_CREDENTIALS_FILE"] = self.store.path(grant.id, store.CREDENTIALS)
-        return env
+            return "AWS_CONFIG_FILE", self.store.path(grant.id, store.AWS_CONFIG)
+        return "AWS_SHARED_CREDENTIALS_FILE", self.store.path(grant.id, store.CREDENTIALS)
+
+    def _env_for(self, grant):
+        var, path = self._pointer(grant)
+        return {"AWS_REGION": self.cfg.region, "AWS_DEFAULT_REGION": self.cfg.region, var: path}
 
     def _write_files(self, grant):
         if self.cfg.delivery == "process":
@@ -171,6 +172,10 @@ class Broker:
 
     def _fresh(self, grant):
         return grant.credentials.seconds_left(self._now_dt()) > self.cfg.session.refresh_before
+
+    def _still_usable(self, grant):
+        """Worth handing out while STS fails: at least a minute left."""
+        return grant is not None and grant.credentials.seconds_left(self._now_dt()) > 60
 
     # -- obtaining credentials (single flight) ------------------------------------------------
 
@@ -192,8 +197,7 @@ class Broker:
                 raise flight.error
             return flight.grant
         try:
-            if current is not None and current.failures and not force \
-                    and current.credentials.seconds_left(self._now_dt()) > 60:
+            if not force and current is not None and current.failures and self._still_usable(current):
                 # STS is failing (the refresher is backing off): hand out what is still valid
                 # rather than spend this login's budget on another failing call.
                 flight.grant = current
@@ -202,10 +206,10 @@ class Broker:
             try:
                 creds = self.engine.assume(request, budget=budget)
             except StsError:
-                if current is not None and not force and current.credentials.seconds_left(self._now_dt()) > 60:
-                    flight.grant = current
-                    return current
-                raise
+                if force or not self._still_usable(current):
+                    raise
+                flight.grant = current
+                return current
             grant = Grant(
                 id=key, principal=ident.principal, principal_uid=ident.principal_uid, target=ident.target,
                 target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
@@ -352,15 +356,15 @@ class Broker:
         shell = procs.parent(peer.pid) or peer.pid
         started = procs.start_time(shell)
         sid = f"shell-{peer.uid}-{shell}-{started}"
+        def count():
+            return sum(1 for s in self._sessions.values() if s.id.startswith(f"shell-{peer.uid}-"))
+
         with self._lock:
-            mine = [s for s in self._sessions.values() if s.kind == "shell" and s.id.startswith(f"shell-{peer.uid}-")]
-            if sid not in self._sessions and len(mine) >= MAX_SHELL_SESSIONS_PER_UID:
+            if sid not in self._sessions and count() >= MAX_SHELL_SESSIONS_PER_UID:
                 self.reap()  # dead shells first; then, if still full, refuse
-                mine = [s for s in self._sessions.values()
-                        if s.kind == "shell" and s.id.startswith(f"shell-{peer.uid}-")]
-                if len(mine) >= MAX_SHELL_SESSIONS_PER_UID:
-                    return self._forbidden(peer, req.ACTION, f"uid {peer.uid} already has "
-                                           f"{len(mine)} live shell sessions (limit {MAX_SHELL_SESSIONS_PER_UID})")
+                if count() >= MAX_SHELL_SESSIONS_PER_UID:
+                    return self._forbidden(peer, req.ACTION, f"uid {peer.uid} already has {count()} live shell "
+                                           f"sessions (limit {MAX_SHELL_SESSIONS_PER_UID})")
         return self._grant_session(peer, facts, "shell", shell, started, sid=sid)
 
     def credentials(self, peer, req):
@@ -399,8 +403,7 @@ class Broker:
                          "expires": _iso(g.credentials.expiration),
                          "seconds_left": int(g.credentials.seconds_left(now)),
                          "next_refresh": _iso(_epoch_to_dt(g.next_refresh)), "failures": g.failures,
-                         "sessions": len(sessions), "path": self._env_for(g).get("AWS_SHARED_CREDENTIALS_FILE")
-                         or self._env_for(g).get("AWS_CONFIG_FILE")}
+                         "sessions": len(sessions), "path": self._pointer(g)[1]}
                 if peer.uid == 0:
                     entry["session_list"] = [{"id": s.id, "kind": s.kind, "pid": s.pid, "service": s.service,
                                               "rhost": s.rhost, "tty": s.tty} for s in sessions]

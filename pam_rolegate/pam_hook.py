@@ -114,12 +114,12 @@ def open_session(pamh, args):
     items = _items(pamh)
     try:
         client, _log, protocol = _package()
-        budget = opts["timeout"]
+        remaining = opts["timeout"] - (time.monotonic() - started)  # loading modules spent some
         request = protocol.OpenSession(
             user=items["user"] or "", service=items["service"] or "", pid=os.getpid(),
             ruser=items["ruser"] or None, rhost=items["rhost"] or None, tty=items["tty"] or None,
-            budget_ms=int(budget * 1000))
-        reply = client.call(request, path=opts["socket"], timeout=budget - (time.monotonic() - started))
+            budget_ms=int(remaining * 1000))
+        reply = client.call(request, path=opts["socket"], timeout=remaining)
         if isinstance(reply, protocol.ErrorReply):
             raise RuntimeError(f"the broker refused ({reply.code}): {reply.message}")
         if reply.get("granted"):
