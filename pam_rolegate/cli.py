@@ -183,8 +183,15 @@ def run_credentials(args, deps):
 def run_status(args, deps):
     from . import protocol
 
-    reply = _broker_call(protocol.Status(), deps)
+    reply = _broker_call(protocol.Status(), deps, timeout=30.0)
     grants = reply.get("grants") or []
+    # The reply streams sessions apart from their grants (any size fits); put them back together.
+    by_grant = {}
+    for s in reply.get("sessions") or []:
+        by_grant.setdefault(s.get("grant"), []).append({k: v for k, v in s.items() if k != "grant"})
+    if os.geteuid() == 0:
+        for g in grants:
+            g["session_list"] = by_grant.get(g["grant"], [])
     if args.json:
         deps.say(json.dumps({"grants": grants, "delivery": reply.get("delivery")}, indent=2))
         return EXIT_OK

@@ -71,6 +71,15 @@ class SessionSettings:
     name: str = "{principal}@{hostname}"
     source_identity: str = "{principal}"
     tags: Tuple[Tuple[str, str], ...] = ()
+    # How long a grant's credentials stay in the broker's memory after its last session ends,
+    # so the next login of the same grant costs no STS call (0: release at once).
+    linger: int = 900
+
+
+@dataclass(frozen=True)
+class RefreshSettings:
+    workers: int = 4  # STS calls of one refresh pass in parallel
+    rate: float = 20.0  # refresh AssumeRole calls per second at most (STS throttles per account)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class Config:
     reap_interval: int = 30
     imds_allow_users: Tuple[str, ...] = ()
     session: SessionSettings = field(default_factory=SessionSettings)
+    refresh: RefreshSettings = field(default_factory=RefreshSettings)
     roles: Tuple[Rule, ...] = ()
     version: int = 1
 
@@ -228,7 +238,7 @@ class _Reader:
             root,
             "the config",
             ("version", "region", "source", "runtime_dir", "delivery", "sts_timeout",
-             "reap_interval", "imds_allow_users", "session", "roles"),
+             "reap_interval", "imds_allow_users", "session", "refresh", "roles"),
             required=("version", "region"),
         )
         version_node = keys["version"][1]
@@ -260,6 +270,8 @@ class _Reader:
                                                   _USER_RE, " (expected a user name)")
         session = self.session(keys["session"][1]) if "session" in keys else SessionSettings()
         kw["session"] = session
+        if "refresh" in keys:
+            kw["refresh"] = self.refresh(keys["refresh"][1])
         roles = ()
         if "roles" in keys:
             node = keys["roles"][1]
@@ -279,7 +291,8 @@ class _Reader:
         self.fail(node, f"source {text!r} is unknown; allowed: {', '.join(SOURCES)}")
 
     def session(self, node):
-        keys = self.mapping(node, "session", ("duration", "refresh_before", "name", "source_identity", "tags"))
+        keys = self.mapping(node, "session", ("duration", "refresh_before", "name", "source_identity", "tags",
+                                              "linger"))
         defaults = SessionSettings()
         duration = self.duration(keys["duration"][1], "session.duration") if "duration" in keys else defaults.duration
         # Unset, refresh_before is 20 minutes, or a third of a shorter session.
@@ -296,7 +309,25 @@ class _Reader:
                 kw[key] = self.template(keys[key][1], f"session.{key}")
         if "tags" in keys:
             kw["tags"] = self.tags(keys["tags"][1])
+        if "linger" in keys:
+            kw["linger"] = self.duration(keys["linger"][1], "session.linger", 0, names.DURATION_MAX)
         return SessionSettings(**kw)
+
+    def refresh(self, node):
+        keys = self.mapping(node, "refresh", ("workers", "rate"))
+        kw = {}
+        if "workers" in keys:
+            workers = self.value(keys["workers"][1])
+            if type(workers) is not int or not 1 <= workers <= 64:
+                self.fail(keys["workers"][1], f"refresh.workers {workers!r} must be a whole number from 1 to 64")
+            kw["workers"] = workers
+        if "rate" in keys:
+            rate = self.value(keys["rate"][1])
+            if type(rate) not in (int, float) or not 0.1 <= rate <= 1000:
+                self.fail(keys["rate"][1], f"refresh.rate {rate!r} must be a number of STS calls per second "
+                                           f"from 0.1 to 1000")
+            kw["rate"] = float(rate)
+        return RefreshSettings(**kw)
 
     def tags(self, node):
         if not isinstance(node, yaml.MappingNode):

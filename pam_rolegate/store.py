@@ -206,6 +206,50 @@ class CredentialStore:
         finally:
             os.close(fd)
 
+    def private_dir(self, name):
+        """runtime_dir/NAME as a root-only (0700) directory, made without following links; its path."""
+        _check_name(name)
+        root = self._root_fd()
+        try:
+            os.close(self._subdir(root, name, 0o700, os.path.join(self.runtime_dir, name)))
+        finally:
+            os.close(root)
+        return os.path.join(self.runtime_dir, name)
+
+    def open_state(self, name, append=True):
+        """A write descriptor on state/NAME (root only, 0600): appending to it, or replacing it."""
+        _check_name(name)
+        fd = self._state_fd()
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags |= os.O_APPEND if append else os.O_TRUNC
+            out = os.open(name, flags, 0o600, dir_fd=fd)
+            os.fchown(out, 0, 0)
+            os.fchmod(out, 0o600)
+            return out
+        finally:
+            os.close(fd)
+
+    def rename_state(self, src, dst):
+        """Atomically put state/SRC in place of state/DST."""
+        _check_name(src)
+        _check_name(dst)
+        fd = self._state_fd()
+        try:
+            os.rename(src, dst, src_dir_fd=fd, dst_dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def remove_state(self, name):
+        _check_name(name)
+        fd = self._state_fd()
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
     def remove(self, grant_id):
         """Remove a grant's directory and everything in it. True when something was removed."""
         _check_name(grant_id)

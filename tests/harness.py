@@ -21,7 +21,8 @@ VENV = os.environ.get("ROLEGATE_TEST_VENV") or os.path.dirname(os.path.dirname(s
 ROLEGATE = "/usr/local/bin/rolegate"
 ROLEGATED = "/usr/local/bin/rolegated"
 RUNTIME_DIR = "/run/rolegate"
-SOCKET = RUNTIME_DIR + "/rolegated.sock"
+SOCKET = RUNTIME_DIR + "/rolegated.sock"  # the user door
+PAM_SOCKET = RUNTIME_DIR + "/pam/pam.sock"  # the root-only PAM door
 CONFIG_PATH = "/etc/rolegate/rolegate.yaml"
 
 ACCOUNT = "123456789012"
@@ -158,8 +159,9 @@ class Host:
             if self.broker is not None and self.broker.poll() is not None:
                 raise AssertionError(f"rolegated exited with {self.broker.returncode}:\n{self.broker_log()}")
             try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(SOCKET)
+                for path in (PAM_SOCKET, SOCKET):
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(path)
                 return
             except OSError:
                 time.sleep(0.05)

@@ -1,0 +1,356 @@
+"""The broker's socket doors: the root-only PAM door and the world-reachable user door.
+
+Each door has its own thread, asyncio loop and worker pool, so nothing a user does on the user
+door can delay logins on the PAM door, which no unprivileged process can even connect to (its
+socket sits in a 0700 root directory). A door takes the caller from SO_PEERCRED, reads one frame
+within a deadline, hands it to a worker, and writes the reply; it speaks to the core only through
+the registry's API. Why asyncio plus pools: one loop holds thousands of connections (a storm of
+logins, a user's flood) at no thread each, while the blocking work behind a request (NSS, an STS
+call, file writes) runs on a fixed number of threads — never one thread per connection.
+"""
+
+import asyncio
+import os
+import pwd
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import mapping, procs, protocol
+from .client import peer_credentials
+from .errors import ProtocolError, StoreError, StsError
+from .registry import ShellLimit, epoch_to_dt, iso
+
+# Capacity, each number with its reason (see README "Capacity and fairness").
+BACKLOG = 4096  # net.core.somaxconn's default cap: a storm of logins waits in the kernel queue
+FRAME_DEADLINE = 2.0  # a request frame must arrive whole within this, however slowly it trickles
+MAX_CONNECTIONS = 4096  # per door, all callers together: far above any real storm, below fd limits
+PAM_WORKERS = 32  # first logins of different grants ask STS in parallel; same-grant logins share a call
+USER_WORKERS = 8  # env/credentials/status are quick; a few threads keep one slow NSS lookup from stalling all
+MAX_CONNECTIONS_PER_UID = 64  # user door: one uid's open connections; past this it is told `busy`
+MAX_WORKING_PER_UID = 2  # user door: one uid's requests in the workers at once, so a flood costs its sender
+HOOK_MARGIN = 0.3  # seconds kept back from the hook's budget for our reply and its PAM bookkeeping
+REFUSED_LOG_INTERVAL = 10.0  # a uid's refusals are logged at most once per this, with a count
+
+
+class Peer:
+    __slots__ = ("pid", "uid", "gid", "arrived")
+
+    def __init__(self, pid, uid, gid, arrived):
+        self.pid, self.uid, self.gid, self.arrived = pid, uid, gid, arrived
+
+
+class RefusalLog:
+    """`refused` lines, at most one per uid per interval (a flood cannot fill the log)."""
+
+    def __init__(self, log, interval=REFUSED_LOG_INTERVAL, clock=time.monotonic):
+        self.log = log
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._seen = {}  # uid -> (window start, refusals hidden since)
+
+    def refused(self, uid, pid, **fields):
+        now = self.clock()
+        with self._lock:
+            start, hidden = self._seen.get(uid, (None, 0))
+            if start is not None and now - start < self.interval:
+                self._seen[uid] = (start, hidden + 1)
+                return
+            if len(self._seen) > 4096:  # bounded however many uids misbehave
+                self._seen = {u: v for u, v in self._seen.items() if now - v[0] < self.interval}
+            self._seen[uid] = (now, 0)
+        self.log.decision("refused", uid=uid, pid=pid, also_refused=hidden or None, **fields)
+
+
+class Door:
+    """One Unix socket: admission by uid, framing with a deadline, dispatch to a worker pool."""
+
+    def __init__(self, name, path, handlers, workers, log, refusals, per_uid_connections=None,
+                 per_uid_working=None, mode=0o666):
+        self.name = name
+        self.path = path
+        self.handlers = handlers
+        self.log = log
+        self.refusals = refusals
+        self.mode = mode
+        self.per_uid_connections = per_uid_connections
+        self.per_uid_working = per_uid_working
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-door")
+        self._connections = {}  # uid -> open connections
+        self._total = 0
+        self._working = {}  # uid -> asyncio.Semaphore
+        self._loop = None
+        self._server = None
+        self._thread = None
+        self.served = 0
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def start(self):
+        try:
+            os.unlink(self.path)  # a stale socket from a previous broker (the directory is root's)
+        except FileNotFoundError:
+            pass
+        ready = threading.Event()
+        failure = []
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._server = self._loop.run_until_complete(
+                    asyncio.start_unix_server(self._serve, path=self.path, backlog=BACKLOG,
+                                              limit=protocol.MAX_FRAME + 8))
+                os.chmod(self.path, self.mode)
+            except Exception as err:
+                failure.append(err)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-door", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            raise failure[0]
+
+    def stop(self):
+        if self._loop is None or self._server is None:
+            return
+
+        async def close():
+            self._server.close()
+            await self._server.wait_closed()
+
+        try:
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        except Exception:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self.pool.shutdown(wait=False)
+        try:
+            os.unlink(self.path)  # so clients say "is rolegated running?" rather than wait on a dead socket
+        except OSError:
+            pass
+
+    # -- one connection ----------------------------------------------------------------------
+
+    def _admit(self, uid):
+        mine = self._connections.get(uid, 0)
+        if self._total >= MAX_CONNECTIONS or (self.per_uid_connections and mine >= self.per_uid_connections):
+            return False
+        self._connections[uid] = mine + 1
+        self._total += 1
+        return True
+
+    def _leave(self, uid):
+        self._total -= 1
+        self._connections[uid] -= 1
+        if not self._connections[uid]:
+            del self._connections[uid]
+            self._working.pop(uid, None)
+
+    async def _serve(self, reader, writer):
+        try:
+            pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+        except OSError:
+            writer.close()
+            return
+        if not self._admit(uid):
+            self.refusals.refused(uid, pid, door=self.name, reason="too many connections")
+            await self._send(writer, protocol.ErrorReply(protocol.E_BUSY, "the broker is busy with your other "
+                                                                          "requests; try again"))
+            return
+        try:
+            try:
+                body = await asyncio.wait_for(self._read_frame(reader), FRAME_DEADLINE)
+            except asyncio.TimeoutError:
+                self.refusals.refused(uid, pid, door=self.name, reason=f"frame not received within "
+                                                                      f"{FRAME_DEADLINE:g}s")
+                await self._send(writer, protocol.ErrorReply(protocol.E_BAD_REQUEST, "frame not received in time"))
+                return
+            except ProtocolError as err:
+                self.refusals.refused(uid, pid, door=self.name, reason=f"bad frame: {err}")
+                await self._send(writer, protocol.ErrorReply(protocol.E_BAD_REQUEST, str(err)))
+                return
+            if body is None:
+                writer.close()  # connected and left without a word (a liveness probe): nothing to log
+                return
+            peer = Peer(pid, uid, gid, time.monotonic())
+            loop = asyncio.get_running_loop()
+            if self.per_uid_working:
+                gate = self._working.get(uid)
+                if gate is None:
+                    gate = self._working[uid] = asyncio.Semaphore(self.per_uid_working)
+                async with gate:
+                    reply = await loop.run_in_executor(self.pool, self.dispatch, peer, body)
+            else:
+                reply = await loop.run_in_executor(self.pool, self.dispatch, peer, body)
+            await self._send(writer, reply)
+            self.served += 1
+        except Exception as err:  # a bug costs one connection, never the door
+            self.log.error(f"{self.name} door: {type(err).__name__}: {err}")
+            writer.close()
+        finally:
+            self._leave(uid)
+
+    @staticmethod
+    async def _read_frame(reader):
+        try:
+            header = await reader.readexactly(4)
+        except asyncio.IncompleteReadError as err:
+            if not err.partial:
+                return None
+            raise ProtocolError("connection closed inside a frame header") from None
+        try:
+            return await reader.readexactly(protocol.body_length(header))
+        except asyncio.IncompleteReadError:
+            raise ProtocolError("connection closed mid-frame") from None
+
+    async def _send(self, writer, reply):
+        try:
+            try:
+                data = protocol.encode_reply(reply)
+            except ProtocolError as err:  # a reply too large for one frame (a bug: streams exist for that)
+                data = protocol.encode_reply(protocol.ErrorReply(protocol.E_INTERNAL, str(err)))
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), FRAME_DEADLINE)
+        except (OSError, asyncio.TimeoutError):
+            pass  # the client gave up (its own deadline); nothing to do
+        finally:
+            writer.close()
+
+    def dispatch(self, peer, body):
+        """Frame body from `peer` -> reply record. Never raises."""
+        try:
+            request = protocol.decode_request(body)
+        except ProtocolError as err:
+            self.refusals.refused(peer.uid, peer.pid, door=self.name, reason=str(err))
+            code = protocol.E_UNKNOWN_ACTION if str(err).startswith("unknown action") else protocol.E_BAD_REQUEST
+            return protocol.ErrorReply(code, str(err))
+        handler = self.handlers.get(request.ACTION)
+        if handler is None:
+            self.refusals.refused(peer.uid, peer.pid, door=self.name, action=request.ACTION,
+                                  reason="not served on this door")
+            other = "the PAM door (root only)" if request.ACTION in protocol.PAM_ACTIONS else "the user door"
+            return protocol.ErrorReply(protocol.E_UNKNOWN_ACTION, f"{request.ACTION} is served on {other}")
+        try:
+            return handler(peer, request)
+        except Exception as err:  # a bug must cost one request, never the broker
+            self.log.error(f"internal error in {request.ACTION}: {type(err).__name__}: {err}")
+            return protocol.ErrorReply(protocol.E_INTERNAL, f"internal error: {type(err).__name__}")
+
+
+class Handlers:
+    """What each action does: translate a request into the registry's API and its answer into a reply."""
+
+    def __init__(self, registry, refusals):
+        self.registry = registry
+        self.refusals = refusals
+
+    def pam(self):
+        return {protocol.Ping.ACTION: self.ping, protocol.OpenSession.ACTION: self.open_session,
+                protocol.CloseSession.ACTION: self.close_session}
+
+    def user(self):
+        return {protocol.Ping.ACTION: self.ping, protocol.Env.ACTION: self.env,
+                protocol.GetCredentials.ACTION: self.credentials, protocol.Status.ACTION: self.status}
+
+    def _forbidden(self, peer, action, why):
+        self.refusals.refused(peer.uid, peer.pid, action=action, reason=why)
+        return protocol.ErrorReply(protocol.E_FORBIDDEN, why)
+
+    def ping(self, peer, req):
+        return protocol.Reply({"version": protocol.VERSION, "pid": os.getpid()})
+
+    def _open(self, facts, kind, pid, started, uid=None, budget=None, sid=None):
+        reg = self.registry
+        try:
+            opened = reg.open(facts, kind, pid, started, uid=uid, budget=budget, sid=sid)
+        except mapping.UnknownUser as err:
+            return protocol.ErrorReply(protocol.E_UNKNOWN_USER, str(err))
+        except StsError as err:
+            return protocol.ErrorReply(protocol.E_STS_FAILED, f"{err.code}: {err}")
+        except StoreError as err:
+            return protocol.ErrorReply(protocol.E_STORE_FAILED, str(err))
+        if not opened.granted:
+            return protocol.Reply({"granted": False, "env": {}, "reason": opened.reason,
+                                   "runtime_dir": reg.cfg.runtime_dir})
+        grant = opened.grant
+        return protocol.Reply({"granted": True, "session": opened.session.id, "grant": grant.id, "role": grant.role,
+                               "env": reg.env_for(grant), "reason": opened.reason,
+                               "expires": iso(grant.credentials.expiration), "runtime_dir": reg.cfg.runtime_dir})
+
+    def open_session(self, peer, req):
+        if peer.uid != 0:  # the door is root-only; this holds even if someone loosened its directory
+            return self._forbidden(peer, req.ACTION, f"uid {peer.uid} may not open sessions (root/PAM only)")
+        facts = mapping.LoginFacts(user=req.user, service=req.service, ruser=req.ruser, rhost=req.rhost,
+                                   tty=req.tty)
+        budget = None
+        if req.budget_ms is not None:
+            budget = req.budget_ms / 1000.0 - HOOK_MARGIN - (time.monotonic() - peer.arrived)
+            if budget <= 0.05:
+                return protocol.ErrorReply(protocol.E_BUSY, "no time left in the hook's budget")
+        return self._open(facts, "pam", req.pid, procs.start_time(req.pid), budget=budget)
+
+    def close_session(self, peer, req):
+        if peer.uid != 0:
+            return self._forbidden(peer, req.ACTION, f"uid {peer.uid} may not close sessions (root/PAM only)")
+        released = self.registry.close(session_id=req.session, pid=req.pid or (None if req.session else peer.pid))
+        return protocol.Reply({"released": released})
+
+    def env(self, peer, req):
+        try:
+            name = pwd.getpwuid(peer.uid).pw_name
+        except KeyError:
+            return protocol.ErrorReply(protocol.E_UNKNOWN_USER, f"uid {peer.uid} has no user name")
+        # The session lives as long as the shell that asked (the parent of `rolegate env`, which
+        # the profile.d snippet runs); a shell that never goes away keeps it, like a PAM session.
+        shell = procs.parent(peer.pid) or peer.pid
+        started = procs.start_time(shell)
+        facts = mapping.LoginFacts(user=name, service=mapping.SHELL_SERVICE)
+        try:
+            return self._open(facts, "shell", shell, started, uid=peer.uid, sid=f"shell-{peer.uid}-{shell}-{started}")
+        except ShellLimit as err:
+            return self._forbidden(peer, req.ACTION, str(err))
+
+    def credentials(self, peer, req):
+        key = req.grant
+        if key is None:
+            reply = self.env(peer, protocol.Env())
+            if isinstance(reply, protocol.ErrorReply):
+                return reply
+            if not reply.get("granted"):
+                return protocol.ErrorReply(protocol.E_NO_GRANT, reply.get("reason"))
+            key = reply.get("grant")
+        grant = self.registry.live_grant(key)
+        if grant is None or (peer.uid != 0 and peer.uid != grant.target_uid):
+            # The same answer whether the grant exists or is someone else's: no probing.
+            if grant is not None:
+                self.refusals.refused(peer.uid, peer.pid, action=req.ACTION, grant=key)
+            return protocol.ErrorReply(protocol.E_NO_GRANT, f"no live grant {key} for uid {peer.uid}; log in again")
+        grant = self.registry.credentials(key) or grant
+        c = grant.credentials
+        return protocol.Reply({"Version": 1, "AccessKeyId": c.access_key_id, "SecretAccessKey": c.secret_access_key,
+                               "SessionToken": c.session_token, "Expiration": iso(c.expiration)})
+
+    def status(self, peer, req):
+        reg = self.registry
+        grants, sessions = reg.snapshot(None if peer.uid == 0 else peer.uid)
+        now = reg.now_dt()
+        counts = {}
+        for s in sessions:
+            counts[s.grant_id] = counts.get(s.grant_id, 0) + 1
+        entries = [{"grant": g.id, "principal": g.principal, "target": g.target, "role": g.role,
+                    "expires": iso(g.credentials.expiration), "seconds_left": int(g.credentials.seconds_left(now)),
+                    "next_refresh": iso(epoch_to_dt(g.next_refresh)), "failures": g.failures,
+                    "sessions": counts.get(g.id, 0), "path": reg.pointer(g)[1]}
+                   for g in sorted(grants, key=lambda g: g.id)]
+        listed = []
+        if peer.uid == 0:  # sessions name processes and hosts: root's to see
+            listed = [{"id": s.id, "grant": s.grant_id, "kind": s.kind, "pid": s.pid, "service": s.service,
+                       "rhost": s.rhost, "tty": s.tty} for s in sessions]
+        return protocol.Stream({"delivery": reg.cfg.delivery}, {"grants": entries, "sessions": listed})

@@ -1,0 +1,282 @@
+"""Lifecycle: refresh before expiry in a bounded, rate-limited pool; linger expiry; the reaper.
+
+Driven by what the registry reports (it is one of the registry's listeners) and acting only
+through the registry's API. Nothing here holds the registry's lock for more than one change.
+
+- Refresh: every grant's next refresh (or linger end) sits in a heap; one scheduler thread pops
+  what is due, nearest first, and hands refreshes to `refresh.workers` threads at no more than
+  `refresh.rate` STS calls per second (STS throttles per account). Logins never wait for it.
+- Reaper: each session's process is watched through a pidfd, which the kernel makes readable
+  when the process exits, so reaping costs follow what changed, not how many sessions live.
+  Processes beyond the pidfd allowance (a descriptor each) are checked in a batch every
+  `reap_interval`, outside the registry's lock.
+"""
+
+import heapq
+import os
+import resource
+import select
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import procs
+from .registry import Listener
+
+# Leave this many descriptors for sockets, files and the pool; the rest may watch processes.
+FD_RESERVE = 2048
+SCHEDULER_MAX_SLEEP = 5.0
+
+
+class RateLimit:
+    """A token bucket: at most `rate` per second on average, bursts of `burst`."""
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.clock = clock
+        self._tokens = self.burst
+        self._at = clock()
+
+    def wait_time(self):
+        """Seconds until a token is available (0 when one is: it is then taken)."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+
+class Watcher:
+    """Processes that hold sessions, watched through pidfds (or, past the allowance, by polling)."""
+
+    def __init__(self, registry, log, limit=None):
+        self.registry = registry
+        self.log = log
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.limit = limit if limit is not None else max(soft - FD_RESERVE, 0)
+        self._lock = threading.Lock()
+        self._todo = []  # ("add", pid, started) / ("remove", pid, None), from the registry's listener
+        self._fds = {}  # pidfd -> (pid, started)
+        self._by_pid = {}  # pid -> pidfd
+        self._polled = {}  # pid -> started: watched by polling
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._stopping = False
+
+    def add(self, pid, started):
+        self._queue(("add", pid, started))
+
+    def remove(self, pid):
+        self._queue(("remove", pid, None))
+
+    def _queue(self, item):
+        with self._lock:
+            self._todo.append(item)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # already woken
+
+    def counts(self):
+        return {"pidfds": len(self._fds), "polled": len(self._polled)}
+
+    def _apply(self):
+        with self._lock:
+            todo, self._todo = self._todo, []
+        for op, pid, started in todo:
+            if op == "remove":
+                fd = self._by_pid.pop(pid, None)
+                if fd is not None:
+                    self._epoll.unregister(fd)
+                    os.close(fd)
+                    del self._fds[fd]
+                self._polled.pop(pid, None)
+            elif pid not in self._by_pid and pid not in self._polled:
+                self._watch(pid, started)
+
+    def _watch(self, pid, started):
+        if len(self._fds) >= self.limit or not hasattr(os, "pidfd_open"):
+            self._polled[pid] = started
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.registry.process_ended(pid, started)
+            return
+        except OSError:  # out of descriptors after all, or pidfds unsupported: poll instead
+            self._polled[pid] = started
+            return
+        # The pidfd names whichever process has this pid now: if that is not the session's
+        # process (it exited and the pid was reused), the session's process is gone.
+        if started is None or procs.start_time(pid) != started:
+            os.close(fd)
+            self.registry.process_ended(pid, started)
+            return
+        self._fds[fd] = (pid, started)
+        self._by_pid[pid] = fd
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def sweep(self):
+        """Check the polled processes (outside the registry's lock); end the sessions of dead ones."""
+        dead = [(pid, started) for pid, started in list(self._polled.items()) if not procs.alive(pid, started)]
+        for pid, started in dead:
+            self._polled.pop(pid, None)
+            self.registry.process_ended(pid, started)
+        return len(dead)
+
+    def run(self, interval):
+        next_sweep = time.monotonic() + interval
+        while not self._stopping:
+            timeout = max(0.0, next_sweep - time.monotonic())
+            try:
+                events = self._epoll.poll(timeout)
+                for fd, _mask in events:
+                    if fd == self._wake_r:
+                        try:
+                            while os.read(self._wake_r, 4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        continue
+                    pid, started = self._fds.pop(fd)
+                    self._by_pid.pop(pid, None)
+                    self._epoll.unregister(fd)
+                    os.close(fd)
+                    self.registry.process_ended(pid, started)
+                self._apply()
+                if time.monotonic() >= next_sweep:
+                    self.sweep()
+                    next_sweep = time.monotonic() + interval
+            except Exception as err:  # one bad pass must not end reaping
+                self.log.error(f"reaper: {type(err).__name__}: {err}")
+                time.sleep(1.0)
+
+    def stop(self):
+        self._stopping = True
+        self._queue(("noop", 0, None))
+
+
+class Lifecycle(Listener):
+    def __init__(self, registry, journal, log, clock=time.time):
+        self.registry = registry
+        self.journal = journal
+        self.log = log
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._heap = []  # (when, grant id); stale entries are skipped when popped
+        self._busy = set()  # grants being refreshed now
+        self._stopping = False
+        self._slots = None
+        self._pool = None
+        self._limit = None
+        self.watcher = Watcher(registry, log)
+        self.configure(registry.cfg)
+
+    def configure(self, cfg):
+        """(Re)build the pool and the rate limit from the config."""
+        old = self._pool
+        self._pool = ThreadPoolExecutor(max_workers=cfg.refresh.workers, thread_name_prefix="refresh")
+        self._slots = threading.BoundedSemaphore(cfg.refresh.workers)
+        self._limit = RateLimit(cfg.refresh.rate, burst=min(cfg.refresh.workers, cfg.refresh.rate))
+        self.reap_interval = cfg.reap_interval
+        if old is not None:
+            old.shutdown(wait=False)
+
+    # -- the registry's listener ---------------------------------------------------------------
+
+    def _push(self, when, key):
+        with self._cond:
+            heapq.heappush(self._heap, (when, key))
+            if self._heap[0][1] == key:
+                self._cond.notify()
+
+    def grant_saved(self, grant):
+        self._push(grant.next_refresh, grant.id)
+
+    def grant_lingering(self, grant, until):
+        self._push(until, grant.id)
+
+    def session_opened(self, session):
+        self.watcher.add(session.pid, session.started)
+
+    def session_closed(self, session, last_of_pid):
+        if last_of_pid:
+            self.watcher.remove(session.pid)
+
+    # -- the scheduler -----------------------------------------------------------------------
+
+    def _due(self):
+        """Pop the grant ids whose time has come (waiting until one has, or a little while)."""
+        with self._cond:
+            while not self._stopping:
+                now = self.clock()
+                if self._heap and self._heap[0][0] <= now:
+                    due = []
+                    while self._heap and self._heap[0][0] <= now:
+                        due.append(heapq.heappop(self._heap)[1])
+                    return due
+                wait = self._heap[0][0] - now if self._heap else SCHEDULER_MAX_SLEEP
+                self._cond.wait(min(max(wait, 0.01), SCHEDULER_MAX_SLEEP))
+                if not self._heap or self._heap[0][0] > self.clock():
+                    return []
+            return []
+
+    def tick(self):
+        for key in dict.fromkeys(self._due()):
+            when = self.registry.next_due(key)
+            if when is None or when > self.clock() or key in self._busy:
+                continue  # dropped, rescheduled (a newer entry is in the heap), or under way
+            if self.registry.expire(key):
+                continue
+            self._refresh_later(key)
+        if self.journal is not None and self.journal.needs_compaction():
+            self.journal.compact(self.registry)
+
+    def _refresh_later(self, key):
+        self._slots.acquire()  # no more refreshes queued than workers: the heap keeps the order
+        while not self._stopping:
+            wait = self._limit.wait_time()
+            if wait <= 0:
+                break
+            time.sleep(min(wait, 1.0))
+        self._busy.add(key)
+
+        def work():
+            try:
+                self.registry.refresh(key)
+            except Exception as err:
+                self.log.error(f"refresh of {key}: {type(err).__name__}: {err}")
+            finally:
+                self._busy.discard(key)
+                self._slots.release()
+
+        self._pool.submit(work)
+
+    def run(self):
+        while not self._stopping:
+            try:
+                self.tick()
+            except Exception as err:
+                self.log.error(f"lifecycle: {type(err).__name__}: {err}")
+                time.sleep(1.0)
+
+    def start(self):
+        threads = [threading.Thread(target=self.run, name="lifecycle", daemon=True),
+                   threading.Thread(target=self.watcher.run, args=(self.reap_interval,), name="reaper", daemon=True)]
+        for t in threads:
+            t.start()
+        return threads
+
+    def wake(self):
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop(self):
+        self._stopping = True
+        self.watcher.stop()
+        self.wake()
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,600 @@
+"""The grant registry: grants and sessions with their indexes, single-flight STS calls, linger.
+
+No sockets, no HTTP, no boto3: the doors call this API, lifecycle drives refresh, expiry and
+reaping through it, and every change is reported to the listeners it was handed (records
+journals them, lifecycle schedules and watches). Nothing on a login's path here costs more
+with the number of live sessions: each lookup goes through an index.
+
+A *grant* is (target user, principal, role): one credentials file shared by its sessions,
+removed when its last session ends. Its credentials may then *linger* in memory for
+`session.linger` (never past its refresh time), so the next login of that grant needs no STS
+call. A *session* is one PAM session (the process that opened it, named by pid and start
+time) or one PAM-less shell (the shell that asked, by the same two numbers).
+"""
+
+import dataclasses
+import hashlib
+import os
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional
+
+from . import mapping, names, procs, store
+from .errors import StsError
+from .sts import AssumeRequest, Credentials, build_request
+
+# credential_process callers need more than this left, or SDKs call again on every request.
+SDK_MIN_LEFT = 15 * 60
+# Worth handing out while STS fails: at least this much validity left.
+USABLE_LEFT = 60
+MAX_SHELL_SESSIONS_PER_UID = 32
+# Refresh retries after a failure wait 5 s, 10 s, ... up to this.
+BACKOFF_MAX = 300
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    grant_id: str
+    kind: str  # "pam" or "shell"
+    pid: int  # the PAM process, or the shell's session leader
+    started: Optional[int]  # that process's start time, so a reused pid is not mistaken for it
+    service: str
+    opened_at: float
+    rhost: Optional[str] = None
+    tty: Optional[str] = None
+    uid: Optional[int] = None  # the account the session runs as (the grant's target)
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: str
+    principal: str
+    principal_uid: int
+    target: str
+    target_uid: int
+    target_gid: int
+    service: str  # the service that created it: the one re-checked against the rules at refresh
+    rhost: Optional[str]
+    role: str
+    request: AssumeRequest
+    credentials: Credentials
+    next_refresh: float
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What an open gave: no rule (granted False, reason), or a session on a grant."""
+
+    granted: bool
+    reason: str
+    session: Optional[Session] = None
+    grant: Optional[Grant] = None
+    new: bool = False  # False when an existing session (a shell asking again) was found
+
+
+class Listener:
+    """What the registry tells about each change; called with the registry's lock held, so fast."""
+
+    def grant_saved(self, grant):
+        pass
+
+    def grant_dropped(self, grant_id):
+        pass
+
+    def grant_lingering(self, grant, until):
+        pass
+
+    def session_opened(self, session):
+        pass
+
+    def session_closed(self, session, last_of_pid):
+        pass
+
+
+class ShellLimit(Exception):
+    pass
+
+
+class _Flight:
+    """One STS call in progress for a grant; followers wait for the leader's result."""
+
+    __slots__ = ("done", "grant", "error")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.grant = None
+        self.error = None
+
+
+def grant_id(target_uid, principal, role):
+    digest = hashlib.sha256(f"{target_uid}\0{principal}\0{role}".encode()).hexdigest()[:12]
+    return f"{target_uid}-{names.sts_name(principal)}-{digest}"
+
+
+def iso(dt):
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt else None
+
+
+def epoch_to_dt(ts):
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+class Registry:
+    def __init__(self, cfg, engine, credential_store, log, clock=time.time, rolegate_cmd=None, listeners=()):
+        self.cfg = cfg
+        self.engine = engine
+        self.store = credential_store
+        self.log = log
+        self.clock = clock
+        self.rolegate_cmd = rolegate_cmd or os.path.join(os.path.dirname(sys.executable), "rolegate")
+        self.listeners = list(listeners)
+        self._lock = threading.RLock()
+        self._grants = {}  # id -> Grant (live and lingering)
+        self._sessions = {}  # id -> Session
+        self._by_grant = {}  # grant id -> set of session ids
+        self._by_pid = {}  # pid -> set of session ids
+        self._by_uid = {}  # uid (target or principal) -> set of grant ids: what `status` shows a user
+        self._shells = {}  # uid -> set of shell session ids
+        self._lingering = {}  # grant id -> until (epoch): kept in memory, files removed
+        self._inflight = {}  # grant id -> _Flight
+        self._pending = {}  # grant id -> opens/refreshes in progress (keeps the grant from release)
+        self._revoked = set()  # revoked while held: released without linger when let go
+        self._host = None
+
+    # -- small helpers -----------------------------------------------------------------------
+
+    def _tell(self, event, *args):
+        for listener in self.listeners:
+            getattr(listener, event)(*args)
+
+    @property
+    def host(self):
+        if self._host is None:
+            facts = self.engine.host_facts()
+            if facts.instance_id or self.cfg.source.kind != "instance-profile":
+                self._host = facts  # a failed instance-id lookup is asked again next time
+            return facts
+        return self._host
+
+    def now_dt(self):
+        return epoch_to_dt(self.clock())
+
+    def schedule(self, creds):
+        """When to refresh: refresh_before ahead of expiry, less a little jitter, never in the past."""
+        rb = self.cfg.session.refresh_before
+        lifetime = creds.seconds_left(self.now_dt())
+        jitter = secrets.randbelow(1000) / 1000 * min(30.0, 0.1 * max(lifetime - rb, 0))
+        return self.clock() + max(lifetime - rb - jitter, 1.0)
+
+    def pointer(self, grant):
+        """(variable, path) through which a session finds this grant, by delivery."""
+        if self.cfg.delivery == "process":
+            return "AWS_CONFIG_FILE", self.store.path(grant.id, store.AWS_CONFIG)
+        return "AWS_SHARED_CREDENTIALS_FILE", self.store.path(grant.id, store.CREDENTIALS)
+
+    def env_for(self, grant):
+        var, path = self.pointer(grant)
+        return {"AWS_REGION": self.cfg.region, "AWS_DEFAULT_REGION": self.cfg.region, var: path}
+
+    def _write_files(self, grant):
+        if self.cfg.delivery == "process":
+            command = f"{self.rolegate_cmd} credentials --grant {grant.id}"
+            self.store.write(grant.id, store.AWS_CONFIG, store.process_config_ini(self.cfg.region, command),
+                             grant.target_uid, grant.target_gid)
+        else:
+            self.store.write(grant.id, store.CREDENTIALS, store.credentials_ini(grant.credentials),
+                             grant.target_uid, grant.target_gid)
+
+    def _fresh(self, grant):
+        return grant.credentials.seconds_left(self.now_dt()) > self.cfg.session.refresh_before
+
+    def _still_usable(self, grant):
+        return grant is not None and grant.credentials.seconds_left(self.now_dt()) > USABLE_LEFT
+
+    def _hold(self, key):
+        self._pending[key] = self._pending.get(key, 0) + 1
+
+    def _unhold(self, key):
+        self._pending[key] -= 1
+        if not self._pending[key]:
+            del self._pending[key]
+
+    # -- indexes (lock held) -------------------------------------------------------------------
+
+    def _put_grant(self, grant):
+        self._grants[grant.id] = grant
+        for uid in (grant.target_uid, grant.principal_uid):
+            self._by_uid.setdefault(uid, set()).add(grant.id)
+        self._tell("grant_saved", grant)
+
+    def _pop_grant(self, key):
+        grant = self._grants.pop(key, None)
+        self._lingering.pop(key, None)
+        if grant is not None:
+            for uid in (grant.target_uid, grant.principal_uid):
+                ids = self._by_uid.get(uid)
+                if ids is not None:
+                    ids.discard(key)
+                    if not ids:
+                        del self._by_uid[uid]
+            self._tell("grant_dropped", key)
+        return grant
+
+    def _put_session(self, session):
+        self._sessions[session.id] = session
+        self._by_grant.setdefault(session.grant_id, set()).add(session.id)
+        self._by_pid.setdefault(session.pid, set()).add(session.id)
+        if session.kind == "shell":
+            self._shells.setdefault(session.uid, set()).add(session.id)
+        self._tell("session_opened", session)
+
+    def _pop_session(self, sid):
+        session = self._sessions.pop(sid)
+        for index, key in ((self._by_grant, session.grant_id), (self._by_pid, session.pid),
+                           (self._shells if session.kind == "shell" else None, session.uid)):
+            if index is None:
+                continue
+            ids = index.get(key)
+            if ids is not None:
+                ids.discard(sid)
+                if not ids:
+                    del index[key]
+        self._tell("session_closed", session, session.pid not in self._by_pid)
+        return session
+
+    # -- obtaining credentials (single flight) ------------------------------------------------
+
+    def _obtain(self, ident, rule, rhost, budget=None, force=False):
+        """The grant for (ident, rule): reused while fresh, else one AssumeRole however many ask."""
+        key = grant_id(ident.target_uid, ident.principal, rule.role)
+        with self._lock:
+            current = self._grants.get(key)
+            if current is not None and not force and self._fresh(current):
+                return current
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._inflight[key] = _Flight()
+        if not leader:
+            if not flight.done.wait(budget if budget is not None else self.cfg.sts_timeout + 1):
+                raise StsError("waited too long for another login's STS call for the same grant")
+            if flight.error is not None:
+                raise flight.error
+            return flight.grant
+        try:
+            if not force and current is not None and current.failures and self._still_usable(current):
+                # STS is failing (the refresher is backing off): hand out what is still valid
+                # rather than spend this login's budget on another failing call.
+                flight.grant = current
+                return current
+            request = build_request(self.cfg, rule, ident, rhost=rhost, host=self.host)
+            try:
+                creds = self.engine.assume(request, budget=budget)
+            except StsError:
+                if force or not self._still_usable(current):
+                    raise
+                flight.grant = current
+                return current
+            grant = Grant(
+                id=key, principal=ident.principal, principal_uid=ident.principal_uid, target=ident.target,
+                target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
+                role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds))
+            with self._lock:
+                lingering = key in self._lingering
+            if not lingering:  # a lingering grant has no files until a session revives it
+                self._write_files(grant)
+            with self._lock:
+                self._put_grant(grant)
+            flight.grant = grant
+            return grant
+        except BaseException as err:
+            flight.error = err
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+            flight.done.set()
+
+    # -- the doors' API ------------------------------------------------------------------------
+
+    def open(self, facts, kind, pid, started, uid=None, budget=None, sid=None):
+        """Resolve, decide, obtain and record one session. Raises mapping.UnknownUser, StsError,
+        StoreError or ShellLimit; returns Opened."""
+        try:
+            ident = mapping.resolve(facts)
+        except mapping.UnknownUser as err:
+            self.log.decision("denied", user=facts.user, service=facts.service, reason=str(err))
+            raise
+        decision = mapping.decide(self.cfg, ident)
+        if decision.rule is None:
+            self.log.decision("denied", principal=ident.principal, target=ident.target, service=facts.service,
+                              reason="no rule matches")
+            return Opened(False, decision.reason)
+        rule = decision.rule
+        key = grant_id(ident.target_uid, ident.principal, rule.role)
+        with self._lock:
+            existing = self._sessions.get(sid) if sid else None
+            if kind == "shell" and existing is None:
+                self._make_room_for_shell(ident.target_uid)
+            self._hold(key)
+        try:
+            grant = self._obtain(ident, rule, facts.rhost, budget=budget)
+            with self._lock:
+                if self._lingering.pop(key, None) is not None:
+                    self._write_files(self._grants[key])  # revived: the files were removed at release
+                if existing is not None and existing.grant_id == key:
+                    return Opened(True, decision.reason, existing, grant, new=False)
+                session = Session(id=sid or secrets.token_hex(8), grant_id=key, kind=kind, pid=pid,
+                                  started=started, service=facts.service, opened_at=self.clock(),
+                                  rhost=facts.rhost, tty=facts.tty, uid=ident.target_uid)
+                if existing is not None:  # the shell's mapping changed: move it to the new grant
+                    self._pop_session(existing.id)
+                    self._release_if_unused(existing.grant_id, "released")
+                self._put_session(session)
+        except StsError as err:
+            self.log.decision("failed", principal=ident.principal, target=ident.target, role=rule.role,
+                              service=facts.service, code=err.code, reason=str(err))
+            raise
+        except Exception as err:
+            self.log.decision("failed", principal=ident.principal, target=ident.target, role=rule.role,
+                              service=facts.service, reason=str(err))
+            raise
+        finally:
+            with self._lock:
+                self._unhold(key)
+                self._release_if_unused(key, "released")
+        self.log.decision("granted", principal=ident.principal, target=ident.target, role=rule.role,
+                          service=facts.service, session=session.id, grant=key, rule=rule.index,
+                          key=grant.credentials.masked_key, expires=iso(grant.credentials.expiration),
+                          rhost=facts.rhost, tty=facts.tty, pid=pid)
+        return Opened(True, decision.reason, session, grant, new=True)
+
+    def _make_room_for_shell(self, uid):
+        """Refuse a uid's shell past the cap, after forgetting its shells that have died (lock held)."""
+        shells = self._shells.get(uid, ())
+        if len(shells) < MAX_SHELL_SESSIONS_PER_UID:
+            return
+        for sid in [s for s in shells if not procs.alive(self._sessions[s].pid, self._sessions[s].started)]:
+            self._drop_session(sid, "reaped")
+        count = len(self._shells.get(uid, ()))
+        if count >= MAX_SHELL_SESSIONS_PER_UID:
+            raise ShellLimit(f"uid {uid} already has {count} live shell sessions (limit {MAX_SHELL_SESSIONS_PER_UID})")
+
+    def close(self, session_id=None, pid=None):
+        """End a PAM session by id, or every PAM session of a process. Returns how many ended."""
+        with self._lock:
+            if session_id is not None:
+                ids = [session_id] if session_id in self._sessions else []
+            else:
+                ids = [s for s in self._by_pid.get(pid, ()) if self._sessions[s].kind == "pam"]
+            for sid in ids:
+                self._drop_session(sid, "released")
+        return len(ids)
+
+    def session(self, sid):
+        with self._lock:
+            return self._sessions.get(sid)
+
+    def live_grant(self, key):
+        """The grant with files in place (not lingering), or None."""
+        with self._lock:
+            if key in self._lingering:
+                return None
+            return self._grants.get(key)
+
+    def credentials(self, key):
+        """The live grant `key`, refreshed first when an SDK would find it too close to expiry."""
+        grant = self.live_grant(key)
+        if grant is None:
+            return None
+        if grant.credentials.seconds_left(self.now_dt()) <= SDK_MIN_LEFT + 60 \
+                and grant.request.duration > SDK_MIN_LEFT + 120 and grant.next_refresh <= self.clock():
+            grant = self.refresh(key) or grant
+        return grant
+
+    def snapshot(self, uid=None):
+        """(grants, sessions) that `uid` may see (None: all), copied under the lock: a consistent view."""
+        with self._lock:
+            if uid is None:
+                keys = [k for k in self._grants if k not in self._lingering]
+            else:
+                keys = [k for k in self._by_uid.get(uid, ()) if k not in self._lingering]
+            grants = [self._grants[k] for k in keys]
+            sessions = [self._sessions[s] for k in keys for s in self._by_grant.get(k, ())]
+        return grants, sessions
+
+    def counts(self):
+        with self._lock:
+            return {"grants": len(self._grants) - len(self._lingering), "lingering": len(self._lingering),
+                    "sessions": len(self._sessions)}
+
+    def consistent(self, fn):
+        """fn(grants, sessions) called under the lock (records' snapshot for compaction)."""
+        with self._lock:
+            return fn(dict(self._grants), dict(self._sessions))
+
+    # -- lifecycle's API -------------------------------------------------------------------------
+
+    def _drop_session(self, sid, event, reason=None):
+        """Forget a session (lock held); release its grant when no session is left."""
+        session = self._pop_session(sid)
+        grant = self._grants.get(session.grant_id)
+        self.log.decision(event, session=sid, kind=session.kind, pid=session.pid, service=session.service,
+                          principal=grant.principal if grant else None, grant=session.grant_id, reason=reason)
+        self._release_if_unused(session.grant_id, event)
+
+    def _release_if_unused(self, key, event, linger=True):
+        """Remove a grant's files once nothing holds it; keep its credentials lingering if allowed."""
+        if self._by_grant.get(key) or self._pending.get(key) or key in self._lingering:
+            return False
+        grant = self._grants.get(key)
+        try:
+            removed = self.store.remove(key)
+        except OSError as err:
+            self.log.error(f"could not remove grant {key}: {err}")
+            removed = False
+        until = None
+        if key in self._revoked:
+            self._revoked.discard(key)
+            linger = False
+        if grant is not None and linger and self.cfg.session.linger and not grant.failures:
+            until = min(self.clock() + self.cfg.session.linger, grant.next_refresh)
+            if until <= self.clock():
+                until = None
+        if until is not None:
+            self._lingering[key] = until
+            self._tell("grant_lingering", grant, until)
+        else:
+            self._pop_grant(key)
+        if grant is not None or removed:
+            self.log.decision(event, grant=key, principal=grant.principal if grant else None,
+                              role=grant.role if grant else None, files="removed",
+                              linger_until=iso(epoch_to_dt(until)) if until else None)
+        return True
+
+    def next_due(self, key):
+        """When lifecycle should next look at grant `key` (refresh or linger end), or None."""
+        with self._lock:
+            grant = self._grants.get(key)
+            if grant is None:
+                return None
+            return self._lingering.get(key, grant.next_refresh)
+
+    def expire(self, key):
+        """End a grant's linger once it is due (its memory-only credentials are forgotten)."""
+        with self._lock:
+            until = self._lingering.get(key)
+            if until is None or until > self.clock():
+                return False
+            self._pop_grant(key)
+            self.log.decision("released", grant=key, reason="linger ended")
+            return True
+
+    def refresh(self, key):
+        """Re-assume grant `key` if it is live and due. On failure the old file stays; retry with backoff."""
+        with self._lock:
+            grant = self._grants.get(key)
+            if grant is None or key in self._lingering:
+                return None
+            if not self._by_grant.get(key):
+                self._release_if_unused(key, "released")
+                return None
+            self._hold(key)
+        try:
+            rule, ident = self._current_rule(grant)
+            if rule is None or rule.role != grant.role:
+                self.revoke(key, "the rules no longer map this login to this role")
+                return None
+            new = self._obtain(ident, rule, grant.rhost, force=True)
+            self.log.decision("refreshed", grant=key, principal=grant.principal, role=grant.role,
+                              key=new.credentials.masked_key, expires=iso(new.credentials.expiration))
+            return new
+        except Exception as err:  # STS, IMDS, NSS, a full tmpfs: one grant's trouble stays its own
+            with self._lock:
+                current = self._grants.get(key)
+                if current is None:
+                    return None
+                failures = current.failures + 1
+                backoff = min(5 * 2 ** (failures - 1), BACKOFF_MAX)
+                self._put_grant(dataclasses.replace(current, failures=failures, next_refresh=self.clock() + backoff))
+            self.log.decision("failed", grant=key, principal=grant.principal, role=grant.role, action="refresh",
+                              code=getattr(err, "code", None), attempt=failures, retry_in=f"{backoff}s",
+                              reason=str(err))
+            return None
+        finally:
+            with self._lock:
+                self._unhold(key)
+                self._release_if_unused(key, "released")
+
+    def _current_rule(self, grant):
+        """(rule, identity) the current rules give this grant's login. A user NSS cannot resolve now
+        (LDAP/SSSD down) raises: that is a failed refresh, not a revocation."""
+        facts = mapping.LoginFacts(user=grant.target, service=grant.service,
+                                   ruser=grant.principal if grant.principal != grant.target else None,
+                                   rhost=grant.rhost)
+        ident = mapping.resolve(facts)
+        return mapping.decide(self.cfg, ident).rule, ident
+
+    def revoke(self, key, reason):
+        """The rules no longer give this grant: end its sessions and remove it now, lingering or not."""
+        with self._lock:
+            grant = self._grants.get(key)
+            if grant is None:
+                return False
+            self.log.decision("released", grant=key, principal=grant.principal, role=grant.role, reason=reason)
+            for sid in list(self._by_grant.get(key, ())):
+                self._pop_session(sid)
+            self._lingering.pop(key, None)
+            if self._pending.get(key):
+                self._revoked.add(key)  # the open or refresh holding it releases it, without linger
+                return True
+            try:
+                self.store.remove(key)
+            except OSError as err:
+                self.log.error(f"could not remove grant {key}: {err}")
+            self._pop_grant(key)
+            return True
+
+    def recheck(self):
+        """After a reload: revoke every grant (lingering ones too) the new rules no longer give.
+        NSS lookups happen outside the lock, one grant at a time."""
+        with self._lock:
+            grants = list(self._grants.values())
+        revoked = 0
+        for grant in grants:
+            try:
+                rule, _ident = self._current_rule(grant)
+            except mapping.UnknownUser:
+                continue  # NSS trouble is no revocation; the next refresh asks again
+            if rule is None or rule.role != grant.role:
+                revoked += self.revoke(grant.id, "the rules no longer map this login to this role")
+        return revoked
+
+    def process_ended(self, pid, started):
+        """A watched process exited: end the sessions it held. Returns how many."""
+        with self._lock:
+            ids = [s for s in self._by_pid.get(pid, ()) if self._sessions[s].started in (started, None)]
+            for sid in ids:
+                self._drop_session(sid, "reaped")
+        return len(ids)
+
+    def pid_in_use(self, pid):
+        with self._lock:
+            return bool(self._by_pid.get(pid))
+
+    def restore(self, grants, sessions):
+        """Records from a previous broker: keep sessions whose process lives, release the rest."""
+        kept = reaped = 0
+        with self._lock:
+            for grant in grants.values():
+                self._put_grant(grant)
+            for session in sessions.values():
+                if session.grant_id in grants and procs.alive(session.pid, session.started):
+                    if session.uid is None:
+                        session = dataclasses.replace(session, uid=grants[session.grant_id].target_uid)
+                    self._put_session(session)
+                    kept += 1
+                else:
+                    reaped += 1
+                    self.log.decision("reaped", session=session.id, kind=session.kind, pid=session.pid,
+                                      service=session.service, grant=session.grant_id,
+                                      reason="ended while the broker was down")
+            for key in list(self._grants):
+                self._release_if_unused(key, "released", linger=False)
+            for key in self.store.grant_ids():
+                if key not in self._grants:
+                    self.store.remove(key)
+                    self.log.decision("released", grant=key, reason="stray file with no grant", files="removed")
+        return kept, reaped
+
+    def reconfigure(self, cfg, engine):
+        with self._lock:
+            self.cfg, self.engine = cfg, engine
+
+
