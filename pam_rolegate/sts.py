@@ -331,9 +331,10 @@ class StsEngine:
                 raise InvalidRequest(f"{what}: botocore refused the request before sending it ({err})") from None
             except StsUnavailable as err:
                 last = err
-            except (ResponseParserError, ValueError, bex.BotoCoreError) as err:
-                # An answer botocore cannot read (a proxy's text page, a cut-off body; ValueError is
-                # its timestamp parser's) is an outage like any other, not an internal error.
+            except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:
+                # An answer botocore cannot read (a proxy's text page, a cut-off body) is an outage
+                # like any other, not an internal error. Its parser raises KeyError for XML without
+                # the result element, ValueError for a bad timestamp.
                 last = StsUnavailable(f"{what}: could not parse the reply from the STS endpoint "
                                       f"({_first_line(err)}); is a proxy in the way?")
             backoff = min(0.1 * 2 ** attempt, 1.0)
@@ -380,19 +381,28 @@ def _assumed_credentials(what, reply):
 
 def _first_line(err):
     """botocore's parser errors end with the whole body; the first line says what went wrong."""
+    if isinstance(err, KeyError) and err.args:
+        return f"no {err.args[0]} element in it"
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory):
     """GetCallerIdentity with the given (assumed) credentials: which role really arrived."""
     import botocore.exceptions as bex
+    from botocore.parsers import ResponseParserError
 
     try:
         reply = client_factory(creds, region, timeout).get_caller_identity()
     except bex.ClientError as err:
+        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
         raise AccessDenied(f"GetCallerIdentity failed: {err}") from None
     except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
         raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
+    except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:  # a proxy's page, cut-off XML
+        raise StsUnavailable(f"GetCallerIdentity: could not parse the reply ({_first_line(err)})") from None
+    if not all(reply.get(k) for k in ("Account", "Arn", "UserId")):
+        raise StsUnavailable("GetCallerIdentity: the STS endpoint's reply names no identity; is a proxy in the way?")
     return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}
 
 
@@ -400,12 +410,17 @@ def session_identity(region):
     """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has."""
     import boto3
     import botocore.exceptions as bex
+    from botocore.parsers import ResponseParserError
 
     try:
         return boto3.session.Session().client("sts", region_name=region).get_caller_identity()
     except bex.NoCredentialsError:
         raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
     except bex.ClientError as err:
+        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
         raise AccessDenied(f"GetCallerIdentity failed: {err}") from None
     except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
         raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
+    except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:  # a proxy's page, cut-off XML
+        raise StsUnavailable(f"GetCallerIdentity: could not parse the reply ({_first_line(err)})") from None

@@ -233,7 +233,8 @@ NO_CREDENTIALS = (b'<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/201
     (502, "text/html", b"<html><body>Bad Gateway</body></html>", "HTTP 502"),
     (200, "text/xml", b"garbage<<", "Unable to parse response"),
     (200, "text/xml", NO_CREDENTIALS, "HTTP 200 without Credentials"),
-], ids=["plain-text-500", "html-502", "garbage-200", "no-credentials-200"])
+    (200, "text/html", b"<html><body>Welcome to the hotel wifi</body></html>", "no AssumeRoleResult element"),
+], ids=["plain-text-500", "html-502", "garbage-200", "no-credentials-200", "html-200"])
 def test_sts__unreadable_replies_are_an_outage_retried_within_the_budget(moto, monkeypatch, status, content_type,
                                                                          body, named):
     server, hits = _stand_in(status, body, content_type)
@@ -248,6 +249,24 @@ def test_sts__unreadable_replies_are_an_outage_retried_within_the_budget(moto, m
         assert named in str(err.value), f"the error should say {named!r}: {err.value}"
         assert elapsed < 3.0, f"the engine took {elapsed:.2f}s on a {status} stand-in (budget 2 s)"
         assert len(hits) > 1, f"an unreadable reply should be retried within the budget; server saw {len(hits)} call"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("status,content_type,body", [
+    (500, "text/plain", b"Internal proxy error"),
+    (502, "text/html", b"<html><body>Bad Gateway</body></html>"),
+    (200, "text/xml", b"garbage<<"),
+    (200, "text/xml", NO_CREDENTIALS),  # valid XML, but no GetCallerIdentityResult
+], ids=["plain-text-500", "html-502", "garbage-200", "wrong-xml-200"])
+def test_sts__caller_identity_calls_an_unreadable_reply_an_outage(moto, monkeypatch, status, content_type, body):
+    server, hits = _stand_in(status, body, content_type)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:%d" % server.server_address[1])
+        with pytest.raises(StsUnavailable) as err:
+            sts.caller_identity(sts.Credentials("ASIAEXAMPLEKEY123456", "x", "t", None), "us-east-1", timeout=2)
+        assert err.value.code == "sts_unavailable", f"expected code sts_unavailable, got {err.value.code}"
+        assert hits, "the stand-in never saw the GetCallerIdentity call"
     finally:
         server.shutdown()
 
