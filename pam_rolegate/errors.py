@@ -48,7 +48,7 @@ class Throttled(StsError):
 
 
 class StsUnavailable(StsError):
-    """STS did not answer (connection refused, timeout, 5xx) within the time budget."""
+    """STS did not answer (connection refused, timeout, 5xx, a reply that is not STS's) within the time budget."""
 
     code = "sts_unavailable"
 

@@ -3,6 +3,8 @@
 Every path is walked with directory file descriptors and O_NOFOLLOW, and files are replaced by
 rename, never written in place: a symlink, hard link or FIFO planted anywhere in the tree is
 replaced or refused, never followed, so a root write cannot be redirected outside runtime_dir.
+runtime_dir itself is reached the same way, from / down, and it and every parent must be
+root-owned and not writable by group or others: a symlink or an unsafe parent is refused.
 
 Layout (all directories root-owned):
     runtime_dir/                 0755  the broker's socket lives here
@@ -114,22 +116,76 @@ class CredentialStore:
             return fd
         raise StoreError(f"{where} keeps changing under us; is something else writing to {self.runtime_dir}?")
 
-    def _root_fd(self):
+    def _root_fd(self, create=True):
+        """An fd on runtime_dir, reached from / one component at a time without following links.
+
+        Every ancestor must be as safe as runtime_dir itself: whoever can write to a parent can
+        swap the child for a link after we checked it, so /tmp (sticky or not) is refused too.
+        Missing trailing components are created, but only below a parent that passed the check.
+        """
         path = self.runtime_dir
+        if not path.startswith("/"):
+            raise StoreError(f"runtime_dir {path!r} must be an absolute path, such as /run/rolegate")
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise StoreError(f"runtime_dir {path!r} must not contain '..'; write it out in full")
+        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        where = "/"
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.makedirs(path, 0o755, exist_ok=True)
-            st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            raise StoreError(f"{path} is a symbolic link; runtime_dir must be a real directory")
-        fd = os.open(path, _DIR_FLAGS)
-        try:
-            self._check_dir(fd, path)
+            self._check_ancestor(fd, where)
+            for i, name in enumerate(parts):
+                where = "/" + "/".join(parts[:i + 1])
+                child = self._open_component(fd, name, where, create)
+                os.close(fd)
+                fd = child
+                if i == len(parts) - 1:
+                    self._check_dir(fd, where)
+                else:
+                    self._check_ancestor(fd, where)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    @staticmethod
+    def _open_component(parent_fd, name, where, create):
+        """Open one path component below an already-checked parent; symlinks are refused, not followed."""
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            if not create:
+                raise StoreError(f"{where} does not exist; start rolegated, it creates it") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise StoreError(f"{where} is {kind}; runtime_dir and each of its parents must be real root-owned "
+                             f"directories not writable by others; choose a directory under /run") from None
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        except FileExistsError:
+            pass  # created meanwhile: the open below checks what is there now
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            os.fchmod(fd, 0o755)  # mkdir's mode passes through the umask; users must reach the socket
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _check_ancestor(fd, where):
+        """A parent of runtime_dir: root-owned and writable by root only, or nothing below it is safe."""
+        st = os.fstat(fd)
+        if st.st_uid != 0:
+            problem = f"is owned by uid {st.st_uid}, not root"
+        elif st.st_mode & 0o022:
+            problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+        else:
+            return
+        raise StoreError(f"{where} {problem}; runtime_dir and each of its parents must be real root-owned "
+                         f"directories not writable by others; choose a directory under /run")
 
     def _grants_fd(self, create=True):
         root = self._root_fd()
@@ -142,8 +198,7 @@ class CredentialStore:
 
     def prepare(self):
         """Make runtime_dir safe to use: a root-owned directory on tmpfs (mounting one if allowed)."""
-        fd = self._root_fd()
-        os.close(fd)
+        os.close(self._root_fd())
         kind = fs_type(self.runtime_dir)
         if kind not in _MEMORY_FS:
             if not self.mount:
@@ -155,6 +210,7 @@ class CredentialStore:
             if done.returncode != 0 or fs_type(self.runtime_dir) not in _MEMORY_FS:
                 raise StoreError(f"{self.runtime_dir} is on {kind}, not tmpfs, and mounting one failed: "
                                  f"{done.stderr.strip()}; set runtime_dir to a directory under /run")
+            os.close(self._root_fd(create=False))  # the mount is a new directory: check it the same way
         os.close(self._grants_fd())
         os.close(self._state_fd())
 

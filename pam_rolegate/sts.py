@@ -285,8 +285,12 @@ class StsEngine:
             self._source_creds, self._client = None, None
 
     def _call(self, what, invoke, budget=None):
-        """Run `invoke(client)` with retries for throttling and outages until the budget is spent."""
+        """Run `invoke(client)` with retries for throttling and outages until the budget is spent.
+
+        `invoke` may itself raise StsUnavailable for a reply it cannot use; that is retried too.
+        """
         import botocore.exceptions as bex
+        from botocore.parsers import ResponseParserError
 
         budget = self.budget if budget is None else min(budget, self.budget)
         deadline = time.monotonic() + budget
@@ -309,6 +313,11 @@ class StsEngine:
                     self._forget_source()  # gatekeeper keys rotated under us: fetch anew, once
                     last = StsUnavailable(f"{what}: gatekeeper credentials expired")
                     continue
+                elif (not code or code.isdigit()) and status >= 500:
+                    # botocore names a reply without an STS error in it by its HTTP status: a proxy
+                    # or load balancer answered, not STS.
+                    last = StsUnavailable(f"{what}: the STS endpoint answered HTTP {status} ({msg or 'no message'}) "
+                                          f"without an STS error; is a proxy in the way?")
                 elif code in _DENIED_CODES:
                     raise AccessDenied(f"{what}: access denied ({code}: {msg}); run 'rolegate policy' for the "
                                        f"permissions and trust the gatekeeper and role need") from None
@@ -318,6 +327,16 @@ class StsEngine:
                     last = StsUnavailable(f"{what}: STS error {code or status}: {msg}")
             except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
                 last = StsUnavailable(f"{what}: STS did not answer within the {budget:g}s budget ({err})")
+            except bex.ParamValidationError as err:
+                raise InvalidRequest(f"{what}: botocore refused the request before sending it ({err})") from None
+            except StsUnavailable as err:
+                last = err
+            except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:
+                # An answer botocore cannot read (a proxy's text page, a cut-off body) is an outage
+                # like any other, not an internal error. Its parser raises KeyError for XML without
+                # the result element, ValueError for a bad timestamp.
+                last = StsUnavailable(f"{what}: could not parse the reply from the STS endpoint "
+                                      f"({_first_line(err)}); is a proxy in the way?")
             backoff = min(0.1 * 2 ** attempt, 1.0)
             if deadline - time.monotonic() <= backoff + 0.05:
                 raise last
@@ -333,10 +352,8 @@ class StsEngine:
             params["ExternalId"] = request.external_id
         if request.policy_arns:
             params["PolicyArns"] = [{"arn": a} for a in request.policy_arns]
-        reply = self._call(f"AssumeRole {request.role_arn}", lambda c: c.assume_role(**params), budget)
-        c = reply["Credentials"]
-        return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"],
-                           c["Expiration"].astimezone(timezone.utc))
+        what = f"AssumeRole {request.role_arn}"
+        return self._call(what, lambda c: _assumed_credentials(what, c.assume_role(**params)), budget)
 
     def host_facts(self):
         """Hostname, and the instance id when the source is the instance profile (else empty)."""
@@ -347,16 +364,45 @@ class StsEngine:
         return HostFacts(socket.gethostname(), instance_id)
 
 
+def _assumed_credentials(what, reply):
+    """The Credentials in an AssumeRole reply; a reply without them (a stand-in answering 200
+    with something else) is an outage, so the engine retries it within its budget."""
+    c = reply.get("Credentials") or {}
+    missing = [k for k in ("AccessKeyId", "SecretAccessKey", "SessionToken") if not c.get(k)]
+    if not isinstance(c.get("Expiration"), datetime):
+        missing.append("Expiration")
+    if missing:
+        status = reply.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        raise StsUnavailable(f"{what}: the STS endpoint answered HTTP {status} without "
+                             f"{'Credentials' if not c else ', '.join(missing)}; is a proxy in the way?")
+    return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"],
+                       c["Expiration"].astimezone(timezone.utc))
+
+
+def _first_line(err):
+    """botocore's parser errors end with the whole body; the first line says what went wrong."""
+    if isinstance(err, KeyError) and err.args:
+        return f"no {err.args[0]} element in it"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory):
     """GetCallerIdentity with the given (assumed) credentials: which role really arrived."""
     import botocore.exceptions as bex
+    from botocore.parsers import ResponseParserError
 
     try:
         reply = client_factory(creds, region, timeout).get_caller_identity()
     except bex.ClientError as err:
+        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
         raise AccessDenied(f"GetCallerIdentity failed: {err}") from None
     except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
         raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
+    except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:  # a proxy's page, cut-off XML
+        raise StsUnavailable(f"GetCallerIdentity: could not parse the reply ({_first_line(err)})") from None
+    if not all(reply.get(k) for k in ("Account", "Arn", "UserId")):
+        raise StsUnavailable("GetCallerIdentity: the STS endpoint's reply names no identity; is a proxy in the way?")
     return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}
 
 
@@ -364,12 +410,17 @@ def session_identity(region):
     """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has."""
     import boto3
     import botocore.exceptions as bex
+    from botocore.parsers import ResponseParserError
 
     try:
         return boto3.session.Session().client("sts", region_name=region).get_caller_identity()
     except bex.NoCredentialsError:
         raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
     except bex.ClientError as err:
+        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
         raise AccessDenied(f"GetCallerIdentity failed: {err}") from None
     except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
         raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
+    except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:  # a proxy's page, cut-off XML
+        raise StsUnavailable(f"GetCallerIdentity: could not parse the reply ({_first_line(err)})") from None

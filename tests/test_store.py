@@ -23,8 +23,8 @@ NOBODY = 65534
 def runtime_dir():
     if os.getuid() != 0:
         pytest.skip("the store chowns files: run as root (sudo scripts/test)")
-    base = "/dev/shm" if store.fs_type("/dev/shm") == "tmpfs" else "/run"
-    path = tempfile.mkdtemp(prefix="rolegate-test-", dir=base)
+    # Under /run, not /dev/shm or /tmp: a world-writable parent (even a sticky one) is refused.
+    path = tempfile.mkdtemp(prefix="rolegate-test-", dir="/run")
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -53,11 +53,9 @@ def test_store__file_is_0600_owned_by_user_in_root_only_directories(runtime_dir)
     assert "[default]" in text and "aws_secret_access_key = secret1" in text, text
 
 
-def test_store__refuses_a_runtime_dir_not_on_tmpfs(tmp_path):
-    if store.fs_type(str(tmp_path)) in ("tmpfs", "ramfs"):
-        disk = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(__file__)))
-    else:
-        disk = str(tmp_path / "rt")
+def test_store__refuses_a_runtime_dir_not_on_tmpfs():
+    # In our own tree: on disk, and (unlike /tmp) its parents are root-only.
+    disk = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(__file__)))
     try:
         with pytest.raises(StoreError, match="not tmpfs"):
             store.CredentialStore(disk, mount=False).prepare()
@@ -89,6 +87,56 @@ def test_store__refuses_a_world_writable_or_symlinked_runtime_dir(runtime_dir):
             store.CredentialStore(link, mount=False).prepare()
     finally:
         os.unlink(link)
+
+
+@pytest.mark.parametrize("holder_mode", [0o755, 0o777], ids=["root-only", "world-writable"])
+def test_store__refuses_a_runtime_dir_below_a_symlinked_parent(runtime_dir, holder_mode):
+    # A user's directory, reached through a link planted in a parent of runtime_dir.
+    target = runtime_dir + ".target"
+    os.mkdir(target, 0o755)
+    os.chown(target, NOBODY, NOBODY)
+    link = os.path.join(runtime_dir, "link")
+    os.symlink(target, link)
+    os.chmod(runtime_dir, holder_mode)
+    try:
+        with pytest.raises(StoreError) as err:
+            store.CredentialStore(os.path.join(link, "rolegate"), mount=False).prepare()
+        # The first unsafe component is the one named: the link, or the writable dir holding it.
+        culprit = link if holder_mode == 0o755 else runtime_dir
+        assert f"{culprit} is" in str(err.value), f"the error should name {culprit}: {err.value}"
+        assert "choose a directory under /run" in str(err.value), f"the error should say what to do: {err.value}"
+        assert os.listdir(target) == [], f"something was created through the link: {os.listdir(target)}"
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode,owner", [(0o777, 0), (0o1777, 0), (0o775, 0), (0o755, NOBODY)],
+                         ids=["0777", "sticky-1777", "group-0775", "nobody-owned"])
+def test_store__refuses_a_parent_others_can_write(runtime_dir, mode, owner):
+    os.chmod(runtime_dir, mode)
+    os.chown(runtime_dir, owner, owner)
+    with pytest.raises(StoreError) as err:
+        store.CredentialStore(os.path.join(runtime_dir, "rolegate"), mount=False).prepare()
+    problem = "owned by uid" if owner else "writable by group or others"
+    assert f"{runtime_dir} is" in str(err.value) and problem in str(err.value), \
+        f"mode {mode:o} uid {owner}: the error should name {runtime_dir} and say it is {problem}: {err.value}"
+    assert os.listdir(runtime_dir) == [], f"something was created below a refused parent: {os.listdir(runtime_dir)}"
+
+
+def test_store__creates_missing_components_below_a_safe_parent(runtime_dir):
+    path = os.path.join(runtime_dir, "a", "b", "rolegate")
+    old_umask = os.umask(0o077)  # a strict umask must not leave the socket directory unreachable
+    try:
+        s = store.CredentialStore(path, mount=False)
+        s.prepare()
+    finally:
+        os.umask(old_umask)
+    for d in (os.path.join(runtime_dir, "a"), os.path.join(runtime_dir, "a", "b"), path):
+        st = os.lstat(d)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755, \
+            f"{d} should be a root-owned 0755 directory, is uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):o}"
+    written = s.write("g1", store.CREDENTIALS, b"x\n", NOBODY, NOBODY)
+    assert open(written, "rb").read() == b"x\n", f"the store under a created path did not work: {written}"
 
 
 @pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])

@@ -178,6 +178,11 @@ def _error_server(code, status):
     body = (f'<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
             f"<Code>{code}</Code><Message>made up by the test</Message></Error>"
             f"<RequestId>1</RequestId></ErrorResponse>").encode()
+    return _stand_in(status, body)
+
+
+def _stand_in(status, body, content_type="text/xml"):
+    """A local HTTP server that answers every POST with `status` and `body`; returns it and its hit list."""
     hits = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -185,7 +190,7 @@ def _error_server(code, status):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             hits.append(self.path)
             self.send_response(status)
-            self.send_header("Content-Type", "text/xml")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -213,6 +218,55 @@ def test_sts__throttling_and_access_denied_are_distinct_errors(moto, cfg, monkey
         assert time.monotonic() - start < 3.5, "the engine overran its 2 s budget"
         assert (len(hits) > 1) == retried, f"{code}: expected retried={retried}, server saw {len(hits)} calls"
         assert code in str(err.value), f"the error should name STS's code: {err.value}"
+    finally:
+        server.shutdown()
+
+
+NO_CREDENTIALS = (b'<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleResult>'
+                  b"<AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/s3-full-access/alice</Arn>"
+                  b"<AssumedRoleId>AROAEXAMPLE:alice</AssumedRoleId></AssumedRoleUser></AssumeRoleResult>"
+                  b"<ResponseMetadata><RequestId>1</RequestId></ResponseMetadata></AssumeRoleResponse>")
+
+
+@pytest.mark.parametrize("status,content_type,body,named", [
+    (500, "text/plain", b"Internal proxy error", "Unable to parse response"),
+    (502, "text/html", b"<html><body>Bad Gateway</body></html>", "HTTP 502"),
+    (200, "text/xml", b"garbage<<", "Unable to parse response"),
+    (200, "text/xml", NO_CREDENTIALS, "HTTP 200 without Credentials"),
+    (200, "text/html", b"<html><body>Welcome to the hotel wifi</body></html>", "no AssumeRoleResult element"),
+], ids=["plain-text-500", "html-502", "garbage-200", "no-credentials-200", "html-200"])
+def test_sts__unreadable_replies_are_an_outage_retried_within_the_budget(moto, monkeypatch, status, content_type,
+                                                                         body, named):
+    server, hits = _stand_in(status, body, content_type)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:%d" % server.server_address[1])
+        cfg = config.parse(CONFIG.replace("region: us-east-1", "region: us-east-1\nsts_timeout: 2"), "t.yaml")
+        start = time.monotonic()
+        with pytest.raises(StsUnavailable) as err:
+            assume_for(cfg, ident("alice"))
+        elapsed = time.monotonic() - start
+        assert err.value.code == "sts_unavailable", f"expected code sts_unavailable, got {err.value.code}"
+        assert named in str(err.value), f"the error should say {named!r}: {err.value}"
+        assert elapsed < 3.0, f"the engine took {elapsed:.2f}s on a {status} stand-in (budget 2 s)"
+        assert len(hits) > 1, f"an unreadable reply should be retried within the budget; server saw {len(hits)} call"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("status,content_type,body", [
+    (500, "text/plain", b"Internal proxy error"),
+    (502, "text/html", b"<html><body>Bad Gateway</body></html>"),
+    (200, "text/xml", b"garbage<<"),
+    (200, "text/xml", NO_CREDENTIALS),  # valid XML, but no GetCallerIdentityResult
+], ids=["plain-text-500", "html-502", "garbage-200", "wrong-xml-200"])
+def test_sts__caller_identity_calls_an_unreadable_reply_an_outage(moto, monkeypatch, status, content_type, body):
+    server, hits = _stand_in(status, body, content_type)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:%d" % server.server_address[1])
+        with pytest.raises(StsUnavailable) as err:
+            sts.caller_identity(sts.Credentials("ASIAEXAMPLEKEY123456", "x", "t", None), "us-east-1", timeout=2)
+        assert err.value.code == "sts_unavailable", f"expected code sts_unavailable, got {err.value.code}"
+        assert hits, "the stand-in never saw the GetCallerIdentity call"
     finally:
         server.shutdown()
 
