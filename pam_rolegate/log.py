@@ -4,11 +4,16 @@ Standard library only (the PAM hook uses it). Lines read `EVENT: key=value ...`;
 spaces are JSON-quoted. Callers pass masked key ids only; nothing here ever sees a secret.
 """
 
-import json
 import os
-import socket
 import sys
 import syslog
+
+import _socket
+
+try:  # the C string encoder alone: `json` would import `re` inside sshd
+    from _json import encode_basestring as _quote
+except ImportError:
+    from json import dumps as _quote
 
 # The decisions rolegate logs; tests and admins' alerts match on these words.
 EVENTS = ("granted", "denied", "refreshed", "released", "reaped", "failed", "reloaded", "started",
@@ -19,7 +24,7 @@ DEV_LOG = "/dev/log"
 def _value(v):
     text = str(v)
     if not text or any(c.isspace() or c in '"=' for c in text):
-        return json.dumps(text, ensure_ascii=False)
+        return _quote(text)
     return text
 
 
@@ -41,14 +46,16 @@ class Log:
 
     def _syslog(self, text, priority):
         msg = f"<{syslog.LOG_AUTHPRIV | priority}>{self.ident}[{os.getpid()}]: {text}".encode("utf-8", "replace")
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.settimeout(0.5)
-                s.connect(DEV_LOG)
-                s.send(msg)
+            s.settimeout(0.5)
+            s.connect(DEV_LOG)
+            s.send(msg)
             return True
         except OSError:
             return False
+        finally:
+            s.close()
 
     def emit(self, text, priority=syslog.LOG_INFO):
         if self.use_syslog and self._syslog(text, priority):

@@ -594,7 +594,12 @@ class Registry:
         return kept, reaped
 
     def reconfigure(self, cfg, engine):
+        """A reloaded config: a changed refresh_before reschedules every live grant by the new rule."""
         with self._lock:
-            self.cfg, self.engine = cfg, engine
+            old, self.cfg, self.engine = self.cfg, cfg, engine
+            if cfg.session.refresh_before != old.session.refresh_before:
+                for grant in list(self._grants.values()):
+                    if grant.id not in self._lingering and not grant.failures:
+                        self._put_grant(dataclasses.replace(grant, next_refresh=self.schedule(grant.credentials)))
 
 

@@ -1,13 +1,29 @@
-"""The measurements behind scripts/bench; runs inside scripts/sandbox."""
+"""The measurements behind scripts/bench; runs inside scripts/sandbox.
 
+Tables, all from one run on this machine, so ratios compare like with like:
+  hook     pamtester open+close: pam_permit, an empty pam_python hook, and rolegate's cases,
+           each as a ratio to the empty hook (the floor: starting pam_python's interpreter)
+  burst    c simultaneous opens on the PAM door: granted/total, p50, p99, broker CPU per open
+  scale    open/close/env with n live sessions: p50, p99, broker RSS, journal bytes per change
+  refresh  a refresh pass of N grants: time, STS calls, a login's p99 during the pass
+
+    sudo scripts/bench [--rounds N] [--only hook,burst,scale,refresh] [--max-sessions N] [--grants N,N]
+"""
+
+import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from harness import make_host, run  # noqa: E402
+from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, make_host, run  # noqa: E402
+
+from pam_rolegate import client, protocol  # noqa: E402
 
 EMPTY_HOOK = """
 def pam_sm_open_session(pamh, flags, argv):
@@ -15,6 +31,95 @@ def pam_sm_open_session(pamh, flags, argv):
 def pam_sm_close_session(pamh, flags, argv):
     return pamh.PAM_SUCCESS
 """
+
+CONFIG = f"""
+version: 1
+region: us-east-1
+sts_timeout: 3
+reap_interval: 30s
+session:
+  duration: 900
+  refresh_before: {{refresh_before}}
+  linger: {{linger}}
+refresh: {{{{workers: 8, rate: 100}}}}
+roles:
+  - match: {{{{user: [alice, carol, dave]}}}}
+    role: arn:aws:iam::{ACCOUNT}:role/alice-role
+  - match: {{{{group: benchers}}}}
+    role: arn:aws:iam::{ACCOUNT}:role/bench
+"""
+
+
+def config(refresh_before=600, linger="15m"):
+    return CONFIG.format(refresh_before=refresh_before, linger=linger)
+
+
+def pct(samples, p):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else float("nan")
+
+
+def broker_cpu_ms(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def broker_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def journal_bytes():
+    try:
+        return os.path.getsize(os.path.join(RUNTIME_DIR, "state", "journal"))
+    except OSError:
+        return 0
+
+
+def add_bench_users(h, prefix, n):
+    """n users in group `benchers`, written straight into the sandbox's passwd/group (useradd is slow)."""
+    if run(["getent", "group", "benchers"], check=False).returncode != 0:
+        run(["groupadd", "-g", "4000", "benchers"])
+    entries = [line.split(":") for line in open("/etc/passwd")]
+    existing = {e[0] for e in entries}
+    uid = max([20000] + [int(e[2]) for e in entries if len(e) > 2 and e[2].isdigit() and int(e[2]) < 60000]) + 1
+    with open("/etc/passwd", "a") as fh:
+        for i in range(n):
+            name = f"{prefix}{i}"
+            if name not in existing:
+                fh.write(f"{name}:x:{uid}:4000::/nonexistent:/usr/sbin/nologin\n")
+                uid += 1
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def call(request, path=PAM_SOCKET, timeout=10.0):
+    return client.call(request, path=path, timeout=timeout)
+
+
+def timed_open(user, pid):
+    start = time.perf_counter()
+    reply = call(protocol.OpenSession(user=user, service="sshd", pid=pid, budget_ms=3000))
+    return (time.perf_counter() - start) * 1000, reply
+
+
+class Holder:
+    """Long-lived processes whose pids hold bench sessions (the reaper ends sessions of dead pids)."""
+
+    def __init__(self, n=8):
+        self.procs = [subprocess.Popen(["sleep", "3600"]) for _ in range(n)]
+        self.pids = [p.pid for p in self.procs]
+
+    def stop(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+# -- hook --------------------------------------------------------------------------------------------
 
 
 def time_pamtester(service, user, rounds):
@@ -26,47 +131,204 @@ def time_pamtester(service, user, rounds):
     return samples
 
 
+def hook_table(h, hook, rounds):
+    empty = os.path.join(h.workdir, "empty_hook.py")
+    with open(empty, "w") as fh:
+        fh.write(EMPTY_HOOK)
+    for name, module in (("rg-empty", empty), ("rg-hook", hook)):
+        with open(f"/etc/pam.d/{name}", "w") as fh:
+            fh.write(f"session required pam_python.so {module}\n")
+    with open("/etc/pam.d/rg-none", "w") as fh:
+        fh.write("session required pam_permit.so\n")
+    rows = []
+
+    def case(label, service, user):
+        calls = h.moto.assume_role_calls()
+        samples = time_pamtester(service, user, rounds)
+        rows.append((label, samples, h.moto.assume_role_calls() - calls))
+
+    case("pam_permit only (pamtester itself)", "rg-none", "alice")
+    case("empty pam_python hook", "rg-empty", "alice")
+    case("rolegate, unmapped user", "rg-hook", "bob")
+    # A PAM-less shell holds alice's grant: every login below is warm.
+    holder = subprocess.Popen(["setpriv", "--reuid", "alice", "--regid", "alice", "--init-groups", "sh", "-c",
+                               'eval "$(rolegate env)"; sleep 600'], start_new_session=True)
+    time.sleep(1.5)
+    case("rolegate, warm (another session holds the grant)", "rg-hook", "alice")
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait(10)
+    case("rolegate, repeated logins, no other session (linger)", "rg-hook", "carol")
+    h.write_config(config(linger=0))
+    h.broker.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    case("rolegate, cold: linger 0, an AssumeRole each", "rg-hook", "dave")
+    h.write_config(config())
+    h.broker.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    floor = statistics.median(rows[1][1])
+    print(f"\nHook: PAM open_session+close_session through pamtester, {rounds} rounds each (ms)\n")
+    print(f"{'case':54} {'median':>7} {'p90':>7} {'min':>7} {'÷empty':>7} {'STS':>5}")
+    for label, s, calls in rows:
+        print(f"{label:54} {statistics.median(s):7.1f} {pct(s, 90):7.1f} {min(s):7.1f} "
+              f"{statistics.median(s) / floor:7.2f} {calls:5d}")
+
+
+# -- burst -------------------------------------------------------------------------------------------
+
+
+def burst_table(h, holder, sizes):
+    users = add_bench_users(h, "bu", 10)
+    for u in users:  # warm every grant once: the burst measures the broker, not STS
+        call(protocol.OpenSession(user=u, service="sshd", pid=holder.pids[0]))
+    print("\nBurst: c simultaneous open_session calls on the PAM door (10 users, warm grants), then closes\n")
+    print(f"{'c':>5} {'granted':>10} {'p50 ms':>8} {'p99 ms':>8} {'broker CPU ms/open':>20}")
+    for c in sizes:
+        barrier = threading.Barrier(c)
+        results = []
+
+        def one(i):
+            barrier.wait()
+            ms, reply = timed_open(users[i % len(users)], holder.pids[1 + i % (len(holder.pids) - 1)])
+            return ms, reply
+
+        cpu0 = broker_cpu_ms(h.broker.pid)
+        with ThreadPoolExecutor(max_workers=c) as pool:
+            results = list(pool.map(one, range(c)))
+        cpu = broker_cpu_ms(h.broker.pid) - cpu0
+        granted = [r for _ms, r in results if isinstance(r, protocol.Reply) and r.get("granted")]
+        for r in granted:
+            call(protocol.CloseSession(session=r.get("session")))
+        times = [ms for ms, _r in results]
+        print(f"{c:5d} {len(granted):5d}/{c:<4d} {pct(times, 50):8.1f} {pct(times, 99):8.1f} {cpu / c:20.2f}")
+
+
+# -- scale -------------------------------------------------------------------------------------------
+
+ENV_TIMER = """
+import json, sys, time
+from pam_rolegate import client, protocol
+samples = []
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    reply = client.call(protocol.Env(), path=sys.argv[2])
+    samples.append((time.perf_counter() - start) * 1000)
+    assert reply.get("granted"), reply
+print(json.dumps(samples))
+"""
+
+
+def scale_table(h, holder, sizes, ops=200):
+    import json
+
+    users = add_bench_users(h, "su", 100)
+    env_user = users[0]
+    print(f"\nScale: {ops} operations at n live sessions (100 users; pids of {len(holder.pids)} processes)\n")
+    print(f"{'n':>7} {'open p50':>9} {'p99':>7} {'close p50':>10} {'p99':>7} {'env p50':>8} {'p99':>7} "
+          f"{'RSS MB':>8} {'journal B/change':>17}")
+    live = 0
+    for n in sizes:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda i: call(protocol.OpenSession(user=users[i % 100], service="sshd",
+                                                                pid=holder.pids[i % len(holder.pids)])),
+                          range(live, n)))
+        live = n
+        opens, closes = [], []
+        j0 = journal_bytes()
+        for i in range(ops):
+            ms, reply = timed_open(users[i % 100], holder.pids[i % len(holder.pids)])
+            opens.append(ms)
+            start = time.perf_counter()
+            call(protocol.CloseSession(session=reply.get("session")))
+            closes.append((time.perf_counter() - start) * 1000)
+        grew = journal_bytes() - j0
+        done = run(["setpriv", "--reuid", env_user, "--regid", "benchers", "--clear-groups", sys.executable, "-c",
+                    ENV_TIMER, str(ops), SOCKET], check=False)
+        envs = json.loads(done.stdout) if done.returncode == 0 else []
+        per_change = f"{grew / (2 * ops):.0f}" if grew > 0 else "(compacted)"
+        print(f"{n:7d} {pct(opens, 50):9.2f} {pct(opens, 99):7.2f} {pct(closes, 50):10.2f} {pct(closes, 99):7.2f} "
+              f"{pct(envs, 50):8.2f} {pct(envs, 99):7.2f} {broker_rss_mb(h.broker.pid):8.1f} {per_change:>17}")
+        if done.returncode != 0:
+            print(f"   env timing failed: {done.stderr.strip()[-300:]}")
+    for pid in holder.pids:
+        call(protocol.CloseSession(pid=pid))
+
+
+# -- refresh -----------------------------------------------------------------------------------------
+
+
+def refresh_table(h, holder, counts):
+    print("\nRefresh pass: N grants made due at once (a SIGHUP that lengthens refresh_before); "
+          "refresh.workers 8, rate 100/s\n")
+    print(f"{'N':>6} {'pass s':>8} {'STS calls':>10} {'login p50 ms':>13} {'login p99 ms':>13}")
+    for n in counts:
+        h.write_config(config(refresh_before=300))
+        h.broker.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        users = add_bench_users(h, f"r{n}x", n)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda u: call(protocol.OpenSession(user=u, service="sshd", pid=holder.pids[0]),
+                                         timeout=30), users))
+        before = h.moto.assume_role_calls()
+        stop = threading.Event()
+        logins = []
+
+        def login_loop():
+            while not stop.is_set() and len(logins) < 100000:
+                ms, reply = timed_open("alice", holder.pids[1])
+                logins.append(ms)
+                call(protocol.CloseSession(session=reply.get("session")))
+                time.sleep(0.02)
+
+        t = threading.Thread(target=login_loop)
+        t.start()
+        start = time.monotonic()
+        h.write_config(config(refresh_before=890))
+        h.broker.send_signal(signal.SIGHUP)
+        deadline = start + max(120, n / 10)
+        calls = 0
+        while time.monotonic() < deadline:
+            calls = h.moto.assume_role_calls() - before
+            if calls >= n:
+                break
+            time.sleep(0.25)
+        elapsed = time.monotonic() - start
+        stop.set()
+        t.join()
+        call(protocol.CloseSession(pid=holder.pids[0]))
+        print(f"{n:6d} {elapsed:8.1f} {calls:10d} {pct(logins, 50):13.2f} {pct(logins, 99):13.2f}")
+    h.write_config(config())
+    h.broker.send_signal(signal.SIGHUP)
+
+
 def main():
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--only", default="hook,burst,scale,refresh")
+    p.add_argument("--bursts", default="8,32,128,512")
+    p.add_argument("--sessions", default="10,100,1000,10000")
+    p.add_argument("--grants", default="500,2000")
+    args = p.parse_args()
+    only = set(args.only.split(","))
     h = make_host()
+    holder = Holder()
     try:
         h.install_commands()
         h.start_moto()
-        h.add_user("alice")
-        h.add_user("bob")
-        h.write_config()
+        for user in ("alice", "bob", "carol", "dave"):
+            h.add_user(user)
+        h.write_config(config())
         hook = h.install_pam()
         h.start_broker()
-        empty = os.path.join(h.workdir, "empty_hook.py")
-        with open(empty, "w") as fh:
-            fh.write(EMPTY_HOOK)
-        for name, module in (("rg-empty", empty), ("rg-hook", hook)):
-            with open(f"/etc/pam.d/{name}", "w") as fh:
-                fh.write(f"session required pam_python.so {module}\n")
-        with open("/etc/pam.d/rg-none", "w") as fh:
-            fh.write("session required pam_permit.so\n")
-        rows = [("pam_permit only (pamtester itself)", time_pamtester("rg-none", "alice", rounds)),
-                ("empty pam_python hook", time_pamtester("rg-empty", "alice", rounds)),
-                ("rolegate, unmapped user (no STS)", time_pamtester("rg-hook", "bob", rounds))]
-        calls0 = h.moto.assume_role_calls()
-        rows.append(("rolegate, cache miss (AssumeRole)", time_pamtester("rg-hook", "alice", rounds)))
-        misses = h.moto.assume_role_calls() - calls0
-        # Hold the grant with a PAM-less shell session so every login below is a cache hit.
-        holder = subprocess.Popen(["setpriv", "--reuid", "alice", "--regid", "alice", "--init-groups", "sh", "-c",
-                                   'eval "$(rolegate env)"; sleep 600'], start_new_session=True)
-        time.sleep(1.5)
-        calls1 = h.moto.assume_role_calls()
-        rows.append(("rolegate, cache hit (live grant)", time_pamtester("rg-hook", "alice", rounds)))
-        hits_calls = h.moto.assume_role_calls() - calls1
-        os.killpg(holder.pid, 9)  # the shell and its sleep, so nothing keeps our stdout open
-        holder.wait(10)
-        print(f"\nPAM open_session+close_session through pamtester, {rounds} rounds each (ms)\n")
-        print(f"{'case':38} {'median':>8} {'p90':>8} {'min':>8}")
-        for name, s in rows:
-            s = sorted(s)
-            print(f"{name:38} {statistics.median(s):8.1f} {s[int(0.9 * (len(s) - 1))]:8.1f} {s[0]:8.1f}")
-        print(f"\nAssumeRole calls: {misses} for {rounds} cache misses, {hits_calls} for {rounds} cache hits")
+        if "hook" in only:
+            hook_table(h, hook, args.rounds)
+        if "burst" in only:
+            burst_table(h, holder, [int(c) for c in args.bursts.split(",")])
+        if "scale" in only:
+            scale_table(h, holder, [int(n) for n in args.sessions.split(",")])
+        if "refresh" in only:
+            refresh_table(h, holder, [int(n) for n in args.grants.split(",")])
     finally:
+        holder.stop()
         h.stop()
 
 
