@@ -151,18 +151,30 @@ def check_runtime_dir(ctx):
 
 
 def check_broker(ctx):
+    """Both doors answer: the user door (anyone) and the root-only PAM door the hook uses."""
     from . import client, protocol
     from .errors import BrokerUnavailable
 
     cfg = ctx.get("config")
-    path = os.path.join(cfg.runtime_dir if cfg else "/run/rolegate", "rolegated.sock")
-    try:
-        reply = client.call(protocol.Ping(), path=path, timeout=3)
-    except BrokerUnavailable as err:
-        return [Result("broker", FAIL, str(err), "systemctl start rolegated (journalctl -u rolegated for why)")]
-    if isinstance(reply, protocol.ErrorReply):
-        return [Result("broker", FAIL, f"ping refused: {reply.message}", "restart rolegated")]
-    return [Result("broker", PASS, f"rolegated pid {reply.get('pid')} answers on {path}")]
+    runtime_dir = cfg.runtime_dir if cfg else client.DEFAULT_RUNTIME_DIR
+    answered = []
+    for door, name in (("user", protocol.USER_SOCKET), ("PAM", protocol.PAM_SOCKET)):
+        path = os.path.join(runtime_dir, name)
+        try:
+            reply = client.call(protocol.Ping(), path=path, timeout=3)
+        except BrokerUnavailable as err:
+            return [Result("broker", FAIL, f"{door} door: {err}",
+                           "systemctl start rolegated (journalctl -u rolegated for why)")]
+        if isinstance(reply, protocol.ErrorReply):
+            return [Result("broker", FAIL, f"{door} door refused a ping: {reply.message}", "restart rolegated")]
+        answered.append(f"{door} door {path}")
+    pam_dir = os.path.dirname(os.path.join(runtime_dir, protocol.PAM_SOCKET))
+    st = os.lstat(pam_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o077:
+        return [Result("broker", FAIL, f"{pam_dir} is not a root-only directory (mode {stat.S_IMODE(st.st_mode):o}, "
+                                       f"uid {st.st_uid}): users could reach the PAM door",
+                       "restart rolegated (it makes the directory 0700 root)")]
+    return [Result("broker", PASS, f"rolegated pid {reply.get('pid')} answers on its " + " and ".join(answered))]
 
 
 def _connect_as(uid, family, addr, timeout=2.0):
