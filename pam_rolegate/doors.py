@@ -266,10 +266,10 @@ class Handlers:
     def ping(self, peer, req):
         return protocol.Reply({"version": protocol.VERSION, "pid": os.getpid()})
 
-    def _open(self, facts, kind, pid, started, uid=None, budget=None, sid=None):
+    def _open(self, facts, kind, pid, started, budget=None, sid=None):
         reg = self.registry
         try:
-            opened = reg.open(facts, kind, pid, started, uid=uid, budget=budget, sid=sid)
+            opened = reg.open(facts, kind, pid, started, budget=budget, sid=sid)
         except mapping.UnknownUser as err:
             return protocol.ErrorReply(protocol.E_UNKNOWN_USER, str(err))
         except StsError as err:
@@ -313,7 +313,7 @@ class Handlers:
         started = procs.start_time(shell)
         facts = mapping.LoginFacts(user=name, service=mapping.SHELL_SERVICE)
         try:
-            return self._open(facts, "shell", shell, started, uid=peer.uid, sid=f"shell-{peer.uid}-{shell}-{started}")
+            return self._open(facts, "shell", shell, started, sid=f"shell-{peer.uid}-{shell}-{started}")
         except ShellLimit as err:
             return self._forbidden(peer, req.ACTION, str(err))
 

@@ -59,9 +59,10 @@ class Watcher:
         self.limit = limit if limit is not None else max(soft - FD_RESERVE, 0)
         self._lock = threading.Lock()
         self._todo = []  # ("add", pid, started) / ("remove", pid, None), from the registry's listener
+        # A process is (pid, start time): a pid reused before its old pidfd fired is another process.
+        self._watches = {}  # (pid, started) -> pidfd, or None when polled
+        self._pids = {}  # pid -> set of started, for removal by pid
         self._fds = {}  # pidfd -> (pid, started)
-        self._by_pid = {}  # pid -> pidfd
-        self._polled = {}  # pid -> started: watched by polling
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
@@ -82,54 +83,68 @@ class Watcher:
             pass  # already woken
 
     def counts(self):
-        return {"pidfds": len(self._fds), "polled": len(self._polled)}
+        return {"pidfds": len(self._fds), "polled": len(self._watches) - len(self._fds)}
 
     def _apply(self):
         with self._lock:
             todo, self._todo = self._todo, []
         for op, pid, started in todo:
             if op == "remove":
-                fd = self._by_pid.pop(pid, None)
-                if fd is not None:
-                    self._epoll.unregister(fd)
-                    os.close(fd)
-                    del self._fds[fd]
-                self._polled.pop(pid, None)
-            elif pid not in self._by_pid and pid not in self._polled:
+                for st in self._pids.pop(pid, ()):
+                    self._forget((pid, st))
+            elif op == "add" and (pid, started) not in self._watches:
                 self._watch(pid, started)
 
+    def _forget(self, key):
+        fd = self._watches.pop(key, None)
+        if fd is not None:
+            self._epoll.unregister(fd)
+            os.close(fd)
+            del self._fds[fd]
+        starts = self._pids.get(key[0])
+        if starts is not None:
+            starts.discard(key[1])
+            if not starts:
+                del self._pids[key[0]]
+
+    def _ended(self, key):
+        self._forget(key)
+        self.registry.process_ended(*key)
+
     def _watch(self, pid, started):
+        key = (pid, started)
+        self._pids.setdefault(pid, set()).add(started)
         if len(self._fds) >= self.limit or not hasattr(os, "pidfd_open"):
-            self._polled[pid] = started
+            self._watches[key] = None
             return
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self.registry.process_ended(pid, started)
+            self._ended(key)
             return
         except OSError:  # out of descriptors after all, or pidfds unsupported: poll instead
-            self._polled[pid] = started
+            self._watches[key] = None
             return
         # The pidfd names whichever process has this pid now: if that is not the session's
         # process (it exited and the pid was reused), the session's process is gone.
         if started is None or procs.start_time(pid) != started:
             os.close(fd)
-            self.registry.process_ended(pid, started)
+            self._ended(key)
             return
-        self._fds[fd] = (pid, started)
-        self._by_pid[pid] = fd
+        self._watches[key] = fd
+        self._fds[fd] = key
         self._epoll.register(fd, select.EPOLLIN)
 
     def sweep(self):
         """Check the polled processes (outside the registry's lock); end the sessions of dead ones."""
-        dead = [(pid, started) for pid, started in list(self._polled.items()) if not procs.alive(pid, started)]
-        for pid, started in dead:
-            self._polled.pop(pid, None)
-            self.registry.process_ended(pid, started)
+        polled = [key for key, fd in self._watches.items() if fd is None]
+        dead = [key for key in polled if not procs.alive(*key)]
+        for key in dead:
+            self._ended(key)
         return len(dead)
 
-    def run(self, interval):
-        next_sweep = time.monotonic() + interval
+    def run(self):
+        next_sweep = time.monotonic() + self.registry.cfg.reap_interval
         while not self._stopping:
             timeout = max(0.0, next_sweep - time.monotonic())
             try:
@@ -142,15 +157,12 @@ class Watcher:
                         except BlockingIOError:
                             pass
                         continue
-                    pid, started = self._fds.pop(fd)
-                    self._by_pid.pop(pid, None)
-                    self._epoll.unregister(fd)
-                    os.close(fd)
-                    self.registry.process_ended(pid, started)
+                    if fd in self._fds:
+                        self._ended(self._fds[fd])
                 self._apply()
                 if time.monotonic() >= next_sweep:
                     self.sweep()
-                    next_sweep = time.monotonic() + interval
+                    next_sweep = time.monotonic() + self.registry.cfg.reap_interval
             except Exception as err:  # one bad pass must not end reaping
                 self.log.error(f"reaper: {type(err).__name__}: {err}")
                 time.sleep(1.0)
@@ -182,7 +194,6 @@ class Lifecycle(Listener):
         self._pool = ThreadPoolExecutor(max_workers=cfg.refresh.workers, thread_name_prefix="refresh")
         self._slots = threading.BoundedSemaphore(cfg.refresh.workers)
         self._limit = RateLimit(cfg.refresh.rate, burst=min(cfg.refresh.workers, cfg.refresh.rate))
-        self.reap_interval = cfg.reap_interval
         if old is not None:
             old.shutdown(wait=False)
 
@@ -237,7 +248,8 @@ class Lifecycle(Listener):
             self.journal.compact(self.registry)
 
     def _refresh_later(self, key):
-        self._slots.acquire()  # no more refreshes queued than workers: the heap keeps the order
+        slots = self._slots
+        slots.acquire()  # no more refreshes queued than workers: the heap keeps the order
         while not self._stopping:
             wait = self._limit.wait_time()
             if wait <= 0:
@@ -252,7 +264,7 @@ class Lifecycle(Listener):
                 self.log.error(f"refresh of {key}: {type(err).__name__}: {err}")
             finally:
                 self._busy.discard(key)
-                self._slots.release()
+                slots.release()
 
         self._pool.submit(work)
 
@@ -266,7 +278,7 @@ class Lifecycle(Listener):
 
     def start(self):
         threads = [threading.Thread(target=self.run, name="lifecycle", daemon=True),
-                   threading.Thread(target=self.watcher.run, args=(self.reap_interval,), name="reaper", daemon=True)]
+                   threading.Thread(target=self.watcher.run, name="reaper", daemon=True)]
         for t in threads:
             t.start()
         return threads

@@ -303,7 +303,7 @@ class Registry:
 
     # -- the doors' API ------------------------------------------------------------------------
 
-    def open(self, facts, kind, pid, started, uid=None, budget=None, sid=None):
+    def open(self, facts, kind, pid, started, budget=None, sid=None):
         """Resolve, decide, obtain and record one session. Raises mapping.UnknownUser, StsError,
         StoreError or ShellLimit; returns Opened."""
         try:
@@ -376,10 +376,6 @@ class Registry:
             for sid in ids:
                 self._drop_session(sid, "released")
         return len(ids)
-
-    def session(self, sid):
-        with self._lock:
-            return self._sessions.get(sid)
 
     def live_grant(self, key):
         """The grant with files in place (not lingering), or None."""
@@ -563,10 +559,6 @@ class Registry:
             for sid in ids:
                 self._drop_session(sid, "reaped")
         return len(ids)
-
-    def pid_in_use(self, pid):
-        with self._lock:
-            return bool(self._by_pid.get(pid))
 
     def restore(self, grants, sessions):
         """Records from a previous broker: keep sessions whose process lives, release the rest."""

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, require_sandbox
 from harness import make_host, run
-from pam_rolegate import pam_hook
+from pam_rolegate import hook
 
 
 @pytest.mark.parametrize("args,expect,problems", [
@@ -23,7 +23,7 @@ from pam_rolegate import pam_hook
     (["timeout"], {"timeout": 3.0}, 1),
 ])
 def test_hook__options_table(args, expect, problems):
-    opts, found = pam_hook.parse_options(args)
+    opts, found = hook.parse_options(args)
     for key, value in expect.items():
         assert opts[key] == value, f"{args}: option {key} is {opts[key]!r}, expected {value!r}"
     assert len(found) == problems, f"{args}: expected {problems} problems, got {found}"
