@@ -330,6 +330,8 @@ EXPECTED_CODES = {
     "open_session as sent": protocol.E_UNKNOWN_ACTION,  # the PAM door's action, on the user door
     "close_session as sent": protocol.E_UNKNOWN_ACTION,
     "nope as sent": protocol.E_UNKNOWN_ACTION,
+    "status.v=1": protocol.E_UNSUPPORTED_VERSION,
+    "status.v=3": protocol.E_UNSUPPORTED_VERSION,
     "env.zz=0": protocol.E_BAD_REQUEST,
     "credentials.grant=0": protocol.E_BAD_REQUEST,
     "length 4294967295, header only": protocol.E_BAD_REQUEST,
