@@ -304,7 +304,7 @@ def _load(body):
     if not isinstance(obj, dict):
         raise ProtocolError("frame body is not a JSON object")
     v = obj.get("v")
-    if v != VERSION or isinstance(v, bool):
+    if type(v) is not int or v != VERSION:  # 2.0 and true are no version 2
         raise ProtocolError(f"protocol version {_show(v)} is not supported (this side speaks {VERSION})",
                             code=E_UNSUPPORTED_VERSION)
     return obj

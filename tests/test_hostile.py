@@ -415,7 +415,8 @@ _json_value = st.recursive(_scalar, lambda inner: st.one_of(
     st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=20)
 _field_names = st.sampled_from(["v", "action", "x", ""] + sorted(VALID_RAW))
 _request_like = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(protocol.VERSION), _json_value),
+    {"v": st.one_of(st.sampled_from([protocol.VERSION, float(protocol.VERSION), True, str(protocol.VERSION)]),
+                    _json_value),
      "action": st.one_of(st.sampled_from(ACTIONS + OTHER_ACTIONS), _json_value)},
     optional={name: _json_value for name in VALID_RAW})
 
@@ -428,6 +429,8 @@ def _decodes_or_refuses(body):
     except Exception as err:  # anything else would escape the door's refusal path
         raise AssertionError(f"decode_request raised {type(err).__name__}: {err} on {body[:200]!r}") from None
     assert isinstance(request, protocol.Request), f"decode_request returned {request!r} for {body[:200]!r}"
+    v = json.loads(body)["v"]
+    assert type(v) is int and v == protocol.VERSION, f"decode_request accepted version {v!r}: {body[:200]!r}"
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
