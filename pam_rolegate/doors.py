@@ -229,8 +229,7 @@ class Door:
             request = protocol.decode_request(body)
         except ProtocolError as err:
             self.refusals.refused(peer.uid, peer.pid, door=self.name, reason=str(err))
-            code = protocol.E_UNKNOWN_ACTION if str(err).startswith("unknown action") else protocol.E_BAD_REQUEST
-            return protocol.ErrorReply(code, str(err))
+            return protocol.ErrorReply(err.code, str(err))
         handler = self.handlers.get(request.ACTION)
         if handler is None:
             self.refusals.refused(peer.uid, peer.pid, door=self.name, action=request.ACTION,

@@ -64,7 +64,16 @@ class StoreError(RolegateError):
 
 
 class ProtocolError(RolegateError):
-    """A frame on the broker socket was malformed, too large or of an unknown version."""
+    """A frame on the broker socket was malformed, too large or of an unknown version.
+
+    `code` is the protocol error code a reply to it carries (see protocol.py)."""
+
+    code = "bad_request"
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class BrokerUnavailable(RolegateError):

@@ -304,8 +304,9 @@ def _load(body):
     if not isinstance(obj, dict):
         raise ProtocolError("frame body is not a JSON object")
     v = obj.get("v")
-    if v != VERSION or isinstance(v, bool):
-        raise ProtocolError(f"protocol version {_show(v)} is not supported (this side speaks {VERSION})")
+    if type(v) is not int or v != VERSION:  # 2.0 and true are no version 2
+        raise ProtocolError(f"protocol version {_show(v)} is not supported (this side speaks {VERSION})",
+                            code=E_UNSUPPORTED_VERSION)
     return obj
 
 
@@ -315,7 +316,7 @@ def decode_request(body):
     action = obj.pop("action", None)
     cls = REQUESTS.get(action) if isinstance(action, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown action {_show(action)}")
+        raise ProtocolError(f"unknown action {_show(action)}", code=E_UNKNOWN_ACTION)
     obj.pop("v")
     for key in obj:
         if key not in cls.FIELDS:
