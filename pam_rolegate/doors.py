@@ -286,6 +286,8 @@ class Handlers:
     def open_session(self, peer, req):
         if peer.uid != 0:  # the door is root-only; this holds even if someone loosened its directory
             return self._forbidden(peer, req.ACTION, f"uid {peer.uid} may not open sessions (root/PAM only)")
+        if req.pid <= 0:
+            return protocol.ErrorReply(protocol.E_BAD_REQUEST, "open_session: pid must name a process (> 0)")
         facts = mapping.LoginFacts(user=req.user, service=req.service, ruser=req.ruser, rhost=req.rhost,
                                    tty=req.tty)
         budget = None
@@ -298,7 +300,10 @@ class Handlers:
     def close_session(self, peer, req):
         if peer.uid != 0:
             return self._forbidden(peer, req.ACTION, f"uid {peer.uid} may not close sessions (root/PAM only)")
-        released = self.registry.close(session_id=req.session, pid=req.pid or (None if req.session else peer.pid))
+        if req.pid is not None and req.pid <= 0:
+            return protocol.ErrorReply(protocol.E_BAD_REQUEST, "close_session: pid must name a process (> 0)")
+        pid = None if req.session is not None else (req.pid or peer.pid)
+        released = self.registry.close(session_id=req.session, pid=pid)
         return protocol.Reply({"released": released})
 
     def env(self, peer, req):
