@@ -101,7 +101,10 @@ def _recv_exact(sock, n, deadline):
 
 def _exchange(sock, request, deadline):
     """Send the request, read the reply (joining a streamed one's frames)."""
-    sock.sendall(protocol.encode_request(request))
+    try:
+        sock.sendall(protocol.encode_request(request))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # a door turning us away (`busy`) replies and closes unread: its reply still waits below
     parts = []
     while True:
         header = _recv_exact(sock, 4, deadline)

@@ -188,7 +188,8 @@ class Host:
 
     # -- sshd ------------------------------------------------------------------------------------
 
-    def start_sshd(self):
+    def start_sshd(self, extra_config=""):
+        """sshd on 127.0.0.1 with its own config; `extra_config` lines are appended to it."""
         hostkey = os.path.join(self.workdir, "ssh_host_ed25519_key")
         if not os.path.exists(hostkey):
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostkey])
@@ -209,6 +210,7 @@ PrintMotd no
 PrintLastLog no
 LogLevel VERBOSE
 """)
+            fh.write(extra_config)
         log = open(os.path.join(self.workdir, "sshd.log"), "a")
         self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stdout=log, stderr=log,
                                      start_new_session=True)
