@@ -102,7 +102,9 @@ def _recv_exact(sock, n, deadline):
 def _exchange(sock, request, deadline):
     """Send the request, read the reply (joining a streamed one's frames)."""
     try:
-        sock.sendall(protocol.encode_request(request))
+        # MSG_NOSIGNAL: a door that closed on us must be an error here, never a SIGPIPE that kills
+        # the sshd or sudo process this hook runs in (embedded Python may not ignore SIGPIPE).
+        sock.sendall(protocol.encode_request(request), _socket.MSG_NOSIGNAL)
     except (BrokenPipeError, ConnectionResetError):
         pass  # a door turning us away (`busy`) replies and closes unread: its reply still waits below
     parts = []
