@@ -472,6 +472,11 @@ class Registry:
             until = self._lingering.get(key)
             if until is None or until > self.clock():
                 return False
+            if self._pending.get(key):
+                # A login found it fresh and is about to revive it: forgetting it now would leave
+                # that session on a grant with no file. Should the login fail instead, the grant's
+                # refresh-time entry (never later than its linger) ends the linger then.
+                return False
             self._pop_grant(key)
             self.log.decision("released", grant=key, reason="linger ended")
             return True
