@@ -623,3 +623,25 @@ def test_registry__linger_ending_during_a_login_that_revives_the_grant_keeps_its
     assert [g.id for g in grants] == [key], f"the login's grant is not live after the linger ended mid-login: {grants}"
     assert [s.id for s in sessions] == [second.session.id], f"the login's session is not listed: {sessions}"
     assert key in store.files, "the revived grant's credentials file was not written"
+
+
+def test_registry__a_reload_that_unmaps_a_login_under_way_leaves_it_no_credentials(tmp_path):
+    # SIGHUP's recheck revokes the grant while a second login of it is between finding the
+    # credentials and taking its session: that login must not keep the revoked grant's file.
+    reg, clock, engine, store = make_registry(tmp_path, "60")
+    first = reg.open(root_login(), "pam", os.getpid(), None)
+    key = first.grant.id
+    obtain = reg._obtain
+
+    def obtain_then_revoked(*args, **kwargs):
+        grant = obtain(*args, **kwargs)
+        reg.revoke(key, "the rules no longer map this login to this role")  # what the reload does now
+        return grant
+
+    reg._obtain = obtain_then_revoked
+    second = reg.open(root_login(), "pam", os.getpid(), None)
+    assert not second.granted, "a login unmapped while under way was still granted"
+    assert key not in store.files, "the revoked grant's credentials file outlived the revocation"
+    grants, sessions = reg.snapshot()
+    assert not grants and not sessions, f"the revoked grant or a session on it is still live: {grants} {sessions}"
+    assert reg.counts()["lingering"] == 0, "the revoked grant lingers"
