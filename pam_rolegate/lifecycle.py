@@ -237,9 +237,13 @@ class Lifecycle(Listener):
             self.journal.compact(self.registry)
 
     def _refresh_later(self, key):
-        self._slots.acquire()  # no more refreshes queued than workers: the heap keeps the order
+        # The slot goes back to the semaphore it came from: a reload (configure) may replace
+        # both while this waits or the refresh runs, and a release into the new one would be
+        # refused while the scheduler waited on the old one forever.
+        slots, limit = self._slots, self._limit
+        slots.acquire()  # no more refreshes queued than workers: the heap keeps the order
         while not self._stopping:
-            wait = self._limit.wait_time()
+            wait = limit.wait_time()
             if wait <= 0:
                 break
             time.sleep(min(wait, 1.0))
@@ -252,7 +256,7 @@ class Lifecycle(Listener):
                 self.log.error(f"refresh of {key}: {type(err).__name__}: {err}")
             finally:
                 self._busy.discard(key)
-                self._slots.release()
+                slots.release()
 
         self._pool.submit(work)
 
