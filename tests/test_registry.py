@@ -645,3 +645,31 @@ def test_registry__a_reload_that_unmaps_a_login_under_way_leaves_it_no_credentia
     grants, sessions = reg.snapshot()
     assert not grants and not sessions, f"the revoked grant or a session on it is still live: {grants} {sessions}"
     assert reg.counts()["lingering"] == 0, "the revoked grant lingers"
+
+
+def test_refresh__reload_while_every_worker_is_busy_does_not_stop_refreshing(host, sleepers):
+    # STS hangs (moto stopped), so both refresh workers sit in calls and the scheduler waits for a
+    # free one; a SIGHUP then rebuilds the pool. Once STS answers again every grant must still be
+    # refreshed: the pool's rebuild must not strand the scheduler or lose the busy workers' slots.
+    users = RATE_USERS[:8]
+    text = config(users, duration=900, refresh_before=890, refresh=(2, RATE))
+    restart(host, text)
+    pids = sleepers.start(len(users))
+    with ThreadPoolExecutor(8) as pool:
+        logins = list(pool.map(login, users, pids))
+    t0 = time.monotonic()
+    keys = {path: key_id(path) for _sid, path in logins}
+    host.moto.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Refreshes fall due ~9-10 s after the logins and then hang for sts_timeout (5 s).
+        time.sleep(max(0.0, t0 + 11.5 - time.monotonic()))
+        mark = host.log_mark()
+        host.broker.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded:" in host.log_since(mark), 10, "the reload to be logged")
+        busy = host.log_since(mark).count("action=refresh")
+    finally:
+        host.moto.proc.send_signal(signal.SIGCONT)
+    assert busy == 0, "the refreshes had failed before the reload; the test did not catch the workers busy"
+    refreshed = wait_for(lambda: all(key_id(p) != k for p, k in keys.items()), 90,
+                         "every grant to be refreshed after the reload", interval=0.5)
+    assert refreshed, "unreachable"
