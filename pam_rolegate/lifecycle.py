@@ -248,10 +248,13 @@ class Lifecycle(Listener):
             self.journal.compact(self.registry)
 
     def _refresh_later(self, key):
-        slots = self._slots
+        # The slot goes back to the semaphore it came from: a reload (configure) may replace
+        # both while this waits or the refresh runs, and a release into the new one would be
+        # refused while the scheduler waited on the old one forever.
+        slots, limit = self._slots, self._limit
         slots.acquire()  # no more refreshes queued than workers: the heap keeps the order
         while not self._stopping:
-            wait = self._limit.wait_time()
+            wait = limit.wait_time()
             if wait <= 0:
                 break
             time.sleep(min(wait, 1.0))

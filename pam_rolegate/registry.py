@@ -326,6 +326,12 @@ class Registry:
         try:
             grant = self._obtain(ident, rule, facts.rhost, budget=budget)
             with self._lock:
+                if key in self._revoked:
+                    # A reload unmapped this login while it was under way: no session, and the
+                    # release below (this login was the last holder) removes the grant's files.
+                    self.log.decision("denied", principal=ident.principal, target=ident.target,
+                                      service=facts.service, reason="the rules changed during the login")
+                    return Opened(False, "the rules no longer map this login (a reload changed them during it)")
                 if self._lingering.pop(key, None) is not None:
                     self._write_files(self._grants[key])  # revived: the files were removed at release
                 if existing is not None and existing.grant_id == key:
@@ -467,6 +473,11 @@ class Registry:
         with self._lock:
             until = self._lingering.get(key)
             if until is None or until > self.clock():
+                return False
+            if self._pending.get(key):
+                # A login found it fresh and is about to revive it: forgetting it now would leave
+                # that session on a grant with no file. Should the login fail instead, the grant's
+                # refresh-time entry (never later than its linger) ends the linger then.
                 return False
             self._pop_grant(key)
             self.log.decision("released", grant=key, reason="linger ended")

@@ -1,0 +1,675 @@
+"""The grant registry with real parts: linger, recovery after a SIGKILL mid-burst, the refresh
+pool's rate limit, SIGHUP revocation; and the pure pieces (token bucket, journal replay) alone.
+
+Sessions are opened the way the PAM hook opens them: as root, on the PAM door, naming the pid of
+a live process (here a `sleep` this test starts and later kills). The AWS stand-in is moto, and
+every AssumeRole count comes from moto's own record.
+"""
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import require_sandbox
+from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, make_host, run
+from pam_rolegate import client, protocol
+from pam_rolegate.errors import BrokerUnavailable
+
+GRANTS_DIR = os.path.join(RUNTIME_DIR, "grants")
+LINGER_USERS = ("lina", "linb", "linc")
+HUP_USERS = ("hupa", "hupb")
+BURST_USERS = tuple(f"burst{i}" for i in range(5))
+RATE_USERS = tuple(f"rate{i:02d}" for i in range(40))
+CALL_TIMEOUT = 30.0  # one PAM-door request; generous: other suites share these two cores
+
+
+def config(users, *, duration=900, refresh_before=None, linger=None, refresh=None):
+    """A config giving each of `users` its own role, with the session/refresh settings given."""
+    session = [f"  duration: {duration}"]
+    if refresh_before is not None:
+        session.append(f"  refresh_before: {refresh_before}")
+    if linger is not None:
+        session.append(f"  linger: {linger}")
+    text = ["version: 1", "region: us-east-1", "sts_timeout: 5", "reap_interval: 2s", "session:", *session]
+    if refresh is not None:
+        text += ["refresh:", f"  workers: {refresh[0]}", f"  rate: {refresh[1]}"]
+    text.append("roles:")
+    for user in users:
+        text += [f"  - match: {{user: {user}}}", f"    role: arn:aws:iam::{ACCOUNT}:role/{user}-role"]
+    return "\n".join(text) + "\n"
+
+
+def add_account(name):
+    """A plain account (no home, no ssh key): all the PAM door needs is NSS knowing it."""
+    if run(["id", name], check=False).returncode != 0:
+        run(["useradd", "-M", "-s", "/usr/sbin/nologin", name])
+
+
+@pytest.fixture(scope="module")
+def host():
+    require_sandbox()
+    h = make_host()
+    try:
+        h.install_commands()
+        h.start_moto()
+        for user in LINGER_USERS + HUP_USERS + BURST_USERS + RATE_USERS:
+            add_account(user)
+        h.write_config(config(LINGER_USERS))
+        h.start_broker()
+        yield h
+    finally:
+        h.stop()
+
+
+class Sleepers:
+    """Live processes whose pids stand for the processes that hold PAM sessions."""
+
+    def __init__(self):
+        self.procs = {}
+
+    def start(self, n=1):
+        started = [subprocess.Popen(["sleep", "3600"]) for _ in range(n)]
+        for p in started:
+            self.procs[p.pid] = p
+        return [p.pid for p in started]
+
+    def kill(self, pid):
+        p = self.procs.pop(pid)
+        p.kill()
+        p.wait(10)  # no zombie left behind: the broker must see the process gone
+
+    def kill_all(self):
+        for pid in list(self.procs):
+            self.kill(pid)
+
+
+@pytest.fixture
+def sleepers():
+    s = Sleepers()
+    yield s
+    s.kill_all()
+
+
+def restart(h, text):
+    """Stop the broker, put `text` in force, start it again: each test begins with its own config."""
+    h.stop_broker()
+    h.write_config(text)
+    h.start_broker()
+
+
+def open_session(user, pid, timeout=CALL_TIMEOUT):
+    return client.call(protocol.OpenSession(user=user, service="sshd", pid=pid), path=PAM_SOCKET, timeout=timeout)
+
+
+def close_session(sid, timeout=CALL_TIMEOUT):
+    return client.call(protocol.CloseSession(session=sid), path=PAM_SOCKET, timeout=timeout)
+
+
+def login(user, pid):
+    """Open a session that must be granted; returns (session id, credentials file)."""
+    reply = open_session(user, pid)
+    assert isinstance(reply, protocol.Reply) and reply.get("granted"), f"{user}'s login was not granted: {reply!r}"
+    path = reply.get("env", {}).get("AWS_SHARED_CREDENTIALS_FILE")
+    assert path, f"{user}'s granted login carries no credentials file: {reply!r}"
+    return reply.get("session"), path
+
+
+def logout(sid):
+    reply = close_session(sid)
+    assert isinstance(reply, protocol.Reply) and reply.get("released") == 1, \
+        f"closing session {sid} did not release exactly it: {reply!r}"
+
+
+def key_id(path):
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("aws_access_key_id"):
+                return line.split("=", 1)[1].strip()
+    raise AssertionError(f"no access key in {path}")
+
+
+def wait_for(predicate, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def status():
+    """Root's `rolegate status --json`: every live grant with its session_list."""
+    return json.loads(run(["rolegate", "status", "--json"], timeout=120).stdout)["grants"]
+
+
+# -- linger ----------------------------------------------------------------------------------------
+
+
+def test_linger__next_login_within_linger_reuses_the_credentials_without_sts(host, sleepers):
+    restart(host, config(LINGER_USERS))  # linger unset: the default 15 minutes
+    pid, = sleepers.start()
+    calls = host.moto.assume_role_calls()
+    sid, path = login("lina", pid)
+    first_key = key_id(path)
+    logout(sid)
+    assert not os.path.exists(path), "the credentials file outlived the grant's last session (linger keeps memory only)"
+    assert not [g for g in status() if g["principal"] == "lina"], \
+        "a lingering grant is listed as live by `rolegate status`"
+    sid, path2 = login("lina", pid)
+    assert path2 == path, f"the second login got another file: {path2} != {path}"
+    assert os.path.exists(path), "the second login did not write the credentials file back"
+    assert key_id(path) == first_key, "the second login got new keys instead of the lingering ones"
+    logout(sid)
+    assert not os.path.exists(path), "the file outlived the second logout"
+    used = host.moto.assume_role_calls() - calls
+    assert used == 1, f"two sequential logins within the linger cost {used} AssumeRole calls, expected 1"
+
+
+def test_linger__login_after_linger_ended_costs_a_new_assume_role(host, sleepers):
+    # `2s` passes config validation: session.linger accepts any duration from 0 up.
+    restart(host, config(LINGER_USERS, linger="2s"))
+    pid, = sleepers.start()
+    calls = host.moto.assume_role_calls()
+    sid, path = login("linb", pid)
+    first_key = key_id(path)
+    mark = host.log_mark()
+    logout(sid)
+    assert not os.path.exists(path), "the credentials file outlived the logout"
+    wait_for(lambda: "linger ended" in host.log_since(mark), 20, "the 2 s linger to end (logged `linger ended`)")
+    sid, path = login("linb", pid)
+    assert key_id(path) != first_key, "a login after the linger ended got the old keys"
+    logout(sid)
+    used = host.moto.assume_role_calls() - calls
+    assert used == 2, f"a login, 2 s linger, a login: {used} AssumeRole calls, expected 2"
+
+
+def test_linger__zero_linger_costs_an_assume_role_per_login(host, sleepers):
+    restart(host, config(LINGER_USERS, linger=0))
+    pid, = sleepers.start()
+    calls = host.moto.assume_role_calls()
+    keys = []
+    for _ in range(3):
+        sid, path = login("linc", pid)
+        keys.append(key_id(path))
+        logout(sid)
+        assert not os.path.exists(path), "the credentials file outlived the logout"
+    used = host.moto.assume_role_calls() - calls
+    assert used == 3, f"three sequential logins with linger 0 cost {used} AssumeRole calls, expected 3"
+    assert len(set(keys)) == 3, f"linger 0 still handed out the same keys twice: {keys}"
+
+
+# -- recovery after SIGKILL in the middle of a burst ------------------------------------------------
+
+INITIAL_SESSIONS = 1000
+SESSIONS_PER_PID = 4  # pids are shared: a process may hold several sessions (close by pid ends all)
+BURST_THREADS = 8
+KILL_AFTER_ACKS = 200  # acknowledged burst requests before the SIGKILL
+KILLED_WHILE_DOWN = 20  # session processes that die while no broker runs
+
+
+class Burst:
+    """What the broker acknowledged, and what was in flight (no reply) when it was killed."""
+
+    def __init__(self, opened, pids):
+        self.lock = threading.Lock()
+        self.opened = dict(opened)  # sid -> pid: acknowledged opens (granted)
+        self.closable = list(opened)
+        self.closed = set()  # acknowledged closes (released 1)
+        self.open_in_doubt = []  # pids of opens without a reply
+        self.close_in_doubt = set()  # sids of closes without a reply
+        self.errors = []  # replies that were neither success nor the broker's death
+        self.pids = pids
+        self.acks = 0
+        self.stop = threading.Event()
+
+    def one(self, rng):
+        with self.lock:
+            sid = self.closable.pop(rng.randrange(len(self.closable))) if self.closable and rng.random() < 0.5 else None
+        if sid is not None:
+            try:
+                reply = close_session(sid)
+            except BrokerUnavailable:
+                with self.lock:
+                    self.close_in_doubt.add(sid)
+                return
+            with self.lock:
+                if isinstance(reply, protocol.Reply) and reply.get("released") == 1:
+                    self.closed.add(sid)
+                    self.acks += 1
+                else:
+                    self.errors.append(("close", sid, reply))
+            return
+        user, pid = rng.choice(BURST_USERS), rng.choice(self.pids)
+        try:
+            reply = open_session(user, pid)
+        except BrokerUnavailable:
+            with self.lock:
+                self.open_in_doubt.append(pid)
+            return
+        with self.lock:
+            if isinstance(reply, protocol.Reply) and reply.get("granted"):
+                self.opened[reply.get("session")] = pid
+                self.closable.append(reply.get("session"))
+                self.acks += 1
+            else:
+                self.errors.append(("open", user, reply))
+
+    def worker(self, seed):
+        rng = random.Random(seed)
+        while not self.stop.is_set():
+            self.one(rng)
+
+
+def test_recovery__sigkill_mid_burst_restart_keeps_exactly_the_live_sessions(host, sleepers):
+    restart(host, config(BURST_USERS))
+    pids = sleepers.start(INITIAL_SESSIONS // SESSIONS_PER_PID + 50)
+    base = pids[:INITIAL_SESSIONS // SESSIONS_PER_PID]
+    jobs = [(BURST_USERS[i % len(BURST_USERS)], base[i // SESSIONS_PER_PID]) for i in range(INITIAL_SESSIONS)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda job: (job[1], open_session(*job)), jobs))
+    fill_s = time.monotonic() - t0
+    refused = [r for _pid, r in replies if not (isinstance(r, protocol.Reply) and r.get("granted"))]
+    assert not refused, f"{len(refused)} of {INITIAL_SESSIONS} opens were not granted, e.g. {refused[:3]}"
+    burst = Burst({r.get("session"): pid for pid, r in replies}, pids)
+    assert len(burst.opened) == INITIAL_SESSIONS, "session ids repeat across opens"
+
+    threads = [threading.Thread(target=burst.worker, args=(seed,)) for seed in range(BURST_THREADS)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    wait_for(lambda: burst.acks >= KILL_AFTER_ACKS, 120, f"{KILL_AFTER_ACKS} acknowledged burst requests")
+    os.kill(host.broker.pid, signal.SIGKILL)  # mid-burst: requests are in flight on 8 threads
+    burst_s = time.monotonic() - t0
+    host.broker.wait(15)
+    burst.stop.set()
+    for t in threads:
+        t.join(CALL_TIMEOUT + 10)
+    assert not any(t.is_alive() for t in threads), "a burst thread did not finish after the broker died"
+    assert not burst.errors, f"the live broker refused burst requests: {burst.errors[:5]}"
+
+    # While no broker runs, some session processes end: nobody can close their sessions.
+    killed = set(random.Random(7).sample(pids, KILLED_WHILE_DOWN))
+    for pid in killed:
+        sleepers.kill(pid)
+
+    mark = host.log_mark()
+    t0 = time.monotonic()
+    host.start_broker()
+    restart_s = time.monotonic() - t0
+    grants = status()
+    found = {s["id"]: s["pid"] for g in grants for s in g.get("session_list", [])}
+
+    alive = {sid: pid for sid, pid in burst.opened.items() if pid not in killed}
+    must_live = {sid for sid in alive if sid not in burst.closed and sid not in burst.close_in_doubt}
+    must_be_gone = burst.closed | {sid for sid, pid in burst.opened.items() if pid in killed}
+    missing = must_live - found.keys()
+    assert not missing, f"{len(missing)} acknowledged, unclosed sessions of live processes were lost, " \
+                        f"e.g. {sorted(missing)[:5]}"
+    moved = {sid for sid in must_live if found[sid] != burst.opened[sid]}
+    assert not moved, f"recovered sessions name other processes than they were opened for: {sorted(moved)[:5]}"
+    resurrected = must_be_gone & found.keys()
+    assert not resurrected, f"{len(resurrected)} closed or dead sessions came back after the restart, " \
+                            f"e.g. {sorted(resurrected)[:5]}"
+    unknown = {sid: pid for sid, pid in found.items() if sid not in burst.opened}
+    in_doubt_pids = set(burst.open_in_doubt) - killed
+    assert len(unknown) <= len(burst.open_in_doubt), \
+        f"{len(unknown)} sessions nobody was told about, but only {len(burst.open_in_doubt)} opens were in flight"
+    assert set(unknown.values()) <= in_doubt_pids, \
+        f"sessions nobody was told about hold pids no in-flight open named: {set(unknown.values()) - in_doubt_pids}"
+    dead = [pid for pid in found.values() if pid not in sleepers.procs]
+    assert not dead, f"sessions of processes that died while the broker was down survived: {dead[:5]}"
+    assert f"recovered: sessions={len(found)} " in host.log_since(mark), \
+        f"the recovery line does not count the {len(found)} kept sessions:\n{host.log_since(mark)[-2000:]}"
+
+    live_grants = {g["grant"] for g in grants}
+    assert all(g["sessions"] > 0 for g in grants), "a grant without sessions is live after the restart"
+    on_disk = set(os.listdir(GRANTS_DIR))
+    assert on_disk == live_grants, f"grant directories {sorted(on_disk - live_grants)} have no live grant, " \
+                                   f"or live grants {sorted(live_grants - on_disk)} have no directory"
+    print(f"\nrecovery: filled {INITIAL_SESSIONS} in {fill_s:.1f}s; burst acks={burst.acks} in {burst_s:.1f}s "
+          f"(opened {len(burst.opened) - INITIAL_SESSIONS}, closed {len(burst.closed)}); in doubt: "
+          f"opens {len(burst.open_in_doubt)}, closes {len(burst.close_in_doubt)}; restart {restart_s:.1f}s; "
+          f"kept {len(found)} (unknown {len(unknown)}, closes in doubt kept "
+          f"{len(burst.close_in_doubt & found.keys())})")
+
+
+# -- the refresh pool's rate limit ------------------------------------------------------------------
+
+RATE, WORKERS = 5, 4
+
+
+def test_refresh__pool_keeps_to_its_rate_and_refreshes_every_grant(host, sleepers):
+    # 900 s credentials refreshed 890 s before expiry: each grant is due ~10 s after its login.
+    restart(host, config(RATE_USERS, duration=900, refresh_before=890, refresh=(WORKERS, RATE)))
+    pids = sleepers.start(len(RATE_USERS))
+    before = host.moto.assume_role_calls()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        logins = list(pool.map(login, RATE_USERS, pids))
+    login_s = time.monotonic() - t0
+    start = host.moto.assume_role_calls()
+    assert start - before == len(RATE_USERS), \
+        f"{len(RATE_USERS)} first logins cost {start - before} AssumeRole calls (a refresh ran early, or a login " \
+        f"was not counted); logins took {login_s:.1f}s"
+    keys = {path: key_id(path) for _sid, path in logins}
+
+    samples = [(time.monotonic(), start)]
+    deadline = time.monotonic() + 90
+    refreshed = set()
+    while time.monotonic() < deadline and len(refreshed) < len(keys):
+        time.sleep(0.15)
+        samples.append((time.monotonic(), host.moto.assume_role_calls()))
+        refreshed |= {p for p, k in keys.items() if p not in refreshed and os.path.exists(p) and key_id(p) != k}
+    assert len(refreshed) == len(keys), \
+        f"only {len(refreshed)} of {len(keys)} grants were refreshed within 90 s"
+    assert samples[-1][1] - start >= len(keys), f"moto saw {samples[-1][1] - start} refreshes for {len(keys)} grants"
+
+    worst, at = 0, None
+    for i, (ti, ci) in enumerate(samples):
+        for tj, cj in samples[i + 1:]:
+            if tj - ti > 1.0:
+                break
+            if cj - ci > worst:
+                worst, at = cj - ci, round(ti - samples[0][0], 1)
+    first = next(t for t, c in samples if c > start)
+    last = next(t for t, c in samples if c >= start + len(keys))
+    print(f"\nrefresh: {len(keys)} logins in {login_s:.1f}s; the pass of {len(keys)} refreshes took "
+          f"{last - first:.1f}s; worst 1 s window {worst} calls (at +{at}s); {len(samples)} samples")
+    assert worst <= RATE + WORKERS, \
+        f"{worst} AssumeRole calls within 1 s at +{at}s; refresh.rate {RATE} allows {RATE} + a burst of {WORKERS}"
+
+
+# -- SIGHUP revocation ----------------------------------------------------------------------------
+
+
+def test_reload__unmapping_a_user_removes_live_files_at_once_and_drops_lingering_credentials(host, sleepers):
+    a, b = HUP_USERS
+    restart(host, config(HUP_USERS + LINGER_USERS))
+    pid_a, pid_b = sleepers.start(2)
+    _sid_a, path_a = login(a, pid_a)
+    sid_b, path_b = login(b, pid_b)
+    logout(sid_b)  # b's credentials now linger in memory, without files
+    calls = host.moto.assume_role_calls()
+
+    host.write_config(config(LINGER_USERS))
+    mark = host.log_mark()
+    t0 = time.monotonic()
+    host.broker.send_signal(signal.SIGHUP)
+    wait_for(lambda: not os.path.exists(path_a), 5, f"{a}'s credentials file to go after the SIGHUP", interval=0.05)
+    gone_s = time.monotonic() - t0
+    wait_for(lambda: "reloaded:" in host.log_since(mark), 10, "the reload to be logged")
+    log = host.log_since(mark)
+    released = [line for line in log.splitlines() if line.split(": ", 1)[-1].startswith("released:")
+                and "no longer map" in line]
+    assert any(f"principal={a}" in line for line in released), f"{a}'s revocation was not logged:\n{log}"
+    assert any(f"principal={b}" in line for line in released), \
+        f"{b}'s lingering grant was not released on the reload:\n{log}"
+    assert "revoked=2" in log, f"the reload should count two revoked grants:\n{log}"
+    assert not [g for g in status() if g["principal"] == a], f"{a}'s revoked grant is still listed"
+
+    host.write_config(config(HUP_USERS + LINGER_USERS))
+    mark = host.log_mark()
+    host.broker.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded:" in host.log_since(mark), 10, "the second reload to be logged")
+    sid_b, _path = login(b, pid_b)
+    logout(sid_b)
+    used = host.moto.assume_role_calls() - calls
+    assert used == 1, f"{b}'s login after being unmapped and mapped again cost {used} AssumeRole calls: " \
+                      f"expected 1 (its lingering credentials must have been dropped, not reused)"
+    print(f"\nreload: {a}'s file gone {gone_s:.2f}s after SIGHUP")
+
+
+# -- pure pieces, no processes ---------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_ratelimit__burst_then_rate_never_more_than_burst_plus_rate_per_second():
+    from pam_rolegate.lifecycle import RateLimit
+
+    clock = FakeClock()
+    limit = RateLimit(5, burst=4, clock=clock)
+    assert [limit.wait_time() for _ in range(4)] == [0.0] * 4, "a full bucket should give its burst at once"
+    wait = limit.wait_time()
+    assert wait == pytest.approx(0.2), f"after the burst the next token should be 1/rate away, not {wait}"
+    # Take tokens as fast as they come for 10 s: 4 + 5 * 10 in all, never more than 4 + 5 in a second.
+    taken = []
+    for _ in range(10000):  # bounded: a wait too small to move the clock must not spin forever
+        if clock.now >= 1010.0:
+            break
+        wait = limit.wait_time()
+        if wait == 0:
+            taken.append(clock.now)
+        else:
+            clock.now += max(wait, 1e-6)
+    assert len(taken) <= 5 * 10 + 1, f"{len(taken)} tokens in 10 s at rate 5 after the burst"
+    worst = max(sum(1 for t in taken if s <= t < s + 1.0) for s in taken)
+    assert worst <= 5 + 1, f"{worst} tokens within 1 s once the burst was spent"
+    clock.now += 100
+    waits = [limit.wait_time() for _ in range(5)]
+    assert waits[:4] == [0.0] * 4 and waits[4] > 0, f"an idle bucket should refill to its burst of 4, no more: {waits}"
+
+
+class FakeStore:
+    def __init__(self, journal):
+        self.files = {"journal": journal}
+
+    def read_state(self, name):
+        return self.files.get(name)
+
+
+class ListLog:
+    def __init__(self):
+        self.errors = []
+
+    def error(self, text):
+        self.errors.append(text)
+
+
+def test_records__replay_skips_a_torn_last_line_silently_and_reports_a_bad_middle_line():
+    from pam_rolegate.records import Journal, _line
+    from pam_rolegate.registry import Session
+
+    def s(sid):
+        return {"s": dataclasses.asdict(Session(id=sid, grant_id="g1", kind="pam", pid=1, started=5,
+                                                service="sshd", opened_at=1.0))}
+
+    whole = _line(s("a")) + _line(s("b")) + _line({"e": "a"})
+    torn = _line(s("c"))[:-20]  # a SIGKILL in the middle of the last write
+    log = ListLog()
+    grants, sessions = Journal(FakeStore(whole + torn), log).load()
+    assert set(sessions) == {"b"}, f"replay should keep b only (a closed, c torn): {sorted(sessions)}"
+    assert not log.errors, f"a torn last line is the normal trace of a crash, not worth an error: {log.errors}"
+
+    log = ListLog()
+    _grants, sessions = Journal(FakeStore(_line(s("a")) + b"{not json\n" + _line(s("b"))), log).load()
+    assert set(sessions) == {"a", "b"}, f"a bad middle line must cost only itself: {sorted(sessions)}"
+    assert len(log.errors) == 1 and "line 2" in log.errors[0], f"a bad middle line should be reported: {log.errors}"
+
+
+class FakeEngine:
+    """STS stand-in for registry unit tests: counts AssumeRole calls, hands out numbered keys."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.calls = 0
+
+    def assume(self, request, budget=None):
+        from datetime import datetime, timezone
+
+        from pam_rolegate.sts import Credentials
+
+        self.calls += 1
+        expiry = datetime.fromtimestamp(int(self.clock()) + request.duration, timezone.utc)
+        return Credentials(f"ASIAFAKE{self.calls:012d}", "secret", "token", expiry)
+
+    def host_facts(self):
+        from pam_rolegate.sts import HostFacts
+
+        return HostFacts("testhost", "i-0123456789abcdef0")
+
+
+class MemoryStore:
+    """The credential store's API, in memory: which grants have files now."""
+
+    def __init__(self):
+        self.files = {}
+
+    def path(self, grant_id, name="credentials"):
+        return f"/run/rolegate/grants/{grant_id}/{name}"
+
+    def write(self, grant_id, name, content, uid, gid):
+        self.files[grant_id] = content
+
+    def remove(self, grant_id):
+        return self.files.pop(grant_id, None) is not None
+
+    def grant_ids(self):
+        return list(self.files)
+
+
+class DecisionLog:
+    def __init__(self):
+        self.lines = []
+
+    def decision(self, event, **fields):
+        self.lines.append((event, fields))
+
+    def error(self, text):
+        self.lines.append(("error", {"text": text}))
+
+
+
+
+def make_registry(tmp_path, linger, listeners=()):
+    """A real Registry over fakes: a rule for root (NSS always knows it), a fake clock and STS."""
+    from pam_rolegate import config as config_mod
+    from pam_rolegate.registry import Registry
+
+    path = tmp_path / "rolegate.yaml"
+    path.write_text(f"version: 1\nregion: us-east-1\nsource: profile:test\nsession:\n  duration: 900\n"
+                    f"  linger: {linger}\nroles:\n  - match: {{user: root}}\n"
+                    f"    role: arn:aws:iam::{ACCOUNT}:role/root-role\n")
+    clock = FakeClock(2_000_000_000.0)
+    engine, store = FakeEngine(clock), MemoryStore()
+    reg = Registry(config_mod.load(str(path)), engine, store, DecisionLog(), clock=clock, listeners=listeners)
+    return reg, clock, engine, store
+
+
+def root_login():
+    from pam_rolegate import mapping
+
+    return mapping.LoginFacts(user="root", service="sshd")
+
+
+def test_registry__linger_never_outlasts_the_grants_refresh_time(tmp_path):
+    from pam_rolegate.registry import Listener
+
+    seen = []
+
+    class Watch(Listener):
+        def grant_lingering(self, grant, until):
+            seen.append((grant.next_refresh, until))
+
+    reg, clock, engine, store = make_registry(tmp_path, "1h", listeners=[Watch()])
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    reg.close(session_id=opened.session.id)
+    assert len(seen) == 1, f"the released grant should linger once: {seen}"
+    next_refresh, until = seen[0]
+    assert until <= next_refresh, f"a 1 h linger ran past the grant's refresh time: {until} > {next_refresh}"
+    assert not store.files, "a lingering grant kept its files"
+    clock.now = until + 1
+    assert reg.expire(opened.grant.id), "the linger did not end at its time"
+    reg.open(root_login(), "pam", os.getpid(), None)
+    assert engine.calls == 2, f"a login after the linger ended cost {engine.calls - 1} AssumeRole calls, expected 1"
+
+
+def test_registry__linger_ending_during_a_login_that_revives_the_grant_keeps_its_files(tmp_path):
+    # The lifecycle thread ends the linger (expire) just after the login found the lingering
+    # grant fresh and before it took the session: the login must still end up with a grant and
+    # its file, not with a session on a forgotten grant.
+    reg, clock, engine, store = make_registry(tmp_path, "60")
+    first = reg.open(root_login(), "pam", os.getpid(), None)
+    reg.close(session_id=first.session.id)
+    key = first.grant.id
+    obtain = reg._obtain
+
+    def obtain_then_linger_ends(*args, **kwargs):
+        grant = obtain(*args, **kwargs)
+        clock.now += 61
+        reg.expire(key)  # what lifecycle's thread may do at this instant
+        return grant
+
+    reg._obtain = obtain_then_linger_ends
+    second = reg.open(root_login(), "pam", os.getpid(), None)
+    assert second.granted, "the second login was not granted"
+    grants, sessions = reg.snapshot()
+    assert [g.id for g in grants] == [key], f"the login's grant is not live after the linger ended mid-login: {grants}"
+    assert [s.id for s in sessions] == [second.session.id], f"the login's session is not listed: {sessions}"
+    assert key in store.files, "the revived grant's credentials file was not written"
+
+
+def test_registry__a_reload_that_unmaps_a_login_under_way_leaves_it_no_credentials(tmp_path):
+    # SIGHUP's recheck revokes the grant while a second login of it is between finding the
+    # credentials and taking its session: that login must not keep the revoked grant's file.
+    reg, clock, engine, store = make_registry(tmp_path, "60")
+    first = reg.open(root_login(), "pam", os.getpid(), None)
+    key = first.grant.id
+    obtain = reg._obtain
+
+    def obtain_then_revoked(*args, **kwargs):
+        grant = obtain(*args, **kwargs)
+        reg.revoke(key, "the rules no longer map this login to this role")  # what the reload does now
+        return grant
+
+    reg._obtain = obtain_then_revoked
+    second = reg.open(root_login(), "pam", os.getpid(), None)
+    assert not second.granted, "a login unmapped while under way was still granted"
+    assert key not in store.files, "the revoked grant's credentials file outlived the revocation"
+    grants, sessions = reg.snapshot()
+    assert not grants and not sessions, f"the revoked grant or a session on it is still live: {grants} {sessions}"
+    assert reg.counts()["lingering"] == 0, "the revoked grant lingers"
+
+
+def test_refresh__reload_while_every_worker_is_busy_does_not_stop_refreshing(host, sleepers):
+    # STS hangs (moto stopped), so both refresh workers sit in calls and the scheduler waits for a
+    # free one; a SIGHUP then rebuilds the pool. Once STS answers again every grant must still be
+    # refreshed: the pool's rebuild must not strand the scheduler or lose the busy workers' slots.
+    users = RATE_USERS[:8]
+    text = config(users, duration=900, refresh_before=890, refresh=(2, RATE))
+    restart(host, text)
+    pids = sleepers.start(len(users))
+    with ThreadPoolExecutor(8) as pool:
+        logins = list(pool.map(login, users, pids))
+    t0 = time.monotonic()
+    keys = {path: key_id(path) for _sid, path in logins}
+    host.moto.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Refreshes fall due ~9-10 s after the logins and then hang for sts_timeout (5 s).
+        time.sleep(max(0.0, t0 + 11.5 - time.monotonic()))
+        mark = host.log_mark()
+        host.broker.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded:" in host.log_since(mark), 10, "the reload to be logged")
+        busy = host.log_since(mark).count("action=refresh")
+    finally:
+        host.moto.proc.send_signal(signal.SIGCONT)
+    assert busy == 0, "the refreshes had failed before the reload; the test did not catch the workers busy"
+    refreshed = wait_for(lambda: all(key_id(p) != k for p, k in keys.items()), 90,
+                         "every grant to be refreshed after the reload", interval=0.5)
+    assert refreshed, "unreachable"
