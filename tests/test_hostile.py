@@ -6,7 +6,6 @@ import http.server
 import json
 import os
 import random
-import shlex
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import require_sandbox
-from harness import ACCOUNT, CONFIG_PATH, PAM_SOCKET, ROLEGATED, RUNTIME_DIR, SOCKET, make_host, run
+from harness import ACCOUNT, PAM_SOCKET, ROLEGATED, SOCKET, make_host, run
 from pam_rolegate import client, protocol
 from pam_rolegate.errors import ProtocolError
 
