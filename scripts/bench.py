@@ -122,13 +122,23 @@ class Holder:
 # -- hook --------------------------------------------------------------------------------------------
 
 
-def time_pamtester(service, user, rounds):
-    samples = []
+def pamtester_ms(service, user):
+    start = time.perf_counter()
+    run(["pamtester", service, user, "open_session", "close_session"])
+    return (time.perf_counter() - start) * 1000
+
+
+def interleaved(h, cases, rounds):
+    """Each case once per round, in turn, so the machine's drift touches every case alike.
+    Returns (label, samples, AssumeRole calls) per case."""
+    samples = {label: [] for label, _s, _u in cases}
+    calls = dict.fromkeys(samples, 0)
     for _ in range(rounds):
-        start = time.perf_counter()
-        run(["pamtester", service, user, "open_session", "close_session"])
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
+        for label, service, user in cases:
+            before = h.moto.assume_role_calls()
+            samples[label].append(pamtester_ms(service, user))
+            calls[label] += h.moto.assume_role_calls() - before
+    return [(label, samples[label], calls[label]) for label, _s, _u in cases]
 
 
 def hook_table(h, hook, rounds):
@@ -140,37 +150,32 @@ def hook_table(h, hook, rounds):
             fh.write(f"session required pam_python.so {module}\n")
     with open("/etc/pam.d/rg-none", "w") as fh:
         fh.write("session required pam_permit.so\n")
-    rows = []
-
-    def case(label, service, user):
-        calls = h.moto.assume_role_calls()
-        samples = time_pamtester(service, user, rounds)
-        rows.append((label, samples, h.moto.assume_role_calls() - calls))
-
-    case("pam_permit only (pamtester itself)", "rg-none", "alice")
-    case("empty pam_python hook", "rg-empty", "alice")
-    case("rolegate, unmapped user", "rg-hook", "bob")
-    # A PAM-less shell holds alice's grant: every login below is warm.
+    floor = ("empty pam_python hook", "rg-empty", "alice")
+    # A PAM-less shell holds alice's grant: her logins are warm.
     holder = subprocess.Popen(["setpriv", "--reuid", "alice", "--regid", "alice", "--init-groups", "sh", "-c",
                                'eval "$(rolegate env)"; sleep 600'], start_new_session=True)
     time.sleep(1.5)
-    case("rolegate, warm (another session holds the grant)", "rg-hook", "alice")
+    rows = interleaved(h, [("pam_permit only (pamtester itself)", "rg-none", "alice"), floor,
+                           ("rolegate, unmapped user", "rg-hook", "bob"),
+                           ("rolegate, warm (another session holds the grant)", "rg-hook", "alice"),
+                           ("rolegate, repeated logins, no other session (linger)", "rg-hook", "carol")], rounds)
     os.killpg(holder.pid, signal.SIGKILL)
     holder.wait(10)
-    case("rolegate, repeated logins, no other session (linger)", "rg-hook", "carol")
     h.write_config(config(linger=0))
     h.broker.send_signal(signal.SIGHUP)
     time.sleep(1.0)
-    case("rolegate, cold: linger 0, an AssumeRole each", "rg-hook", "dave")
+    cold = interleaved(h, [floor, ("rolegate, cold: linger 0, an AssumeRole each", "rg-hook", "dave")], rounds)
     h.write_config(config())
     h.broker.send_signal(signal.SIGHUP)
     time.sleep(1.0)
-    floor = statistics.median(rows[1][1])
-    print(f"\nHook: PAM open_session+close_session through pamtester, {rounds} rounds each (ms)\n")
+    print(f"\nHook: PAM open_session+close_session through pamtester, {rounds} rounds each, cases taken in "
+          f"turn (ms; ÷empty: median over the empty hook's median in the same rounds)\n")
     print(f"{'case':54} {'median':>7} {'p90':>7} {'min':>7} {'÷empty':>7} {'STS':>5}")
-    for label, s, calls in rows:
-        print(f"{label:54} {statistics.median(s):7.1f} {pct(s, 90):7.1f} {min(s):7.1f} "
-              f"{statistics.median(s) / floor:7.2f} {calls:5d}")
+    for group in (rows, cold[1:]):
+        base = statistics.median((rows if group is rows else cold)[1 if group is rows else 0][1])
+        for label, samples, calls in group:
+            print(f"{label:54} {statistics.median(samples):7.1f} {pct(samples, 90):7.1f} {min(samples):7.1f} "
+                  f"{statistics.median(samples) / base:7.2f} {calls:5d}")
 
 
 # -- burst -------------------------------------------------------------------------------------------
