@@ -18,7 +18,8 @@ DEFAULT_PATH = "/etc/rolegate/rolegate.yaml"
 CONFIG_ENV = "ROLEGATE_CONFIG"
 SUPPORTED_VERSIONS = (1,)
 SOURCES = ("instance-profile", "profile:NAME", "keyring:NAME")
-DELIVERIES = ("file", "process")
+DELIVERIES = ("file", "process", "container")
+IMDS_MODES = ("reject", "emulate")
 
 # re.ASCII everywhere: \d and \w must not accept other scripts' digits and letters.
 ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}", re.ASCII)
@@ -83,6 +84,15 @@ class RefreshSettings:
 
 
 @dataclass(frozen=True)
+class ImdsSettings:
+    # reject: users' IMDS traffic is refused (only root and imds_allow_users reach it);
+    # emulate: it is redirected to the broker, which answers each user with their own role.
+    mode: str = "reject"
+    v1: bool = False  # answer GETs without a session token (IMDSv1)
+    port: int = 9254  # the broker's loopback IMDS listener (127.0.0.1 and ::1)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     region: str
@@ -94,6 +104,8 @@ class Config:
     imds_allow_users: Tuple[str, ...] = ()
     session: SessionSettings = field(default_factory=SessionSettings)
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    imds: ImdsSettings = field(default_factory=ImdsSettings)
+    container_port: int = 9255  # delivery: container: the broker's loopback credentials endpoint
     roles: Tuple[Rule, ...] = ()
     version: int = 1
 
@@ -238,7 +250,7 @@ class _Reader:
             root,
             "the config",
             ("version", "region", "source", "runtime_dir", "delivery", "sts_timeout",
-             "reap_interval", "imds_allow_users", "session", "refresh", "roles"),
+             "reap_interval", "imds_allow_users", "session", "refresh", "imds", "container_port", "roles"),
             required=("version", "region"),
         )
         version_node = keys["version"][1]
@@ -260,7 +272,7 @@ class _Reader:
             node = keys["delivery"][1]
             kw["delivery"] = self.string(node, "delivery")
             if kw["delivery"] not in DELIVERIES:
-                self.fail(node, f"delivery {kw['delivery']!r} is unknown; allowed: file, process")
+                self.fail(node, f"delivery {kw['delivery']!r} is unknown; allowed: {', '.join(DELIVERIES)}")
         if "sts_timeout" in keys:
             kw["sts_timeout"] = self.duration(keys["sts_timeout"][1], "sts_timeout", 1, 60)
         if "reap_interval" in keys:
@@ -272,6 +284,12 @@ class _Reader:
         kw["session"] = session
         if "refresh" in keys:
             kw["refresh"] = self.refresh(keys["refresh"][1])
+        if "imds" in keys:
+            kw["imds"] = self.imds(keys["imds"][1])
+        if "container_port" in keys:
+            kw["container_port"] = self.port(keys["container_port"][1], "container_port")
+        if kw.get("imds", ImdsSettings()).port == kw.get("container_port", Config.container_port):
+            self.fail(keys.get("container_port", keys.get("imds"))[1], "imds.port and container_port must differ")
         roles = ()
         if "roles" in keys:
             node = keys["roles"][1]
@@ -312,6 +330,28 @@ class _Reader:
         if "linger" in keys:
             kw["linger"] = self.duration(keys["linger"][1], "session.linger", 0, names.DURATION_MAX)
         return SessionSettings(**kw)
+
+    def port(self, node, what):
+        value = self.value(node)
+        if type(value) is not int or not 1024 <= value <= 65535:
+            self.fail(node, f"{what} {value!r} must be a TCP port from 1024 to 65535")
+        return value
+
+    def imds(self, node):
+        keys = self.mapping(node, "imds", ("mode", "v1", "port"))
+        kw = {}
+        if "mode" in keys:
+            kw["mode"] = self.string(keys["mode"][1], "imds.mode")
+            if kw["mode"] not in IMDS_MODES:
+                self.fail(keys["mode"][1], f"imds.mode {kw['mode']!r} is unknown; allowed: {', '.join(IMDS_MODES)}")
+        if "v1" in keys:
+            v1 = self.value(keys["v1"][1])
+            if type(v1) is not bool:
+                self.fail(keys["v1"][1], f"imds.v1 {v1!r} must be true or false")
+            kw["v1"] = v1
+        if "port" in keys:
+            kw["port"] = self.port(keys["port"][1], "imds.port")
+        return ImdsSettings(**kw)
 
     def refresh(self, node):
         keys = self.mapping(node, "refresh", ("workers", "rate"))
