@@ -41,6 +41,16 @@ class Broker:
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),
                               USER_WORKERS, self.log, refusals, per_uid_connections=MAX_CONNECTIONS_PER_UID,
                               per_uid_working=MAX_WORKING_PER_UID)
+        self.imds_door = self.container_door = None
+        if cfg.delivery == "container":
+            from .container import ContainerDoor
+
+            self.container_door = ContainerDoor(self.registry, self.log, refusals)
+        if cfg.imds.mode == "emulate":
+            from .imds import ImdsDoor, metadata_fetcher
+
+            self.imds_door = ImdsDoor(self.registry, self.log, refusals,
+                                      metadata=metadata_fetcher(self.registry.engine))
 
     def recover(self):
         """Take over what a previous broker left: live sessions kept, dead ones reaped, strays removed."""
@@ -57,6 +67,9 @@ class Broker:
         self.lifecycle.start()
         self.pam_door.start()
         self.user_door.start()
+        for door in (self.imds_door, self.container_door):
+            if door is not None:
+                door.start()
 
     def reload(self, path):
         """SIGHUP: reread the config; a bad file leaves the running one in force."""
@@ -76,13 +89,19 @@ class Broker:
         self.registry.reconfigure(cfg, engine)
         self.lifecycle.configure(cfg)
         revoked = self.registry.recheck()
+        restart = [what for what, changed in (("runtime_dir", runtime_changed),
+                                              ("imds.mode/port", (cfg.imds.mode, cfg.imds.port) != (old.imds.mode, old.imds.port)),
+                                              ("container_port", cfg.container_port != old.container_port)) if changed]
         self.log.decision("reloaded", path=path, rules=len(cfg.roles), revoked=revoked,
-                          note="runtime_dir changes need a restart" if runtime_changed else None)
+                          note=f"{', '.join(restart)} changes need a restart" if restart else None)
         return True
 
     def stop(self):
         self.pam_door.stop()
         self.user_door.stop()
+        for door in (self.imds_door, self.container_door):
+            if door is not None:
+                door.stop()
         self.lifecycle.stop()
         self.journal.close()
 

@@ -164,6 +164,8 @@ def run_env(args, deps):
     unset = [k for k in protocol.STATIC_KEY_VARS if k in deps.environ]
     unset += [k for k in protocol.POINTER_VARS
               if k not in env and deps.environ.get(k, "").startswith(runtime_dir)]
+    if protocol.CONTAINER_TOKEN_VAR in unset and protocol.CONTAINER_URI_VAR in deps.environ:
+        unset.append(protocol.CONTAINER_URI_VAR)
     for line in shell_lines(env, unset, args.shell):
         deps.say(line)
     if not reply.get("granted") and args.verbose:

@@ -351,4 +351,7 @@ def join_replies(first, rest):
 # environment first), so a session never keeps them.
 STATIC_KEY_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # Variables rolegate itself sets; unset when they point into runtime_dir but no grant is live.
-POINTER_VARS = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+CONTAINER_TOKEN_VAR = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"
+POINTER_VARS = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", CONTAINER_TOKEN_VAR)
+# Set beside the token file (delivery container), and unset with it.
+CONTAINER_URI_VAR = "AWS_CONTAINER_CREDENTIALS_FULL_URI"

@@ -25,6 +25,7 @@ from typing import Optional
 
 from . import mapping, names, procs, store
 from .errors import StsError
+from .protocol import CONTAINER_TOKEN_VAR, CONTAINER_URI_VAR
 from .sts import AssumeRequest, Credentials, build_request
 
 # credential_process callers need more than this left, or SDKs call again on every request.
@@ -32,6 +33,11 @@ SDK_MIN_LEFT = 15 * 60
 # Worth handing out while STS fails: at least this much validity left.
 USABLE_LEFT = 60
 MAX_SHELL_SESSIONS_PER_UID = 32
+# delivery container: where the endpoint serves each grant.
+CONTAINER_PATH = "/rolegate/credentials/"
+# A background (IMDS) grant stays in memory at least this long, linger 0 or not: an SDK asks for
+# the role name, then its credentials, and both answers should come from one AssumeRole.
+BACKGROUND_MIN_HOLD = 60
 # Refresh retries after a failure wait 5 s, 10 s, ... up to this.
 BACKOFF_MAX = 300
 
@@ -65,6 +71,7 @@ class Grant:
     credentials: Credentials
     next_refresh: float
     failures: int = 0
+    token: Optional[str] = None  # delivery container: what the endpoint asks of this grant's callers
 
 
 @dataclass(frozen=True)
@@ -176,14 +183,24 @@ class Registry:
         """(variable, path) through which a session finds this grant, by delivery."""
         if self.cfg.delivery == "process":
             return "AWS_CONFIG_FILE", self.store.path(grant.id, store.AWS_CONFIG)
+        if self.cfg.delivery == "container":
+            return CONTAINER_TOKEN_VAR, self.store.path(grant.id, store.TOKEN)
         return "AWS_SHARED_CREDENTIALS_FILE", self.store.path(grant.id, store.CREDENTIALS)
+
+    def container_uri(self, grant):
+        return f"http://127.0.0.1:{self.cfg.container_port}{CONTAINER_PATH}{grant.id}"
 
     def env_for(self, grant):
         var, path = self.pointer(grant)
-        return {"AWS_REGION": self.cfg.region, "AWS_DEFAULT_REGION": self.cfg.region, var: path}
+        env = {"AWS_REGION": self.cfg.region, "AWS_DEFAULT_REGION": self.cfg.region, var: path}
+        if self.cfg.delivery == "container":
+            env[CONTAINER_URI_VAR] = self.container_uri(grant)
+        return env
 
     def _write_files(self, grant):
-        if self.cfg.delivery == "process":
+        if self.cfg.delivery == "container":
+            self.store.write(grant.id, store.TOKEN, grant.token.encode(), grant.target_uid, grant.target_gid)
+        elif self.cfg.delivery == "process":
             command = f"{self.rolegate_cmd} credentials --grant {grant.id}"
             self.store.write(grant.id, store.AWS_CONFIG, store.process_config_ini(self.cfg.region, command),
                              grant.target_uid, grant.target_gid)
@@ -250,8 +267,9 @@ class Registry:
 
     # -- obtaining credentials (single flight) ------------------------------------------------
 
-    def _obtain(self, ident, rule, rhost, budget=None, force=False):
-        """The grant for (ident, rule): reused while fresh, else one AssumeRole however many ask."""
+    def _obtain(self, ident, rule, rhost, budget=None, force=False, write=True):
+        """The grant for (ident, rule): reused while fresh, else one AssumeRole however many ask.
+        New credentials go to the grant's files when it has sessions, or `write` asks (a login)."""
         key = grant_id(ident.target_uid, ident.principal, rule.role)
         with self._lock:
             current = self._grants.get(key)
@@ -284,10 +302,13 @@ class Registry:
             grant = Grant(
                 id=key, principal=ident.principal, principal_uid=ident.principal_uid, target=ident.target,
                 target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
-                role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds))
+                role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds),
+                token=current.token if current is not None and current.token else secrets.token_urlsafe(32))
             with self._lock:
-                lingering = key in self._lingering
-            if not lingering:  # a lingering grant has no files until a session revives it
+                # A lingering grant has no files until a session revives it; a background
+                # grant (IMDS) has none unless logins share it.
+                files = key not in self._lingering and (write or bool(self._by_grant.get(key)))
+            if files:
                 self._write_files(grant)
             with self._lock:
                 self._put_grant(grant)
@@ -360,6 +381,48 @@ class Registry:
                           key=grant.credentials.masked_key, expires=iso(grant.credentials.expiration),
                           rhost=facts.rhost, tty=facts.tty, pid=pid)
         return Opened(True, decision.reason, session, grant, new=True)
+
+    def rule_for(self, facts):
+        """The rule the config gives these login facts (None: no rule). No STS call."""
+        return mapping.decide(self.cfg, mapping.resolve(facts)).rule
+
+    def background(self, facts, min_left):
+        """The grant for a process outside any login (the IMDS door): the caller's own account, no
+        session, no files; between requests it lingers like a released grant. None when no rule
+        maps the caller. What it returns has at least `min_left` seconds of validity."""
+        ident = mapping.resolve(facts)
+        rule = mapping.decide(self.cfg, ident).rule
+        if rule is None:
+            return None
+        key = grant_id(ident.target_uid, ident.principal, rule.role)
+        with self._lock:
+            before = self._grants.get(key)
+            self._hold(key)
+        try:
+            grant = self._obtain(ident, rule, facts.rhost, write=False)
+            if grant.credentials.seconds_left(self.now_dt()) < min_left:
+                grant = self._obtain(ident, rule, facts.rhost, force=True, write=False)
+            with self._lock:
+                if key in self._revoked:
+                    return None
+                if not self._by_grant.get(key):  # nobody logged in holds it: keep it in memory only
+                    hold = max(self.cfg.session.linger, BACKGROUND_MIN_HOLD)
+                    until = max(self.clock() + hold, self._lingering.get(key, 0))
+                    self._lingering[key] = min(until, grant.next_refresh)
+                    self._tell("grant_lingering", grant, self._lingering[key])
+        except StsError as err:
+            self.log.decision("failed", principal=ident.principal, target=ident.target, role=rule.role,
+                              service=facts.service, code=err.code, reason=str(err))
+            raise
+        finally:
+            with self._lock:
+                self._unhold(key)
+                self._release_if_unused(key, "released")
+        if before is None or before.credentials != grant.credentials:
+            self.log.decision("granted", principal=ident.principal, target=ident.target, role=rule.role,
+                              service=facts.service, grant=key, rule=rule.index, key=grant.credentials.masked_key,
+                              expires=iso(grant.credentials.expiration))
+        return grant
 
     def _make_room_for_shell(self, uid):
         """Refuse a uid's shell past the cap, after forgetting its shells that have died (lock held)."""

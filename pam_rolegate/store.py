@@ -13,6 +13,7 @@ Layout (all directories root-owned):
     runtime_dir/grants/GRANT/    0711
     runtime_dir/grants/GRANT/credentials   0600, owned by the grant's target user
     runtime_dir/grants/GRANT/config        0600, (delivery: process) AWS config file
+    runtime_dir/grants/GRANT/token         0600, (delivery: container) the endpoint's token
 """
 
 import errno
@@ -27,6 +28,7 @@ GRANTS = "grants"
 STATE = "state"
 CREDENTIALS = "credentials"
 AWS_CONFIG = "config"
+TOKEN = "token"  # delivery container: the endpoint's authorization token
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MEMORY_FS = ("tmpfs", "ramfs")
 

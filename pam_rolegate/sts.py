@@ -144,9 +144,13 @@ class ImdsSource:
                            _parse_time(data.get("Expiration")))
 
     def instance_id(self, timeout=None):
+        return self.metadata("/latest/meta-data/instance-id", timeout).strip()
+
+    def metadata(self, path, timeout=None):
+        """Any metadata path's text (the IMDS door's allow-listed, non-secret paths)."""
         timeout = timeout or self.timeout
         hdr = {"X-aws-ec2-metadata-token": self._token(timeout)}
-        return self._call("GET", "/latest/meta-data/instance-id", hdr, timeout).strip()
+        return self._call("GET", path, hdr, timeout)
 
 
 class ProfileSource:

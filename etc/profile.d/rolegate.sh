@@ -11,6 +11,9 @@ esac
 case "${AWS_CONFIG_FILE:-}" in
     "$__rolegate_dir"*) [ -r "$AWS_CONFIG_FILE" ] && __rolegate_have=1 ;;
 esac
+case "${AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:-}" in
+    "$__rolegate_dir"*) [ -r "$AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE" ] && __rolegate_have=1 ;;
+esac
 if [ -n "$__rolegate_have" ]; then
     # Static keys inherited from elsewhere would shadow the grant (SDKs read them first).
     unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_SECURITY_TOKEN

@@ -1,0 +1,106 @@
+"""What the broker's loopback HTTP doors (IMDS, container credentials) share: a thread with its own
+asyncio loop serving an aiohttp application on 127.0.0.1 and ::1, a bounded worker pool for the
+blocking work behind a request, and the caller's uid from the kernel (peers.py) on every request.
+
+aiohttp, a well-kept HTTP server, parses HTTP; the doors only decide.
+"""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from . import peers
+from .errors import RolegateError
+
+
+def text(body, status=200):
+    return web.Response(text=body, status=status, content_type="text/plain")
+
+
+class HttpDoor:
+    name = "http"
+    workers = 8  # NSS lookups and STS calls behind requests, in parallel
+    per_uid = 4  # one uid's requests in the workers at once: a flood costs its sender
+
+    def __init__(self, log, refusals, port):
+        self.log = log
+        self.refusals = refusals
+        self.port = port
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"{self.name}-door")
+        self.counts = {}  # outcome -> requests
+        self._gates = {}  # uid -> asyncio.Semaphore
+        self._loop = None
+        self._runner = None
+        self._thread = None
+
+    def routes(self, app):
+        raise NotImplementedError
+
+    def count(self, outcome):
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    @web.middleware
+    async def _identify(self, request, handler):
+        """Every request: the caller's uid from its socket's exact tuple, or 403."""
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        uid = peers.caller_uid(sock) if sock is not None else None
+        if uid is None:
+            self.count("unidentified")
+            self.refusals.refused(-1, None, door=self.name, reason="no socket owns this connection's tuple")
+            return text("Forbidden", 403)
+        request["uid"] = uid
+        return await handler(request)
+
+    async def work(self, uid, fn, *args):
+        """fn(*args) on the pool, at most `per_uid` of one uid's at once."""
+        gate = self._gates.get(uid)
+        if gate is None:
+            gate = self._gates[uid] = asyncio.Semaphore(self.per_uid)
+        async with gate:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def start(self):
+        ready = threading.Event()
+        failure = []
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            try:
+                app = web.Application(middlewares=[self._identify], client_max_size=4096)
+                self.routes(app)
+                self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                self._loop.run_until_complete(self._runner.setup())
+                for host in ("127.0.0.1", "::1"):
+                    try:
+                        site = web.TCPSite(self._runner, host, self.port, backlog=1024, reuse_address=True)
+                        self._loop.run_until_complete(site.start())
+                    except OSError as err:
+                        if host == "127.0.0.1":
+                            raise
+                        self.log.error(f"{self.name} door: no IPv6 listener on [::1]:{self.port}: {err}")
+            except Exception as err:
+                failure.append(err)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-door", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            raise RolegateError(f"the {self.name} door cannot listen on port {self.port}: {failure[0]}")
+
+    def stop(self):
+        if self._loop is None or self._runner is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
+        except Exception:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self.pool.shutdown(wait=False)
