@@ -20,4 +20,16 @@ if [ -n "$__rolegate_have" ]; then
 elif [ -x "$__rolegate_bin" ]; then
     __rolegate_out=$("$__rolegate_bin" env --shell sh) && eval "$__rolegate_out"
 fi
-unset __rolegate_bin __rolegate_dir __rolegate_have __rolegate_out
+# rolegate's region is a default: when the user's own AWS config names a region for the profile in
+# use, drop ours, so theirs wins (SDKs read these variables before any config file).
+__rolegate_cfg=${AWS_CONFIG_FILE:-${HOME:-/nonexistent}/.aws/config}
+case "$__rolegate_cfg" in "$__rolegate_dir"*) __rolegate_cfg= ;; esac
+if [ -n "$__rolegate_have$__rolegate_out" ] && [ -n "$__rolegate_cfg" ] && [ -f "$__rolegate_cfg" ] \
+    && [ -r "$__rolegate_cfg" ] && awk -v p="${AWS_PROFILE:-${AWS_DEFAULT_PROFILE:-default}}" '
+        /^[ \t]*\[/ { s = $0; gsub(/^[ \t]*\[[ \t]*|[ \t]*\][ \t]*$/, "", s)
+                      inside = (s == "profile " p || s == p); next }
+        inside && /^[ \t]*region[ \t]*=[ \t]*[^ \t]/ { found = 1 }
+        END { exit !found }' "$__rolegate_cfg" 2>/dev/null; then
+    unset AWS_REGION AWS_DEFAULT_REGION
+fi
+unset __rolegate_bin __rolegate_dir __rolegate_have __rolegate_out __rolegate_cfg
