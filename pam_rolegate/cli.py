@@ -200,9 +200,10 @@ def run_status(args, deps):
     if not grants:
         deps.say("no grants" + ("" if os.getuid() == 0 else " for you") + " on this host")
         return EXIT_OK
-    rows = [("PRINCIPAL", "TARGET", "ROLE", "SESSIONS", "EXPIRES", "NEXT REFRESH")]
+    rows = [("PRINCIPAL", "TARGET", "ROLE", "SERVICE", "STATE", "SESSIONS", "EXPIRES", "NEXT REFRESH")]
     for g in grants:
-        rows.append((g["principal"], g["target"], g["role"], str(g["sessions"]), g["expires"] or "-",
+        rows.append((g["principal"], g["target"], g["role"], g.get("service") or "-", g.get("state") or "live",
+                     str(g["sessions"]), g["expires"] or "-",
                      g["next_refresh"] + (f" (failed {g['failures']}x)" if g.get("failures") else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

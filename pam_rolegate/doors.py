@@ -360,7 +360,7 @@ class Handlers:
 
     def status(self, peer, req):
         reg = self.registry
-        grants, sessions = reg.snapshot(None if peer.uid == 0 else peer.uid)
+        grants, sessions, lingering = reg.snapshot(None if peer.uid == 0 else peer.uid)
         now = reg.now_dt()
         counts = {}
         for s in sessions:
@@ -368,7 +368,10 @@ class Handlers:
         entries = [{"grant": g.id, "principal": g.principal, "target": g.target, "role": g.role,
                     "expires": iso(g.credentials.expiration), "seconds_left": int(g.credentials.seconds_left(now)),
                     "next_refresh": iso(epoch_to_dt(g.next_refresh)), "failures": g.failures,
-                    "sessions": counts.get(g.id, 0), "path": reg.pointer(g)[1]}
+                    "sessions": counts.get(g.id, 0), "service": g.service,
+                    # lingering: no session and no files; held in memory for the next login or IMDS call
+                    "state": "lingering" if g.id in lingering else "live",
+                    "path": None if g.id in lingering else reg.pointer(g)[1]}
                    for g in sorted(grants, key=lambda g: g.id)]
         listed = []
         if peer.uid == 0:  # sessions name processes and hosts: root's to see

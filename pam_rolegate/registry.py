@@ -464,15 +464,13 @@ class Registry:
         return grant
 
     def snapshot(self, uid=None):
-        """(grants, sessions) that `uid` may see (None: all), copied under the lock: a consistent view."""
+        """(grants, sessions, lingering ids) that `uid` may see (None: all), copied under the lock."""
         with self._lock:
-            if uid is None:
-                keys = [k for k in self._grants if k not in self._lingering]
-            else:
-                keys = [k for k in self._by_uid.get(uid, ()) if k not in self._lingering]
+            keys = list(self._grants) if uid is None else list(self._by_uid.get(uid, ()))
             grants = [self._grants[k] for k in keys]
             sessions = [self._sessions[s] for k in keys for s in self._by_grant.get(k, ())]
-        return grants, sessions
+            lingering = {k for k in keys if k in self._lingering}
+        return grants, sessions, lingering
 
     def counts(self):
         with self._lock:

@@ -520,13 +520,14 @@ def test_status__two_thousand_grants_and_ten_thousand_sessions_all_listed(host):
               f"client {client_seconds:.2f}s, broker RSS {rss_kib(host.broker.pid) // 1024} MiB")
     finally:
         sleepers.stop()
-    # The processes are gone: the reaper ends every session and releases every grant.
+    # The processes are gone: the reaper ends every session and releases every grant (its files
+    # go; its credentials may linger in memory, which status shows as such).
     start = time.monotonic()
     deadline = start + 180
     left = None
     while time.monotonic() < deadline:
         reply = client.call(protocol.Status(), path=SOCKET, timeout=60)
-        left = [g for g in reply.get("grants") if g["principal"].startswith("fleet")]
+        left = [g for g in reply.get("grants") if g["principal"].startswith("fleet") and g.get("state") != "lingering"]
         if not left:
             break
         time.sleep(1)

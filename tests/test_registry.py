@@ -162,8 +162,8 @@ def test_linger__next_login_within_linger_reuses_the_credentials_without_sts(hos
     first_key = key_id(path)
     logout(sid)
     assert not os.path.exists(path), "the credentials file outlived the grant's last session (linger keeps memory only)"
-    assert not [g for g in status() if g["principal"] == "lina"], \
-        "a lingering grant is listed as live by `rolegate status`"
+    assert [g.get("state") for g in status() if g["principal"] == "lina"] == ["lingering"], \
+        "a lingering grant is not shown as lingering (with no files) by `rolegate status`"
     sid, path2 = login("lina", pid)
     assert path2 == path, f"the second login got another file: {path2} != {path}"
     assert os.path.exists(path), "the second login did not write the credentials file back"
@@ -619,7 +619,7 @@ def test_registry__linger_ending_during_a_login_that_revives_the_grant_keeps_its
     reg._obtain = obtain_then_linger_ends
     second = reg.open(root_login(), "pam", os.getpid(), None)
     assert second.granted, "the second login was not granted"
-    grants, sessions = reg.snapshot()
+    grants, sessions, _lingering = reg.snapshot()
     assert [g.id for g in grants] == [key], f"the login's grant is not live after the linger ended mid-login: {grants}"
     assert [s.id for s in sessions] == [second.session.id], f"the login's session is not listed: {sessions}"
     assert key in store.files, "the revived grant's credentials file was not written"
@@ -642,7 +642,7 @@ def test_registry__a_reload_that_unmaps_a_login_under_way_leaves_it_no_credentia
     second = reg.open(root_login(), "pam", os.getpid(), None)
     assert not second.granted, "a login unmapped while under way was still granted"
     assert key not in store.files, "the revoked grant's credentials file outlived the revocation"
-    grants, sessions = reg.snapshot()
+    grants, sessions, _lingering = reg.snapshot()
     assert not grants and not sessions, f"the revoked grant or a session on it is still live: {grants} {sessions}"
     assert reg.counts()["lingering"] == 0, "the revoked grant lingers"
 
