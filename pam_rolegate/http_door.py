@@ -23,12 +23,14 @@ class HttpDoor:
     name = "http"
     workers = 8  # NSS lookups and STS calls behind requests, in parallel
     per_uid = 4  # one uid's requests in the workers at once: a flood costs its sender
+    lookup_workers = 2  # socket-table reads (who is calling) at once: each is a pass over /proc/net/tcp
 
     def __init__(self, log, refusals, port):
         self.log = log
         self.refusals = refusals
         self.port = port
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"{self.name}-door")
+        self.lookups = ThreadPoolExecutor(max_workers=self.lookup_workers, thread_name_prefix=f"{self.name}-peers")
         self.counts = {}  # outcome -> requests
         self._gates = {}  # uid -> asyncio.Semaphore
         self._loop = None
@@ -45,7 +47,10 @@ class HttpDoor:
     async def _identify(self, request, handler):
         """Every request: the caller's uid from its socket's exact tuple, or 403."""
         sock = request.transport.get_extra_info("socket") if request.transport else None
-        uid = peers.caller_uid(sock) if sock is not None else None
+        # Reading the kernel's socket table costs milliseconds on a busy host: off the loop.
+        uid = None
+        if sock is not None:
+            uid = await asyncio.get_running_loop().run_in_executor(self.lookups, peers.caller_uid, sock)
         if uid is None:
             self.count("unidentified")
             self.refusals.refused(-1, None, door=self.name, reason="no socket owns this connection's tuple")
@@ -104,3 +109,4 @@ class HttpDoor:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self.pool.shutdown(wait=False)
+        self.lookups.shutdown(wait=False)
