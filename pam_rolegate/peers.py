@@ -14,12 +14,6 @@ Why /proc/net/tcp{,6} and not NETLINK_SOCK_DIAG:
     would own) or pyroute2, a large dependency for one query in a root daemon.
   - /proc/net/tcp is a stable, documented text interface that holds the same answer (the uid
     column is the socket's sk_uid, the same field sock_diag reports). Matching the full tuple
-<<<<<<< HEAD
-    is as exact as sock_diag's lookup; the cost is one read of the table per lookup, which is
-    a C-speed substring search (see tcp_owner), measured in tests/test_peers.py with 2,000
-    other connections open. If hosts ever show that read in profiles, sock_diag's exact lookup
-    is the upgrade, behind this same function.
-=======
     is as exact as sock_diag's lookup.
   - The price is cost linear in the namespace's TCP sockets: the kernel formats the whole
     table on every read (about 1.6 us per socket on the 2-core test machine; reading tcp6
@@ -30,7 +24,6 @@ Why /proc/net/tcp{,6} and not NETLINK_SOCK_DIAG:
     so nobody can make the broker format the table in a loop. If hosts ever show that read in
     profiles, sock_diag's exact lookup (a hash probe in the kernel) is the upgrade, behind
     this same function.
->>>>>>> helper-peers
 
 What the uid means: the kernel records the uid that *created* the socket (fchown on it needs
 CAP_CHOWN to name another uid). A socket handed from one process to another keeps its
@@ -62,8 +55,6 @@ TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 # CLOSE entries carry uid 0 and no owner, so counting them would make every caller root.
 _OWNED_STATES = frozenset({b"01", b"04", b"05", b"08", b"09", b"0B"})
 # ESTABLISHED FIN_WAIT1 FIN_WAIT2 CLOSE_WAIT LAST_ACK CLOSING
-<<<<<<< HEAD
-=======
 #
 # The state is not enough: once the client closes, the kernel may turn its end into a timewait
 # mini-socket that /proc lists in state FIN_WAIT2 (05) with uid 0 and inode 0 (seen in
@@ -71,7 +62,6 @@ _OWNED_STATES = frozenset({b"01", b"04", b"05", b"08", b"09", b"0B"})
 # have an inode, i.e. a socket some process still holds. A client that has closed its socket
 # is gone and is answered by nobody.
 _NO_INODE = b"0"
->>>>>>> helper-peers
 
 
 def _plain(ip):
@@ -150,14 +140,6 @@ def tcp_owner(client_addr, server_addr):
     is `server_addr` (as the client saw it: the original destination, before DNAT); or None.
 
     Addresses are (ip, port, ...) tuples as the socket module gives them; IPv4-mapped IPv6
-<<<<<<< HEAD
-    addresses match plain IPv4 ones. Exactly one socket in an owned state must match: none, or
-    more than one, gives None. The 4-tuple is unique among live connections by construction,
-    so a second match means something we do not understand, and we refuse rather than guess.
-
-    Each table is read once and searched for the tuple as its exact text, so the cost is one
-    read plus a substring search in C, not a parse of every line.
-=======
     addresses match plain IPv4 ones. Exactly one socket that a process holds, in an owned
     state, must match: none, or
     more than one, gives None. The 4-tuple is unique among live connections by construction,
@@ -165,7 +147,6 @@ def tcp_owner(client_addr, server_addr):
 
     Each table is read once and searched for the tuple as its exact text, so we parse only the
     matching lines, never every line.
->>>>>>> helper-peers
     """
     try:
         client = (_plain(client_addr[0]), int(client_addr[1]))
@@ -182,13 +163,8 @@ def tcp_owner(client_addr, server_addr):
             fields = data[start:end if end != -1 else len(data)].split()
             # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...; the needle can only
             # fall on local+rem, but check the fields themselves rather than trust that.
-<<<<<<< HEAD
-            if (len(fields) > 7 and b" %s %s " % (fields[1], fields[2]) == needle
-                    and fields[3] in _OWNED_STATES):
-=======
             if (len(fields) > 9 and b" %s %s " % (fields[1], fields[2]) == needle
                     and fields[3] in _OWNED_STATES and fields[9] != _NO_INODE):
->>>>>>> helper-peers
                 found.append(int(fields[7]))
             at = data.find(needle, at + 1)
     return found[0] if len(found) == 1 else None
