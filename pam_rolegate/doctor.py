@@ -7,6 +7,8 @@ import errno
 import os
 import socket
 import stat
+import sys
+import time
 from dataclasses import dataclass
 
 from . import install
@@ -177,8 +179,35 @@ def check_broker(ctx):
     return [Result("broker", PASS, f"rolegated pid {reply.get('pid')} answers on its " + " and ".join(answered))]
 
 
-def _connect_as(uid, family, addr, timeout=2.0):
-    """Connect to addr:80 from a forked child running as `uid`; returns the errno name or 'connected'."""
+def _loopback_peers(port):
+    """(address, port) of the far end of every TCP socket whose local end is the loopback `port`,
+    from /proc/net/tcp and tcp6 (world-readable; every socket of this network namespace)."""
+    import ipaddress
+
+    peers = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(name).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            (laddr, lport), (raddr, rport) = (f.split(":") for f in fields[1:3])
+            if int(lport, 16) != port:
+                continue
+            # each 32-bit word is printed in host byte order
+            raw = b"".join(bytes.fromhex(raddr[i:i + 8])[::-1 if sys.byteorder == "little" else 1]
+                           for i in range(0, len(raddr), 8))
+            addr = ipaddress.ip_address(raw)
+            addr = getattr(addr, "ipv4_mapped", None) or addr
+            peers.add((str(addr), int(rport, 16)))
+    return peers
+
+
+def _connect_as(uid, family, addr, timeout=2.0, loopback_port=None):
+    """Connect to addr:80 from a forked child running as `uid`; returns the errno name or 'connected',
+    and with loopback_port 'redirected' when the connection's far end is a socket of this host on
+    that loopback port (the IMDS firewall DNATed it there) rather than the real IMDS."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop to uid, try, report, exit without cleanup handlers
@@ -193,6 +222,15 @@ def _connect_as(uid, family, addr, timeout=2.0):
             try:
                 s.connect((addr, 80))
                 result = "connected"
+                if loopback_port:
+                    # NAT is invisible to the connecting socket; the kernel's socket table is not:
+                    # a redirected connection has its server half here, on the loopback port.
+                    me = s.getsockname()[:2]
+                    for _ in range(20):
+                        if me in _loopback_peers(loopback_port):
+                            result = "redirected"
+                            break
+                        time.sleep(0.025)
             except socket.timeout:
                 result = "timeout"
             except OSError as err:
@@ -210,20 +248,49 @@ def _connect_as(uid, family, addr, timeout=2.0):
 def check_imds(ctx):
     from . import firewall
 
+    cfg = ctx.get("config")
+    emulate = cfg is not None and cfg.imds.mode == "emulate"
+    port = cfg.imds.port if cfg is not None else None
     out = []
     for label, family, addr in (("ipv4", socket.AF_INET, firewall.IMDS_V4), ("ipv6", socket.AF_INET6, firewall.IMDS_V6)):
-        root = _connect_as(0, family, addr)
-        user = _connect_as(NOBODY, family, addr)
+        root = _connect_as(0, family, addr, loopback_port=port)
+        user = _connect_as(NOBODY, family, addr, loopback_port=port)
+        if root == "redirected":
+            out.append(Result(f"imds-{label}", FAIL, f"root's connection to {addr}:80 is redirected to the emulator "
+                              f"on loopback port {port}: the broker cannot reach the real IMDS",
+                              "rolegate firewall apply (root is never redirected)"))
+            continue
         if root != "connected":
             verdict = FAIL if label == "ipv4" else WARN
             out.append(Result(f"imds-{label}", verdict, f"root cannot reach IMDS at {addr} ({root})",
                               "enable the instance metadata service (and its IPv6 endpoint) on the instance"))
             continue
-        if user == "connected":
-            out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY} reaches IMDS at {addr}: any user can take the "
-                              f"gatekeeper role", "rolegate firewall apply"))
+        if not emulate:
+            if user == "redirected":
+                out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY}'s IMDS traffic is redirected to the emulator "
+                                  f"(port {port}), but imds.mode is reject", "rolegate firewall apply"))
+            elif user == "connected":
+                out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY} reaches IMDS at {addr}: any user can take "
+                                  f"the gatekeeper role", "rolegate firewall apply"))
+            else:
+                out.append(Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} is refused ({user})"))
+            continue
+        lo = "127.0.0.1" if family == socket.AF_INET else "[::1]"
+        if user == "redirected":
+            out.append(Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} is redirected to the "
+                              f"emulator on {lo}:{port}"))
+        elif user == "connected":
+            out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY} reaches the real IMDS at {addr}: any user can "
+                              f"take the gatekeeper role", "rolegate firewall apply"))
+        elif user == "ECONNREFUSED" and f"dnat {'ip' if family == socket.AF_INET else 'ip6'} to {lo}:{port}" \
+                in (firewall.show() or ""):
+            out.append(Result(f"imds-{label}", FAIL, f"IMDS emulator down: uid {NOBODY}'s connection to {addr}:80 "
+                              f"is redirected to {lo}:{port}, where nothing listens (connection refused); users "
+                              f"get no credentials from IMDS", "systemctl restart rolegated (journalctl -u "
+                              "rolegated for why its IMDS emulator is not listening)"))
         else:
-            out.append(Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} is refused ({user})"))
+            out.append(Result(f"imds-{label}", FAIL, f"imds.mode is emulate but uid {NOBODY}'s connection to {addr}:80 "
+                              f"is not redirected to {lo}:{port} ({user})", "rolegate firewall apply"))
     return out
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import imds_standin
 from conftest import require_sandbox
 from harness import make_host, run
 from pam_rolegate import firewall
@@ -118,4 +119,51 @@ def test_doctor__names_each_broken_piece(site):
     os.chmod("/run/rolegate", 0o755)
     code, results = doctor()
     assert code == 0, f"with every piece mended doctor should pass: " \
+                      f"{ {n: r['detail'] for n, r in results.items() if r['verdict'] == 'FAIL'} }"
+
+
+def test_doctor__emulate_mode_passes_with_the_emulator_up_and_names_it_when_down(site):
+    ns, doctor, _start, _stop, env = site
+    port = 9254
+    cfg = open("/etc/rolegate/rolegate.yaml").read()
+    stand_in = None
+    try:
+        with open("/etc/rolegate/rolegate.yaml", "a") as fh:
+            fh.write(f"imds:\n  mode: emulate\n  port: {port}\n")
+        run(ns + ["rolegate", "firewall", "apply"], env=env)
+        stand_in = imds_standin.start(ns, [("127.0.0.1", port, "stand-in-v4"), ("::1", port, "stand-in-v6")])
+        code, results = doctor()
+        failed = {n: r["detail"] for n, r in results.items() if r["verdict"] == "FAIL"}
+        assert code == 0 and not failed, f"doctor in emulate mode with the emulator up should pass: {failed}"
+        for name in ("imds-ipv4", "imds-ipv6"):
+            r = results.get(name, {})
+            assert r.get("verdict") == "PASS" and "redirected" in r.get("detail", ""), \
+                f"{name} should pass as redirected to the emulator: {r}"
+        imds_standin.stop(stand_in)
+        _expect_fail(doctor, "imds-ipv4")
+        _code, results = doctor()
+        for name in ("imds-ipv4", "imds-ipv6"):
+            r = results[name]
+            assert r["verdict"] == "FAIL" and "emulator down" in r["detail"] and "rolegated" in r["fix"], \
+                f"{name} should name the emulator as down, with the fix: {r}"
+        # emulate mode asked for, but the rules in force are reject mode's: not "emulator down"
+        with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+            fh.write(cfg)
+        run(ns + ["rolegate", "firewall", "apply"], env=env)
+        with open("/etc/rolegate/rolegate.yaml", "a") as fh:
+            fh.write(f"imds:\n  mode: emulate\n  port: {port}\n")
+        stand_in = imds_standin.start(ns, [("127.0.0.1", port, "stand-in-v4"), ("::1", port, "stand-in-v6")])
+        _expect_fail(doctor, "imds-ipv4")
+        _code, results = doctor()
+        r = results["imds-ipv4"]
+        assert "not redirected" in r["detail"] and "firewall apply" in r["fix"], \
+            f"reject rules under an emulate config should say so: {r}"
+    finally:
+        if stand_in is not None and stand_in.poll() is None:
+            imds_standin.stop(stand_in)
+        with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+            fh.write(cfg)
+        run(ns + ["rolegate", "firewall", "apply"], env=env)
+    code, results = doctor()
+    assert code == 0, f"back in reject mode doctor should pass: " \
                       f"{ {n: r['detail'] for n, r in results.items() if r['verdict'] == 'FAIL'} }"

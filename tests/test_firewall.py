@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import imds_standin
 from conftest import require_sandbox
 from harness import make_host, run
 from pam_rolegate import firewall
@@ -35,6 +36,7 @@ def netns():
     h.install_commands()
     h.add_user("eve")
     h.add_user("ops")
+    h.add_user("mal")
     name = "rg-" + secrets.token_hex(4)
     run(["ip", "netns", "add", name])
     ns = ["ip", "netns", "exec", name]
@@ -124,3 +126,146 @@ def test_firewall__unknown_allowed_user_is_a_clear_error(netns, tmp_path):
     done = nft_in(ns, "apply", config=str(config))
     assert done.returncode != 0 and "nosuchuser" in done.stderr, f"expected a clear error: {done.stderr}"
     assert nft_in(ns, "show").returncode == 1, "a failed apply must not leave a table"
+
+
+# -- imds.mode: emulate ------------------------------------------------------------------------------
+
+PORT = 9254  # the default imds.port; the namespace is the test's own, so nothing else holds it
+EMULATE = f"version: 1\nregion: us-east-1\nimds_allow_users: [ops]\nimds:\n  mode: emulate\n  port: {PORT}\n"
+REJECT = "version: 1\nregion: us-east-1\nimds_allow_users: [ops]\n"
+STAND_IN = "stand-in"
+
+
+def _hosts(urls):
+    out = [("v4", firewall.IMDS_V4, "127.0.0.1")]
+    if "v6" in urls:
+        out.append(("v6", firewall.IMDS_V6, "::1"))
+    return out
+
+
+def _stand_in(ns, urls):
+    return imds_standin.start(ns, [(lo, PORT, f"{STAND_IN}-{fam}") for fam, _imds, lo in _hosts(urls)])
+
+
+def test_firewall__emulate_redirects_users_port_80_to_the_loopback_emulator(netns, tmp_path):
+    ns, urls, _h = netns
+    config = tmp_path / "rolegate.yaml"
+    config.write_text(EMULATE)
+    # a listener on another IMDS port, so a refusal there is the firewall's and not an empty port's
+    other = imds_standin.start(ns, [(firewall.IMDS_V4, 81, "real-port-81")])
+    stand_in = _stand_in(ns, urls)
+    try:
+        assert imds_standin.probe(ns, "eve", firewall.IMDS_V4, 81)[:2] == ("HTTP", "real-port-81"), \
+            "control: before the lockdown eve reaches port 81 on the IMDS address"
+        done = nft_in(ns, "apply", config=str(config))
+        assert done.returncode == 0, f"firewall apply (emulate) failed: {done.stderr}"
+        again = nft_in(ns, "apply", config=str(config))
+        assert again.returncode == 0, f"a second apply should be a no-op, not an error: {again.stderr}"
+        for fam, imds, _lo in _hosts(urls):
+            kind, who, _s = imds_standin.probe(ns, "eve", imds)
+            assert (kind, who) == ("HTTP", f"{STAND_IN}-{fam}"), \
+                f"eve's PUT to {imds}:80 should reach the stand-in on the loopback ({fam}), got {kind} {who}"
+            kind, who, _s = imds_standin.probe(ns, "root", imds)
+            assert (kind, who) == ("HTTP", "real-imds"), f"root must reach the real IMDS at {imds}, got {kind} {who}"
+            kind, who, _s = imds_standin.probe(ns, "ops", imds)
+            assert (kind, who) == ("HTTP", "real-imds"), \
+                f"ops (imds_allow_users) must reach the real IMDS at {imds}, got {kind} {who}"
+        kind, why, secs = imds_standin.probe(ns, "eve", firewall.IMDS_V4, 81)
+        assert kind == "FAILED" and why == "ConnectionRefusedError" and secs < 1.0, \
+            f"eve's connection to another IMDS port should be refused at once, got {kind} {why} in {secs}s"
+        assert imds_standin.probe(ns, "root", firewall.IMDS_V4, 81)[:2] == ("HTTP", "real-port-81"), \
+            "root still reaches port 81 (the refusal above is the firewall's)"
+        shown = nft_in(ns, "show")
+        assert shown.returncode == 0 and f"dnat ip to 127.0.0.1:{PORT}" in shown.stdout, \
+            f"show should print the redirect in force: {shown.stdout}"
+
+        imds_standin.stop(stand_in)
+        for fam, imds, _lo in _hosts(urls):
+            kind, why, secs = imds_standin.probe(ns, "eve", imds)
+            assert kind == "FAILED" and why == "ConnectionRefusedError" and secs < 1.0, \
+                f"with the emulator down eve must be refused at once ({fam}), never served: {kind} {why} {secs}s"
+
+        # The port is unprivileged: while the emulator is down, mal binds it and waits for eve.
+        squatter = imds_standin.start(ns, [(lo, PORT, "squatter") for _f, _i, lo in _hosts(urls)], user="mal")
+        try:
+            for fam, imds, _lo in _hosts(urls):
+                kind, who, secs = imds_standin.probe(ns, "eve", imds, timeout=1.5)
+                assert (kind, who) != ("HTTP", "squatter"), f"a user's listener on the emulator's port served eve ({fam})"
+                assert kind == "FAILED", f"eve should get no answer while a user squats the port ({fam}): {kind} {who}"
+        finally:
+            imds_standin.stop(squatter)
+    finally:
+        if stand_in.poll() is None:
+            imds_standin.stop(stand_in)
+        imds_standin.stop(other)
+        removed = nft_in(ns, "remove")
+    assert removed.returncode == 0, f"remove failed: {removed.stderr}"
+    assert run(ns + ["nft", "list", "ruleset"]).stdout.strip() == "", "remove left rules behind"
+
+
+SWITCHER = """
+import http.client, sys, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+counts = {}
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        conn = http.client.HTTPConnection(host, 80, timeout=2)
+        conn.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        key = conn.getresponse().getheader("X-Stand-In") or "real-imds"
+        conn.close()
+    except OSError as err:
+        key = type(err).__name__
+    counts[key] = counts.get(key, 0) + 1
+print(" ".join("%s=%d" % kv for kv in sorted(counts.items())))
+"""
+
+
+def test_firewall__switching_modes_is_atomic_and_remove_leaves_nothing(netns, tmp_path):
+    ns, urls, _h = netns
+    reject, emulate = tmp_path / "reject.yaml", tmp_path / "emulate.yaml"
+    reject.write_text(REJECT)
+    emulate.write_text(EMULATE)
+    stand_in = _stand_in(ns, urls)
+    try:
+        assert nft_in(ns, "apply", config=str(reject)).returncode == 0, "apply (reject) failed"
+        ruleset_reject = run(ns + ["nft", "list", "ruleset"]).stdout
+        assert "nat" not in ruleset_reject and "dnat" not in ruleset_reject, \
+            f"reject mode must not redirect anything: {ruleset_reject}"
+        # eve keeps calling IMDS from the first moment to the last while the modes change under her
+        watcher = subprocess.Popen(ns + ["setpriv", "--reuid", "eve", "--regid", "eve", "--init-groups",
+                                         sys.executable, "-c", SWITCHER, firewall.IMDS_V4, "6"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        switched = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and switched < 40:
+            for cfg in (emulate, reject):
+                done = nft_in(ns, "apply", config=str(cfg))
+                assert done.returncode == 0, f"apply {cfg.name} failed mid-switching: {done.stderr}"
+            switched += 1
+        assert nft_in(ns, "apply", config=str(emulate)).returncode == 0, "apply (emulate) failed"
+        out, err = watcher.communicate(timeout=30)
+        counts = dict(kv.split("=") for kv in out.split())
+        assert "real-imds" not in counts, f"eve reached the real IMDS while modes switched: {counts} {err}"
+        assert counts.get(f"{STAND_IN}-v4") and counts.get("ConnectionRefusedError"), \
+            f"eve should have been both redirected and refused over {switched} switches: {counts} {err}"
+        # Leaving emulate mode unregisters the nat hook, and the kernel then drops the NAT state of
+        # connections redirected a moment before: the few in flight at that instant are reset or
+        # time out. Never do they reach the real IMDS.
+        assert set(counts) <= {f"{STAND_IN}-v4", "ConnectionRefusedError", "ConnectionResetError", "TimeoutError"}, \
+            f"unexpected outcomes: {counts}"
+        ruleset_emulate = run(ns + ["nft", "list", "ruleset"]).stdout
+        assert f"dnat ip to 127.0.0.1:{PORT}" in ruleset_emulate and f"dnat ip6 to [::1]:{PORT}" in ruleset_emulate, \
+            f"emulate mode should DNAT both families: {ruleset_emulate}"
+        assert ruleset_emulate.count("table inet rolegate") == 1, f"exactly one table: {ruleset_emulate}"
+        assert nft_in(ns, "apply", config=str(reject)).returncode == 0, "apply (back to reject) failed"
+        assert run(ns + ["nft", "list", "ruleset"]).stdout == ruleset_reject, \
+            "back in reject mode the rules should be exactly reject mode's again"
+        kind, why, _s = imds_standin.probe(ns, "eve", firewall.IMDS_V4)
+        assert (kind, why) == ("FAILED", "ConnectionRefusedError"), f"reject mode refuses eve again: {kind} {why}"
+    finally:
+        imds_standin.stop(stand_in)
+        removed = nft_in(ns, "remove")
+    assert removed.returncode == 0, f"remove failed: {removed.stderr}"
+    assert run(ns + ["nft", "list", "ruleset"]).stdout.strip() == "", "remove left rules behind"
+    assert nft_in(ns, "show").returncode == 1, "show should say nothing is in force after remove"
