@@ -89,7 +89,7 @@ class ImdsSettings:
     # emulate: it is redirected to the broker, which answers each user with their own role.
     mode: str = "reject"
     v1: bool = False  # answer GETs without a session token (IMDSv1)
-    port: int = 9254  # the broker's loopback IMDS listener (127.0.0.1 and ::1)
+    port: int = 254  # the broker's loopback IMDS listener (127.0.0.1 and ::1); privileged (see port())
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Config:
     session: SessionSettings = field(default_factory=SessionSettings)
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
     imds: ImdsSettings = field(default_factory=ImdsSettings)
-    container_port: int = 9255  # delivery: container: the broker's loopback credentials endpoint
+    container_port: int = 255  # delivery: container: the broker's loopback credentials endpoint
     roles: Tuple[Rule, ...] = ()
     version: int = 1
 
@@ -332,9 +332,12 @@ class _Reader:
         return SessionSettings(**kw)
 
     def port(self, node, what):
+        # Privileged ports only: while the broker is down, a user could otherwise listen on the
+        # port and answer other users' credential requests with keys of their own choosing.
         value = self.value(node)
-        if type(value) is not int or not 1024 <= value <= 65535:
-            self.fail(node, f"{what} {value!r} must be a TCP port from 1024 to 65535")
+        if type(value) is not int or not 1 <= value <= 1023:
+            self.fail(node, f"{what} {value!r} must be a TCP port from 1 to 1023 (only root can listen "
+                            f"there, so no user can stand in for the broker)")
         return value
 
     def imds(self, node):

@@ -71,10 +71,10 @@ def ruleset(uids, mode="reject", port=None):
         lines += [f"    {family} daddr {addr} meta skuid != {{ {allow} }} meta l4proto tcp reject with tcp reset",
                   f"    {family} daddr {addr} meta skuid != {{ {allow} }} reject"]
     if mode == "emulate":
-        # The listener's port is unprivileged: while the broker is down any user could bind it and
-        # answer the others' redirected connections with credentials of their own choosing. Packets
-        # sent from the loopback port by a socket root does not own (a squatter's SYN-ACK) are
-        # dropped, so such a listener never completes a connection.
+        # imds.port is privileged (config refuses others), so no user can bind it even while the
+        # broker is down and answer the others' redirected connections with credentials of their
+        # own choosing. Should that ever change, this keeps it so: packets sent from the loopback
+        # port by a socket root does not own (a squatter's SYN-ACK) are dropped.
         for family, _addr, lo in LOOPBACK:
             lines.append(f"    {family} saddr {lo} tcp sport {port} meta skuid != 0 drop")
     lines += ["  }", "}"]

@@ -124,7 +124,7 @@ def test_doctor__names_each_broken_piece(site):
 
 def test_doctor__emulate_mode_passes_with_the_emulator_up_and_names_it_when_down(site):
     ns, doctor, _start, _stop, env = site
-    port = 9254
+    port = 254
     cfg = open("/etc/rolegate/rolegate.yaml").read()
     stand_in = None
     try:

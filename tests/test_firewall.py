@@ -130,7 +130,7 @@ def test_firewall__unknown_allowed_user_is_a_clear_error(netns, tmp_path):
 
 # -- imds.mode: emulate ------------------------------------------------------------------------------
 
-PORT = 9254  # the default imds.port; the namespace is the test's own, so nothing else holds it
+PORT = 254  # the default imds.port; the namespace is the test's own, so nothing else holds it
 EMULATE = f"version: 1\nregion: us-east-1\nimds_allow_users: [ops]\nimds:\n  mode: emulate\n  port: {PORT}\n"
 REJECT = "version: 1\nregion: us-east-1\nimds_allow_users: [ops]\n"
 STAND_IN = "stand-in"
