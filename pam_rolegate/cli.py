@@ -235,8 +235,11 @@ def run_firewall(args, deps):
         return EXIT_OK
     cfg = _load_config(args, deps)
     uids = firewall.allowed_uids(cfg.imds_allow_users)
-    firewall.apply(uids)
+    firewall.apply(uids, cfg.imds.mode, cfg.imds.port)
     deps.say(f"IMDS ({firewall.IMDS_V4}, {firewall.IMDS_V6}) is now reachable only by uid {', '.join(map(str, uids))}")
+    if cfg.imds.mode == "emulate":
+        deps.say(f"every other user's TCP to port 80 there goes to the emulator on 127.0.0.1:{cfg.imds.port} "
+                 f"and [::1]:{cfg.imds.port}; the rest is refused")
     return EXIT_OK
 
 

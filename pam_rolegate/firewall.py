@@ -31,16 +31,52 @@ def allowed_uids(users):
     return sorted(uids)
 
 
-def ruleset(uids):
-    """The table, as nft script. REJECT (a TCP reset) so refused clients fail at once, not hang."""
+MODES = ("reject", "emulate")
+LOOPBACK = (("ip", IMDS_V4, "127.0.0.1"), ("ip6", IMDS_V6, "::1"))
+
+
+def ruleset(uids, mode="reject", port=None):
+    """The table, as nft script. REJECT (a TCP reset) so refused clients fail at once, not hang.
+
+    mode "emulate" adds a nat chain that DNATs users' TCP to the IMDS addresses' port 80 onto the
+    broker's loopback listener, 127.0.0.1:port and [::1]:port; everything else stays rejected."""
+    if mode not in MODES:
+        raise FirewallError(f"imds.mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
+    if mode == "emulate" and not (isinstance(port, int) and 0 < port < 65536):
+        raise FirewallError(f"imds.mode emulate needs the emulator's loopback port, not {port!r}")
     allow = ", ".join(str(u) for u in uids)
-    lines = [f"table inet {TABLE} {{", "  chain output {",
-             "    type filter hook output priority filter; policy accept;"]
+    lines = [f"table inet {TABLE} {{"]
+    if mode == "emulate":
+        # Output-hook DNAT at priority dstnat (-100) runs before the filter chain below (priority filter),
+        # and conntrack applies it to every later packet of the connection: by the time the filter
+        # sees them their daddr is the loopback, so the reject rules do not catch redirected traffic,
+        # and the kernel answers a connection to a port nobody listens on with a reset -- an emulator
+        # that is down means "connection refused", never the real IMDS. Only TCP to port 80 is
+        # redirected; other ports and protocols fall through to the reject rules. Locally generated
+        # traffic DNATed to the loopback stays on lo, so net.ipv4.conf.*.route_localnet is not needed.
+        # A user who connects to the loopback listener directly needs no rule either way: the
+        # emulator identifies every caller by its socket's uid, redirected or not.
+        lines += ["  chain imds-redirect {",
+                  # -100 is dstnat's value; nft 1.0.6 accepts the name only in the prerouting hook.
+                  "    type nat hook output priority -100; policy accept;"]
+        for family, addr, lo in LOOPBACK:
+            target = f"[{lo}]" if family == "ip6" else lo
+            lines.append(f"    {family} daddr {addr} tcp dport 80 meta skuid != {{ {allow} }} "
+                         f"dnat {family} to {target}:{port}")
+        lines.append("  }")
+    lines += ["  chain output {", "    type filter hook output priority filter; policy accept;"]
     # Only packets from a socket another uid owns are refused; packets without an owning socket
     # (the kernel's own, such as the resets this very rule sends) pass.
-    for family, addr in (("ip", IMDS_V4), ("ip6", IMDS_V6)):
+    for family, addr, _lo in LOOPBACK:
         lines += [f"    {family} daddr {addr} meta skuid != {{ {allow} }} meta l4proto tcp reject with tcp reset",
                   f"    {family} daddr {addr} meta skuid != {{ {allow} }} reject"]
+    if mode == "emulate":
+        # The listener's port is unprivileged: while the broker is down any user could bind it and
+        # answer the others' redirected connections with credentials of their own choosing. Packets
+        # sent from the loopback port by a socket root does not own (a squatter's SYN-ACK) are
+        # dropped, so such a listener never completes a connection.
+        for family, _addr, lo in LOOPBACK:
+            lines.append(f"    {family} saddr {lo} tcp sport {port} meta skuid != 0 drop")
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -53,10 +89,11 @@ def _nft(args, stdin=None):
     return done
 
 
-def apply(uids):
+def apply(uids, mode="reject", port=None):
     """Install (or replace) the table atomically; idempotent."""
-    # Declaring then deleting the table first makes one transaction that works whether or not it exists.
-    script = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + ruleset(uids)
+    # Declaring then deleting the table first makes one transaction that works whether or not it
+    # exists, so switching modes never leaves a moment without the table or with both rule sets.
+    script = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + ruleset(uids, mode, port)
     done = _nft(["-f", "-"], stdin=script)
     if done.returncode != 0:
         raise FirewallError(f"nft refused the IMDS rules: {done.stderr.strip()}")

@@ -173,7 +173,8 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
     if firewall:
         from . import config as config_mod, firewall as fw
 
-        fw.apply(fw.allowed_uids(config_mod.load(CONFIG).imds_allow_users))
+        cfg = config_mod.load(CONFIG)
+        fw.apply(fw.allowed_uids(cfg.imds_allow_users), cfg.imds.mode, cfg.imds.port)
         record["firewall"] = True
         say("IMDS: locked to root (nftables table inet rolegate)")
     _save_manifest(record)
