@@ -621,3 +621,68 @@ def test_login__users_own_config_region_wins_in_login_shells(lab, delivery, path
             f"without a region of the user's own, rolegate's region should be exported: {got}"
         assert got.get("BOTO") == "us-east-1", f"boto3 should use rolegate's region: {got}"
 
+
+
+# -- the emulator's port while the broker is down ----------------------------------------------------
+
+SQUATTER = """
+import socket, sys, threading
+def serve(family, host):
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, int(sys.argv[1])))
+    s.listen(16)
+    while True:
+        c, _ = s.accept()
+        c.recv(4096)
+        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\nforged")
+        c.close()
+listeners = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+for family, host in listeners:
+    threading.Thread(target=serve, args=(family, host), daemon=True).start()
+print("LISTENING", flush=True)
+sys.stdin.read()
+"""
+
+PROBE = """
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1], method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+try:
+    print("ANSWERED " + urllib.request.urlopen(req, timeout=3).read().decode())
+except OSError as err:
+    print("FAILED %s" % err)
+"""
+
+
+def test_imds__a_user_squatting_the_emulator_port_answers_nobody(lab):
+    lab.configure()
+    lab.h.stop_broker()
+    squatter = subprocess.Popen(lab.cmd("bob", [sys.executable, "-c", SQUATTER, str(IMDS_PORT)]),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line, _ = read_line(squatter, "bob's listener on the emulator's port")
+        assert line == "LISTENING", f"bob could not bind the emulator's port (the test needs him to): {line}"
+        urls = [imds_url("/latest/api/token"), f"http://127.0.0.1:{IMDS_PORT}/latest/api/token"]
+        if lab.v6:
+            urls.append(imds_url("/latest/api/token", v6=True))
+        for url in urls:
+            got = lab.py("alice", PROBE, url).stdout.strip()
+            assert got.startswith("FAILED"), f"alice's request to {url} was answered by bob's listener: {got}"
+        mark = lab.h.log_mark()
+        lab.h.start_broker(ns=lab.ns, wait=False)
+        deadline = time.monotonic() + 20
+        while lab.h.broker.poll() is None and "cannot listen" not in lab.h.log_since(mark) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = lab.h.log_since(mark)
+        print(f"\nbroker start with the port squatted: exit {lab.h.broker.poll()}, log: {log.strip()[-300:]}")
+        assert "cannot listen on port" in log and "Traceback" not in log, \
+            f"a broker that cannot open the IMDS door should say so plainly:\n{log}"
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        lab.h.stop_broker()
+        lab.settings = None
+    lab.configure()
+    assert lab.whoami("alice").get("arn", "").startswith(role_arn_prefix("alice-role")), \
+        "after the squatter left, a restarted broker should serve alice again"
