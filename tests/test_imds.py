@@ -580,13 +580,14 @@ REGION_REPORT = "; ".join([
     'echo "DELIVERY=${AWS_SHARED_CREDENTIALS_FILE:-}${AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:-}"',
     f'echo "CLI=$({AWS_CLI} configure get region)"',
     f'echo "BOTO=$({sys.executable} -c "import boto3; print(boto3.session.Session().region_name)")"',
-    'echo "ARN=$(%s -c "import boto3; print(boto3.client(\'sts\', endpoint_url=\'%%s\').get_caller_identity()[\'Arn\'])" 2>&1 | tail -n 1)"'
+    'echo "ARN=$(%s -c "import boto3; print(boto3.client(\'sts\', endpoint_url=\'%%(sts)s\').get_caller_identity()[\'Arn\'])" 2>&1 | tail -n 1)"'
     % sys.executable,
+    f'echo "CLI_ARN=$({AWS_CLI} sts get-caller-identity --endpoint-url %(sts)s --query Arn --output text 2>&1 | tail -n 1)"',
 ])
 
 
 @pytest.mark.parametrize("own_config", [True, False], ids=["own-region", "no-own-region"])
-@pytest.mark.parametrize("path", ["ssh-login", "su-l"])
+@pytest.mark.parametrize("path", ["ssh-login", "su-l", "ssh"])  # ssh: `ssh host CMD`, which reads no profile.d
 @pytest.mark.parametrize("delivery", ["file", "container"])
 def test_login__users_own_config_region_wins_in_login_shells(lab, delivery, path, own_config):
     lab.configure(delivery=delivery)
@@ -597,7 +598,7 @@ def test_login__users_own_config_region_wins_in_login_shells(lab, delivery, path
         with open(config, "w") as fh:
             fh.write("[default]\nregion = eu-west-1\n")
         run(["chown", "-R", "alice:", os.path.dirname(config)])
-    script = REGION_REPORT % lab.sts_url
+    script = REGION_REPORT % {"sts": lab.sts_url}
     try:
         if path == "su-l":  # in the namespace, where the container endpoint listens
             done = run(lab.ns + ["su", "-l", "alice", "-c", script], check=False)
@@ -611,14 +612,16 @@ def test_login__users_own_config_region_wins_in_login_shells(lab, delivery, path
         f"alice's {path} login under {delivery} delivery got no rolegate grant: {done.stdout} {done.stderr[-2000:]}"
     assert got.get("ARN", "").startswith(role_arn_prefix("alice-role")), \
         f"alice's {path} login under {delivery} delivery should have her role: {got}"
-    if own_config:
+    assert got.get("CLI_ARN", "").startswith(role_arn_prefix("alice-role")), \
+        f"the AWS CLI in alice's {path} login under {delivery} delivery should have her role: {got}"
+    if own_config and path != "ssh":
         assert got.get("REGION") == "" and got.get("DEFAULT_REGION") == "", \
             f"with region eu-west-1 in ~/.aws/config rolegate's region should be unset: {got}"
         assert got.get("CLI") == "eu-west-1" and got.get("BOTO") == "eu-west-1", \
             f"the user's own region should win for the CLI and boto3: {got}"
-    else:
+    else:  # no region of the user's own, or a session that never reads profile.d: rolegate's wins
         assert got.get("REGION") == "us-east-1" and got.get("DEFAULT_REGION") == "us-east-1", \
-            f"without a region of the user's own, rolegate's region should be exported: {got}"
+            f"rolegate's region should be exported (own config: {own_config}, {path}): {got}"
         assert got.get("BOTO") == "us-east-1", f"boto3 should use rolegate's region: {got}"
 
 
