@@ -560,6 +560,9 @@ def test_container__a_long_running_client_picks_up_rotated_keys_and_nobody_else_
             raise
         assert proc.returncode == 0, f"alice's long-running client failed: {err.decode()[-3000:]}"
         calls = json.loads((rest + out).decode().strip().splitlines()[-1])
+        assert wait_gone(token_file, timeout=20), "alice's token file outlived her session"
+        after = lab.http("alice", [{"url": uri, "headers": {"Authorization": token}}])
+        assert after["steps"][0]["status"] == 403, f"the endpoint still answered after alice's session ended: {after}"
     finally:
         lab.configure()
     keys = []
