@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import require_sandbox
-from harness import ACCOUNT, CONFIG_PATH, RUNTIME_DIR, VENV, make_host, run, wait_gone
+from harness import ACCOUNT, RUNTIME_DIR, VENV, make_host, run, wait_gone
 from pam_rolegate import firewall
 
 IMDS_PORT = 9254
@@ -478,7 +478,7 @@ def read_line(proc, what, timeout=60):
     return line.decode(), rest
 
 
-def test_imds__a_process_started_in_ssh_keeps_its_role_after_logout(lab, tmp_path):
+def test_imds__a_process_started_in_ssh_keeps_its_role_after_logout(lab):
     lab.configure()
     script = "/tmp/rg-imds-loop.py"
     with open(script, "w") as fh:
