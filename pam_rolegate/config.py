@@ -20,6 +20,12 @@ SUPPORTED_VERSIONS = (1,)
 SOURCES = ("instance-profile", "profile:NAME", "keyring:NAME")
 DELIVERIES = ("file", "process", "container")
 IMDS_MODES = ("reject", "emulate")
+# imds.mode emulate serves credentials with at least 20 minutes left (imds.MIN_LEFT): SDKs treat
+# IMDS keys that expire sooner as an outage and stretch their expiry on their own, then sign with
+# expired keys. A session no longer than that would cost an AssumeRole on every IMDS request and
+# still be stretched; 30 minutes leaves each AssumeRole at least 10 minutes of use.
+IMDS_MIN_DURATION = 30 * 60
+IMDS_SERVICE = "imds"  # the service IMDS requests are matched as
 
 # re.ASCII everywhere: \d and \w must not accept other scripts' digits and letters.
 ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}", re.ASCII)
@@ -297,7 +303,29 @@ class _Reader:
                 self.fail(node, "roles must be a list of rules, each '- match: {...}' with a 'role'")
             roles = tuple(self.rule(i + 1, n, session) for i, n in enumerate(node.value))
         kw["roles"] = roles
-        return Config(**kw)
+        cfg = Config(**kw)
+        if cfg.imds.mode == "emulate":
+            self.check_imds_durations(cfg, keys, node if "roles" in keys else None)
+        return cfg
+
+    def check_imds_durations(self, cfg, keys, roles_node):
+        """Every rule IMDS requests can match hands out sessions long enough for IMDS (see above)."""
+        for rule in cfg.roles:
+            if rule.match.services and IMDS_SERVICE not in rule.match.services:
+                continue
+            duration = cfg.duration_for(rule)
+            if duration >= IMDS_MIN_DURATION:
+                continue
+            if rule.duration is not None:
+                where = next(v for k, v in roles_node.value[rule.index - 1].value if k.value == "duration")
+                which = f"roles[{rule.index}].duration"
+            else:
+                where = keys["session"][1] if "session" in keys else keys["imds"][1]
+                which = "session.duration"
+            self.fail(where, f"imds.mode emulate needs sessions of at least {IMDS_MIN_DURATION // 60}m for the "
+                             f"roles IMDS hands out, but roles[{rule.index}] gets {duration}s ({which}): SDKs "
+                             f"stretch IMDS credentials with under 20 minutes left past their expiry; lengthen "
+                             f"it, or restrict that rule to other services")
 
     def source(self, node):
         text = self.string(node, "source")

@@ -6,6 +6,8 @@ aiohttp, a well-kept HTTP server, parses HTTP; the doors only decide.
 """
 
 import asyncio
+import errno
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +19,12 @@ from .errors import RolegateError
 
 def text(body, status=200):
     return web.Response(text=body, status=status, content_type="text/plain")
+
+
+# While the broker is down any user may bind a door's unprivileged port (the firewall makes such a
+# listener answer nobody). A door whose port is taken must not keep the broker, and so every login,
+# from starting: it is logged and tried again this often, while the other doors serve.
+BIND_RETRY = 5.0
 
 
 class HttpDoor:
@@ -36,6 +44,7 @@ class HttpDoor:
         self._loop = None
         self._runner = None
         self._thread = None
+        self._retries = []  # tasks waiting for a taken port
 
     def routes(self, app):
         raise NotImplementedError
@@ -79,13 +88,7 @@ class HttpDoor:
                 self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
                 self._loop.run_until_complete(self._runner.setup())
                 for host in ("127.0.0.1", "::1"):
-                    try:
-                        site = web.TCPSite(self._runner, host, self.port, backlog=1024, reuse_address=True)
-                        self._loop.run_until_complete(site.start())
-                    except OSError as err:
-                        if host == "127.0.0.1":
-                            raise
-                        self.log.error(f"{self.name} door: no IPv6 listener on [::1]:{self.port}: {err}")
+                    self._loop.run_until_complete(self._listen(host))
             except Exception as err:
                 failure.append(err)
                 ready.set()
@@ -99,9 +102,33 @@ class HttpDoor:
         if failure:
             raise RolegateError(f"the {self.name} door cannot listen on port {self.port}: {failure[0]}")
 
+    async def _listen(self, host, retrying=False):
+        """Listen on host:port; when another process holds the port, log it and try again every
+        BIND_RETRY s in a task of the loop's own (the door serves whatever address it has meanwhile)."""
+        while True:
+            if retrying:
+                await asyncio.sleep(BIND_RETRY)
+            try:
+                site = web.TCPSite(self._runner, host, self.port, backlog=1024, reuse_address=True)
+                await site.start()
+                if retrying:
+                    self.log.decision("started", door=self.name, address=f"{host}:{self.port}", note="port free again")
+                return
+            except OSError as err:
+                if err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    self.log.error(f"{self.name} door: no listener on {host}:{self.port}: {err}")
+                    return  # no such address here (a kernel without IPv6): nothing to wait for
+                if not retrying:
+                    self.log.decision("failed", door=self.name, address=f"{host}:{self.port}", reason=str(err),
+                                      note=f"another process holds the port; trying again every {BIND_RETRY:g}s")
+                    self._retries.append(asyncio.get_running_loop().create_task(self._listen(host, retrying=True)))
+                    return
+
     def stop(self):
         if self._loop is None or self._runner is None:
             return
+        for task in self._retries:
+            self._loop.call_soon_threadsafe(task.cancel)
         try:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
         except Exception:

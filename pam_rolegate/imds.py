@@ -30,12 +30,12 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from . import mapping
+from . import config, mapping
 from .errors import RolegateError
 from .http_door import HttpDoor, text
 from .registry import iso
 
-SERVICE = "imds"
+SERVICE = config.IMDS_SERVICE
 TOKEN_TTL_MAX = 21600  # what the real IMDS allows
 MIN_LEFT = 20 * 60  # served credentials keep at least this long (SDKs extend expiring IMDS keys)
 METADATA_TTL = 300  # seconds a fetched non-secret path is served from memory

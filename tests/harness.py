@@ -60,6 +60,7 @@ class Host:
         self.broker_log_path = os.path.join(workdir, "rolegated.log")
         self.sshd = None
         self.sshd_port = None
+        self.sshd_ns = []  # a command prefix (ip netns exec NS) that sshd and ssh run under
         self.keys = {}
         self.env = {}
         self.pam_installed = False
@@ -144,10 +145,11 @@ class Host:
 
     # -- the broker ---------------------------------------------------------------------------
 
-    def start_broker(self, wait=True):
+    def start_broker(self, wait=True, ns=()):
+        """rolegated with this host's environment, under `ns` (a prefix such as ip netns exec NS)."""
         log = open(self.broker_log_path, "a")
-        self.broker = subprocess.Popen([ROLEGATED], stdout=log, stderr=log, env=dict(os.environ, **self.env),
-                                       start_new_session=True)
+        self.broker = subprocess.Popen(list(ns) + [ROLEGATED], stdout=log, stderr=log,
+                                       env=dict(os.environ, **self.env), start_new_session=True)
         log.close()
         if wait:
             self.wait_for_socket()
@@ -188,8 +190,9 @@ class Host:
 
     # -- sshd ------------------------------------------------------------------------------------
 
-    def start_sshd(self, extra_config=""):
-        """sshd on 127.0.0.1 with its own config; `extra_config` lines are appended to it."""
+    def start_sshd(self, extra_config="", ns=()):
+        """sshd on 127.0.0.1 with its own config; `extra_config` lines are appended to it.
+        `ns` (such as ip netns exec NS) runs sshd, and later the ssh clients, in that namespace."""
         hostkey = os.path.join(self.workdir, "ssh_host_ed25519_key")
         if not os.path.exists(hostkey):
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostkey])
@@ -212,25 +215,34 @@ LogLevel VERBOSE
 """)
             fh.write(extra_config)
         log = open(os.path.join(self.workdir, "sshd.log"), "a")
-        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stdout=log, stderr=log,
+        self.sshd_ns = list(ns)
+        self.sshd = subprocess.Popen(self.sshd_ns + ["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stdout=log, stderr=log,
                                      start_new_session=True)
         log.close()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
+            if self._sshd_listening():
+                return
+            assert self.sshd.poll() is None, f"sshd exited: {self.sshd_log()}"
+            time.sleep(0.05)
+        raise AssertionError("sshd did not listen within 20 s")
+
+    def _sshd_listening(self):
+        if not self.sshd_ns:
             try:
                 socket.create_connection(("127.0.0.1", self.sshd_port), timeout=1).close()
-                return
+                return True
             except OSError:
-                assert self.sshd.poll() is None, f"sshd exited: {self.sshd_log()}"
-                time.sleep(0.05)
-        raise AssertionError("sshd did not listen within 20 s")
+                return False
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {self.sshd_port}), timeout=1).close()"
+        return run(self.sshd_ns + [sys.executable, "-c", probe], check=False).returncode == 0
 
     def sshd_log(self):
         with open(os.path.join(self.workdir, "sshd.log")) as fh:
             return fh.read()
 
     def ssh_cmd(self, user, command=None, tty=False):
-        cmd = ["ssh", "-i", self.keys[user], "-p", str(self.sshd_port), "-o", "StrictHostKeyChecking=no",
+        cmd = self.sshd_ns + ["ssh", "-i", self.keys[user], "-p", str(self.sshd_port), "-o", "StrictHostKeyChecking=no",
                "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
                "-o", "ConnectTimeout=10"]
         cmd += ["-tt"] if tty else ["-T"]

@@ -310,6 +310,13 @@ BROKEN = [
     ("reap_interval 0", HEAD + "reap_interval: 0\n", 3, 16, "between 1s and 3600s"),
     ("imds_allow_users bad name", HEAD + "imds_allow_users: [root, 'no body']\n", 3, 26, "expected a user name"),
     ("session not a mapping", HEAD + "session: 1h\n", 3, 10, "session must be a mapping"),
+    # imds.mode emulate: credentials with under 20 minutes left are stretched by SDKs
+    ("imds emulate with 15m sessions", HEAD + "imds: {mode: emulate}\nsession: {duration: 15m}\n"
+     "roles:\n  - match: {user: a}\n    role: " + ARN + "\n", 4, 10, "at least 30m"),
+    ("imds emulate with a 15m rule", HEAD + "imds: {mode: emulate}\nsession: {refresh_before: 5m}\nroles:\n"
+     "  - match: {user: a}\n    role: " + ARN + "\n    duration: 15m\n", 8, 15, "roles[1] gets 900s (roles[1].duration)"),
+    ("imds emulate with a 15m rule for imds", HEAD + "imds: {mode: emulate}\nsession: {duration: 15m}\nroles:\n"
+     "  - match: {user: a, service: [sshd, imds]}\n    role: " + ARN + "\n", 4, 10, "at least 30m"),
     ("top level not a mapping", "- version: 1\n", 1, 1, "the config must be a mapping"),
     ("non-text top-level key", HEAD + "1: x\n", 3, 1, "keys must be plain words"),
 ]
@@ -319,6 +326,17 @@ BROKEN = [
 def test_config__broken_config_is_refused_at_file_line_col(text, line, col, fragment):
     err = refused(text)
     assert_located(err, line, col, fragment)
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param(HEAD + "imds: {mode: emulate}\nroles:\n  - match: {user: a}\n    role: " + ARN + "\n", id="default 1h"),
+    pytest.param(HEAD + "imds: {mode: emulate}\nsession: {duration: 15m}\nroles:\n  - match: {user: a, service: sshd}\n"
+                 "    role: " + ARN + "\n", id="short rule IMDS cannot match"),
+    pytest.param(HEAD + "session: {duration: 15m}\nroles:\n  - match: {user: a}\n    role: " + ARN + "\n", id="reject mode"),
+])
+def test_config__imds_emulate_accepts_sessions_it_can_serve(text):
+    cfg = config.parse(text, PATH)
+    assert cfg.roles, "the config should load with its rule"
 
 
 def test_config__broken_case_ids_are_unique():

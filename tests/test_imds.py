@@ -1,0 +1,704 @@
+"""IMDS emulation and container delivery with real parts, in a network namespace of the test's own.
+
+In the namespace: moto as the *real* IMDS on 169.254.169.254:80 and [fd00:ec2::254]:80 (only root,
+the broker, reaches it once the firewall is applied), a second moto on 127.0.0.1 as STS (users'
+own STS calls must not go to 169.254.169.254:80, which is redirected), `rolegate firewall apply`
+in emulate mode, rolegated, and sshd with rolegate's PAM profile. Users' processes run with a
+clean environment (env -i): no AWS_* variable, nothing that disables IMDS, no PAM session — as
+cron, nohup or SSM would start them. Traffic never leaves the namespace.
+"""
+
+import json
+import os
+import pwd
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import require_sandbox
+from harness import ACCOUNT, RUNTIME_DIR, VENV, make_host, run, wait_gone
+from pam_rolegate import firewall
+
+IMDS_PORT = 9254
+CONTAINER_PORT = 9255
+AWS_CLI = os.path.join(VENV, "bin", "aws")
+ROLES = {"alice": "alice-role", "carol": "developer", "frank": "frank-role"}
+CONFIG = """
+version: 1
+region: us-east-1
+sts_timeout: 3
+reap_interval: 2s
+delivery: {delivery}
+imds: {{mode: {mode}, v1: {v1}, port: {imds_port}}}
+container_port: {container_port}
+session:
+  duration: {duration}
+  refresh_before: {refresh_before}
+roles:
+  - match: {{user: alice}}
+    role: arn:aws:iam::{account}:role/alice-role
+  - match: {{group: developers}}
+    role: arn:aws:iam::{account}:role/developer
+  - match: {{user: frank}}
+    role: arn:aws:iam::{account}:role/frank-role
+"""
+DEFAULTS = {"mode": "emulate", "delivery": "file", "v1": "false", "duration": "1h", "refresh_before": "20m"}
+
+# Who STS says the caller is, through the SDK's default chain; argv[1] is STS's URL.
+WHOAMI = """
+import json, sys, boto3
+from botocore.exceptions import NoCredentialsError
+session = boto3.session.Session()
+try:
+    creds = session.get_credentials()
+    if creds is None:
+        raise NoCredentialsError()
+    arn = session.client("sts", region_name="us-east-1", endpoint_url=sys.argv[1]).get_caller_identity()["Arn"]
+    print(json.dumps({"arn": arn, "method": creds.method, "key": creds.get_frozen_credentials().access_key}))
+except NoCredentialsError:
+    print(json.dumps({"error": "NoCredentialsError"}))
+"""
+
+# HTTP steps (a JSON list of {method, url, headers}) in order; "{token}" in a header is the last
+# token a PUT returned, "{body}" in a URL the previous step's body. Prints each step's status,
+# body and seconds, and the whole run's seconds.
+HTTP = """
+import json, sys, time, urllib.request, urllib.error
+token, previous, out = "", "", []
+start = time.monotonic()
+for step in json.loads(sys.argv[1]):
+    headers = {k: v.replace("{token}", token) for k, v in step.get("headers", {}).items()}
+    req = urllib.request.Request(step["url"].replace("{body}", previous), method=step.get("method", "GET"),
+                                 headers=headers)
+    t = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            status, body = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read().decode()
+    if step.get("method") == "PUT" and status == 200:
+        token = body
+    previous = body.strip()
+    out.append({"status": status, "body": body, "seconds": time.monotonic() - t})
+print(json.dumps({"steps": out, "seconds": time.monotonic() - start}))
+"""
+
+# 20 rounds of: a new SDK session, its credentials through the default chain, GetCallerIdentity.
+ROUNDS = """
+import json, sys, time, boto3
+for i in range(int(sys.argv[2])):
+    session = boto3.session.Session()
+    creds = session.get_credentials()
+    started = time.time()
+    arn = session.client("sts", region_name="us-east-1", endpoint_url=sys.argv[1]).get_caller_identity()["Arn"]
+    print(json.dumps({"arn": arn, "key": creds.get_frozen_credentials().access_key, "method": creds.method,
+                      "start": started, "end": time.time()}), flush=True)
+"""
+
+# A process left behind by an ssh session: a new SDK session each second, its ARN printed.
+LOOP = """
+import json, sys, time, boto3
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    line = {"t": time.time()}
+    try:
+        session = boto3.session.Session()
+        creds = session.get_credentials()
+        if creds is None:
+            line["error"] = "no credentials"
+        else:
+            line["method"] = creds.method
+            line["arn"] = session.client("sts", region_name="us-east-1",
+                                         endpoint_url=sys.argv[1]).get_caller_identity()["Arn"]
+    except Exception as err:
+        line["error"] = f"{type(err).__name__}: {err}"
+    print(json.dumps(line), flush=True)
+    time.sleep(1)
+"""
+
+# One SDK client object kept for argv[2] seconds (delivery container); the keys it signed with.
+LONG_CLIENT = """
+import json, os, sys, time, boto3
+print(json.dumps({k: os.environ.get(k) for k in ("AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                                 "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")}), flush=True)
+client = boto3.client("sts", region_name="us-east-1", endpoint_url=sys.argv[1])
+end, calls = time.monotonic() + float(sys.argv[2]), []
+while time.monotonic() < end:
+    arn = client.get_caller_identity()["Arn"]
+    creds = client._request_signer._credentials
+    calls.append({"arn": arn, "key": creds.get_frozen_credentials().access_key, "method": creds.method})
+    time.sleep(1)
+print(json.dumps(calls), flush=True)
+"""
+
+
+def role_arn_prefix(role):
+    return f"arn:aws:sts::{ACCOUNT}:assumed-role/{role}/"
+
+
+class Lab:
+    """The namespace and what runs in it."""
+
+    def __init__(self, h, ns, sts_url, v6):
+        self.h, self.ns, self.sts_url, self.v6 = h, ns, sts_url, v6
+        self.settings = None
+
+    def configure(self, **changes):
+        """Write the config with `changes` over DEFAULTS; restart the broker when it differs."""
+        settings = dict(DEFAULTS, **changes)
+        if settings == self.settings and self.h.broker is not None and self.h.broker.poll() is None:
+            return
+        self.h.write_config(CONFIG.format(account=ACCOUNT, imds_port=IMDS_PORT, container_port=CONTAINER_PORT,
+                                          **settings))
+        self.h.stop_broker()
+        self.h.start_broker(ns=self.ns)
+        if settings["mode"] == "emulate":
+            self.wait_port(IMDS_PORT)
+        if settings["delivery"] == "container":
+            self.wait_port(CONTAINER_PORT)
+        self.settings = settings
+
+    def wait_port(self, port, timeout=20):
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1).close()"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if run(self.ns + [sys.executable, "-c", probe], check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"nothing listens on 127.0.0.1:{port} in the namespace:\n{self.h.broker_log()[-3000:]}")
+
+    def cmd(self, user, argv, env=None):
+        """argv as `user` (root: as is) in the namespace, with a clean environment plus `env`."""
+        home = pwd.getpwnam(user).pw_dir
+        clean = ["env", "-i", f"HOME={home}", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"]
+        clean += [f"{k}={v}" for k, v in (env or {}).items()]
+        who = [] if user == "root" else ["setpriv", "--reuid", user, "--regid", user, "--init-groups"]
+        return self.ns + who + clean + list(argv)
+
+    def py(self, user, code, *args, env=None, timeout=60):
+        return run(self.cmd(user, [sys.executable, "-c", code, *map(str, args)], env), timeout=timeout, check=False)
+
+    def assume_role_calls(self):
+        """AssumeRole calls the namespace's STS has answered (moto's own record)."""
+        code = f"import json, urllib.request; print(len(json.load(urllib.request.urlopen({self.sts_url + '/moto-api/data.json'!r}))" \
+               ".get('sts', {}).get('AssumedRole', [])))"
+        return int(run(self.ns + [sys.executable, "-c", code]).stdout)
+
+    def json_of(self, done, what):
+        assert done.returncode == 0 and done.stdout.strip(), \
+            f"{what} failed ({done.returncode}): {done.stdout}\n{done.stderr[-3000:]}"
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def whoami(self, user, env=None):
+        return self.json_of(self.py(user, WHOAMI, self.sts_url, env=env), f"{user}'s GetCallerIdentity")
+
+    def http(self, user, steps):
+        return self.json_of(self.py(user, HTTP, json.dumps(steps)), f"{user}'s HTTP requests {steps}")
+
+
+def imds_url(path, v6=False):
+    return (f"http://[{firewall.IMDS_V6}]" if v6 else f"http://{firewall.IMDS_V4}") + path
+
+
+TOKEN_PUT = {"method": "PUT", "url": imds_url("/latest/api/token"),
+             "headers": {"X-aws-ec2-metadata-token-ttl-seconds": "300"}}
+WITH_TOKEN = {"X-aws-ec2-metadata-token": "{token}"}
+CREDS_PATH = "/latest/meta-data/iam/security-credentials/"
+
+
+def wait_ns_answer(ns, url, timeout=30):
+    probe = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=2).close()"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run(ns + [sys.executable, "-c", probe], check=False).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer in the namespace within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    require_sandbox()
+    h = make_host()
+    name = "rgi-" + secrets.token_hex(4)
+    servers, saved_env = [], {}
+    with open("/etc/environment") as fh:
+        etc_environment = fh.read()
+    run(["ip", "netns", "add", name])
+    ns = ["ip", "netns", "exec", name]
+    try:
+        # Nothing of this process's own AWS settings may reach the broker (it must find IMDS at
+        # 169.254.169.254, as on EC2).
+        for key in [k for k in os.environ if k.startswith("AWS_")]:
+            saved_env[key] = os.environ.pop(key)
+        h.install_commands()
+        h.add_user("alice")
+        h.add_user("carol", groups=("developers",))
+        h.add_user("bob")
+        h.add_user("frank")
+        run(ns + ["ip", "link", "set", "lo", "up"])
+        run(ns + ["ip", "addr", "add", firewall.IMDS_V4 + "/32", "dev", "lo"])
+        v6 = run(ns + ["ip", "-6", "addr", "add", firewall.IMDS_V6 + "/128", "dev", "lo", "nodad"],
+                 check=False).returncode == 0
+        moto_bin = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        sts_port = 8400 + secrets.randbelow(500)  # a fresh namespace: every port is free
+        sts_url = f"http://127.0.0.1:{sts_port}"
+        for host, port in [(firewall.IMDS_V4, 80), ("127.0.0.1", sts_port)] + ([(firewall.IMDS_V6, 80)] if v6 else []):
+            servers.append(subprocess.Popen(ns + [moto_bin, "-H", host, "-p", str(port)], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True))
+        wait_ns_answer(ns, imds_url("/latest/meta-data/instance-id"))
+        wait_ns_answer(ns, sts_url + "/moto-api/data.json")
+        if v6:
+            wait_ns_answer(ns, imds_url("/latest/meta-data/instance-id", v6=True))
+        # PAM sessions (pam_env) reach STS at the namespace's moto; nothing disables IMDS for them.
+        kept = [l for l in etc_environment.splitlines(keepends=True)
+                if not l.startswith(("AWS_ENDPOINT_URL_STS=", "AWS_EC2_METADATA_DISABLED="))]
+        with open("/etc/environment", "w") as fh:
+            fh.writelines(kept)
+            fh.write(f"AWS_ENDPOINT_URL_STS={sts_url}\n")
+        h.env = {"AWS_ENDPOINT_URL_STS": sts_url}
+        lab = Lab(h, ns, sts_url, v6)
+        lab.configure()
+        applied = run(ns + ["rolegate", "firewall", "apply"], check=False)
+        assert applied.returncode == 0, f"firewall apply (emulate) failed: {applied.stderr}"
+        h.install_pam()
+        h.start_sshd(ns=ns)
+        yield lab
+    finally:
+        h.stop()
+        for s in servers:
+            s.terminate()
+            s.wait(10)
+        run(ns + ["rolegate", "firewall", "remove"], check=False)
+        run(["ip", "netns", "delete", name], check=False)
+        with open("/etc/environment", "w") as fh:
+            fh.write(etc_environment)
+        os.environ.update(saved_env)
+
+
+# -- 1, 2: processes outside any login --------------------------------------------------------------
+
+@pytest.mark.parametrize("user", ["alice", "carol"])
+def test_imds__mapped_user_without_a_session_gets_their_role_through_boto3(lab, user):
+    lab.configure()
+    got = lab.whoami(user)
+    assert got.get("arn", "").startswith(role_arn_prefix(ROLES[user])), \
+        f"{user}'s process outside any session should get role {ROLES[user]} through IMDS, got {got}"
+    assert got.get("method") == "iam-role", f"{user}'s credentials should come through IMDS: {got}"
+
+
+def test_imds__mapped_user_without_a_session_gets_their_role_through_the_aws_cli(lab):
+    lab.configure()
+    done = run(lab.cmd("alice", [AWS_CLI, "sts", "get-caller-identity", "--region", "us-east-1",
+                                 "--endpoint-url", lab.sts_url, "--output", "json"]), check=False, timeout=60)
+    assert done.returncode == 0, f"aws sts get-caller-identity failed for alice: {done.stderr[-2000:]}"
+    arn = json.loads(done.stdout)["Arn"]
+    assert arn.startswith(role_arn_prefix("alice-role")), f"the AWS CLI got {arn}, not alice's role"
+
+
+def test_imds__unmapped_user_gets_no_credentials_never_the_instance_role(lab):
+    lab.configure()
+    got = lab.whoami("bob")
+    assert got == {"error": "NoCredentialsError"}, f"an unmapped user got credentials from somewhere: {got}"
+    done = run(lab.cmd("bob", [AWS_CLI, "sts", "get-caller-identity", "--region", "us-east-1",
+                               "--endpoint-url", lab.sts_url]), check=False, timeout=60)
+    assert done.returncode != 0 and "Unable to locate credentials" in done.stderr, \
+        f"the AWS CLI should find no credentials for bob: rc={done.returncode} {done.stdout} {done.stderr[-2000:]}"
+
+
+def test_imds__root_still_gets_the_instance_role(lab):
+    lab.configure()
+    got = lab.whoami("root")
+    # moto's instance role hands out the key id "test-key"; the emulator never answers root.
+    assert got.get("method") == "iam-role" and got.get("key") == "test-key", \
+        f"root should get the instance (gatekeeper) role from the real IMDS: {got}"
+    assert "assumed-role/" not in got.get("arn", ""), f"root got a user's role instead of the instance's: {got}"
+
+
+def test_imds__status_shows_the_imds_grant_lingering(lab):
+    lab.configure()
+    assert lab.whoami("carol").get("arn", "").startswith(role_arn_prefix("developer")), "carol got no role"
+    done = run(["rolegate", "status", "--json"], check=False)
+    assert done.returncode == 0, f"rolegate status --json failed: {done.stderr}"
+    grants = json.loads(done.stdout)
+    grants = grants.get("grants", grants) if isinstance(grants, dict) else grants
+    carol = [g for g in grants if g.get("principal") == "carol"]
+    assert carol, f"status shows no grant for carol after her IMDS request: {done.stdout}"
+    assert carol[0].get("service") == "imds" and carol[0].get("state") == "lingering", \
+        f"carol's IMDS grant should show service imds, state lingering: {carol[0]}"
+
+
+# -- 3: what the emulator answers -------------------------------------------------------------------
+
+def test_imds__a_token_is_bound_to_the_uid_it_was_issued_to(lab):
+    lab.configure()
+    alice = lab.http("alice", [TOKEN_PUT])
+    token = alice["steps"][0]["body"]
+    assert alice["steps"][0]["status"] == 200 and token, f"alice got no token: {alice}"
+    own = lab.http("alice", [{"url": imds_url(CREDS_PATH), "headers": {"X-aws-ec2-metadata-token": token}}])
+    assert own["steps"][0]["status"] == 200 and own["steps"][0]["body"].strip() == "alice-role", \
+        f"alice's own token should work for her (control): {own}"
+    for user in ("bob", "carol"):
+        got = lab.http(user, [{"url": imds_url(CREDS_PATH), "headers": {"X-aws-ec2-metadata-token": token}}])
+        assert got["steps"][0]["status"] == 401, f"{user} used alice's token and was answered: {got}"
+
+
+def test_imds__tokenless_gets_are_refused_unless_v1_is_on(lab):
+    lab.configure(v1="false")
+    got = lab.http("alice", [{"url": imds_url(CREDS_PATH)}])
+    assert got["steps"][0]["status"] == 401, f"a tokenless GET was answered with IMDSv1 off: {got}"
+    lab.configure(v1="true")
+    try:
+        got = lab.http("alice", [{"url": imds_url(CREDS_PATH)}, {"url": imds_url(CREDS_PATH + "{body}")}])
+        statuses = [s["status"] for s in got["steps"]]
+        assert statuses == [200, 200], f"tokenless GETs with imds.v1 on should be answered: {got}"
+        assert got["steps"][0]["body"].strip() == "alice-role", f"wrong role name with v1: {got}"
+        assert lab.whoami("alice").get("arn", "").startswith(role_arn_prefix("alice-role")), \
+            "with v1 on, the SDK (which asks for a token first) should still work"
+    finally:
+        lab.configure(v1="false")
+
+
+def test_imds__user_data_is_hidden_and_instance_id_is_served(lab):
+    lab.configure()
+    got = lab.http("alice", [TOKEN_PUT,
+                             {"url": imds_url("/latest/user-data"), "headers": WITH_TOKEN},
+                             {"url": imds_url("/latest/meta-data/instance-id"), "headers": WITH_TOKEN},
+                             {"url": imds_url("/latest/meta-data/iam/info"), "headers": WITH_TOKEN}])
+    user_data, instance_id, iam_info = got["steps"][1:]
+    assert user_data["status"] == 404, f"user-data should be 404 for users: {user_data}"
+    assert instance_id["status"] == 200 and instance_id["body"].strip() == "i-fake", \
+        f"instance-id should be the real IMDS's (moto: i-fake): {instance_id}"
+    assert iam_info["status"] == 404, f"the instance's own iam/info should be 404 for users: {iam_info}"
+
+
+def test_imds__token_put_through_a_proxy_is_refused(lab):
+    lab.configure()
+    put = dict(TOKEN_PUT, headers=dict(TOKEN_PUT["headers"], **{"X-Forwarded-For": "10.1.2.3"}))
+    got = lab.http("alice", [put])
+    assert got["steps"][0]["status"] == 400, f"a token PUT with X-Forwarded-For should get 400: {got}"
+
+
+@pytest.mark.parametrize("ttl,status", [("0", 400), ("1", 200), ("21600", 200), ("21601", 400), ("x", 400)])
+def test_imds__token_ttl_outside_1_to_21600_is_refused(lab, ttl, status):
+    lab.configure()
+    got = lab.http("alice", [dict(TOKEN_PUT, headers={"X-aws-ec2-metadata-token-ttl-seconds": ttl})])
+    assert got["steps"][0]["status"] == status, f"token TTL {ttl!r}: expected {status}, got {got}"
+
+
+def test_imds__a_host_header_that_is_not_imds_is_refused(lab):
+    lab.configure()
+    got = lab.http("alice", [dict(TOKEN_PUT, headers=dict(TOKEN_PUT["headers"], Host="attacker.example")),
+                             TOKEN_PUT,
+                             {"url": imds_url(CREDS_PATH), "headers": dict(WITH_TOKEN, Host="attacker.example")}])
+    statuses = [s["status"] for s in got["steps"]]
+    assert statuses == [400, 200, 400], f"requests with Host attacker.example should get 400 (middle: control): {got}"
+
+
+# -- 4: IPv6 -----------------------------------------------------------------------------------------
+
+def test_imds__ipv6_endpoint_gives_the_users_role(lab):
+    if not lab.v6:
+        pytest.skip("this kernel refused the IPv6 IMDS address in the namespace")
+    lab.configure()
+    raw = lab.http("alice", [dict(TOKEN_PUT, url=imds_url("/latest/api/token", v6=True)),
+                             {"url": imds_url(CREDS_PATH, v6=True), "headers": WITH_TOKEN}])
+    assert [s["status"] for s in raw["steps"]] == [200, 200] and raw["steps"][1]["body"].strip() == "alice-role", \
+        f"alice's requests to [fd00:ec2::254]:80 should reach the emulator: {raw}"
+    got = lab.whoami("alice", env={"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"})
+    assert got.get("arn", "").startswith(role_arn_prefix("alice-role")) and got.get("method") == "iam-role", \
+        f"boto3 over IPv6 IMDS should get alice's role: {got}"
+
+
+# -- 5, 6: many callers, and the first one's latency --------------------------------------------------
+
+def test_imds__two_users_interleaving_never_see_each_others_role(lab):
+    lab.configure()
+    procs = {user: subprocess.Popen(lab.cmd(user, [sys.executable, "-c", ROUNDS, lab.sts_url, "20"]),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for user in ("alice", "carol")}
+    results = {}
+    for user, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            raise AssertionError(f"{user}'s 20 rounds did not finish within 180 s")
+        assert proc.returncode == 0, f"{user}'s rounds failed: {err[-3000:]}"
+        results[user] = [json.loads(l) for l in out.splitlines()]
+    for user, rounds in results.items():
+        assert len(rounds) == 20, f"{user} completed {len(rounds)} of 20 rounds"
+        wrong = [r for r in rounds if not r["arn"].startswith(role_arn_prefix(ROLES[user]))]
+        assert not wrong, f"{user} saw another role in {len(wrong)} of 20 rounds: {wrong[:3]}"
+        assert all(r["method"] == "iam-role" for r in rounds), f"{user}'s credentials did not all come via IMDS"
+    a_keys = {r["key"] for r in results["alice"]}
+    c_keys = {r["key"] for r in results["carol"]}
+    assert not a_keys & c_keys, f"alice and carol were handed the same access key: {a_keys & c_keys}"
+    merged = sorted([(r["start"], u) for u, rs in results.items() for r in rs])
+    switches = sum(1 for a, b in zip(merged, merged[1:]) if a[1] != b[1])
+    print(f"\ninterleaving: {switches} switches between users in 40 requests")
+    assert switches >= 5, f"the two users' requests did not interleave (only {switches} switches); the test proved nothing"
+
+
+def test_imds__a_users_first_request_is_answered_within_a_second(lab):
+    lab.configure()
+    got = lab.http("frank", [TOKEN_PUT,
+                             {"url": imds_url(CREDS_PATH), "headers": WITH_TOKEN},
+                             {"url": imds_url(CREDS_PATH + "{body}"), "headers": WITH_TOKEN}])
+    steps = got["steps"]
+    print(f"\nfirst IMDS request of a user (token, role name, credentials incl. AssumeRole): "
+          f"{got['seconds'] * 1000:.0f} ms ({', '.join('%.0f ms' % (s['seconds'] * 1000) for s in steps)})")
+    assert [s["status"] for s in steps] == [200, 200, 200], f"frank's first IMDS requests failed: {got}"
+    assert steps[1]["body"].strip() == "frank-role", f"frank's role name: {steps[1]}"
+    doc = json.loads(steps[2]["body"])
+    assert set(doc) >= {"Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"} \
+        and doc["Code"] == "Success" and doc["Type"] == "AWS-HMAC", f"the credentials document is not IMDS's: {doc}"
+    assert got["seconds"] < 1.0, f"a user's first request took {got['seconds']:.2f}s (the requirement: under 1 s)"
+
+
+# -- 7: a process that outlives its ssh session --------------------------------------------------------
+
+def read_line(proc, what, timeout=60):
+    fd, out = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            break
+        out += chunk
+    assert b"\n" in out, f"{what} printed no line within {timeout}s: {out!r}"
+    line, _, rest = out.partition(b"\n")
+    return line.decode(), rest
+
+
+def test_imds__a_process_started_in_ssh_keeps_its_role_after_logout(lab):
+    lab.configure()
+    script = "/tmp/rg-imds-loop.py"
+    with open(script, "w") as fh:
+        fh.write(LOOP)
+    os.chmod(script, 0o644)
+    log = f"/tmp/rg-imds-loop-{secrets.token_hex(4)}.log"
+    # The session waits (bounded) for the process's first line, so it had the session's file once.
+    command = (f'echo "FILE=$AWS_SHARED_CREDENTIALS_FILE"; nohup {sys.executable} {script} {lab.sts_url} 90 '
+               f'> {log} 2>&1 < /dev/null & echo "PID=$!"; '
+               f'for i in $(seq 1 300); do grep -q arn {log} 2>/dev/null && break; sleep 0.1; done')
+    calls_before = lab.assume_role_calls()
+    done = lab.h.session("ssh", "alice", command)
+    assert done.returncode == 0, f"alice's ssh session failed: {done.stderr}"
+    info = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
+    pid = int(info["PID"])
+    try:
+        assert info.get("FILE", "").startswith(RUNTIME_DIR), f"alice's ssh session had no credentials file: {info}"
+        assert wait_gone(info["FILE"], timeout=20), "alice's credentials file outlived her ssh session"
+        gone_at = time.time()
+        after = []
+        deadline = time.monotonic() + 40
+        while len(after) < 3 and time.monotonic() < deadline:
+            time.sleep(1)
+            with open(log) as fh:
+                lines = [json.loads(l) for l in fh if l.startswith("{")]
+            after = [l for l in lines if l["t"] > gone_at + 0.5]
+        assert len(after) >= 3, f"the nohup'd process printed {len(after)} lines after logout: {open(log).read()[-2000:]}"
+        for line in after:
+            assert line.get("arn", "").startswith(role_arn_prefix("alice-role")) and line.get("method") == "iam-role", \
+                f"after logout the nohup'd process should get alice's role through IMDS: {line}"
+        first = lines[0]
+        assert first.get("method") == "shared-credentials-file" and first.get("arn") == after[0].get("arn"), \
+            f"during the session the process should have used the session's file, same role: {first}"
+        calls = lab.assume_role_calls() - calls_before
+        assert calls <= 1, f"{calls} AssumeRole calls: IMDS should reuse the logged-out grant's lingering keys"
+    finally:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+# -- 8: delivery container ------------------------------------------------------------------------------
+
+def test_container__a_long_running_client_picks_up_rotated_keys_and_nobody_else_can_use_the_endpoint(lab):
+    # 15-minute sessions are too short for IMDS (config refuses them with emulate): the emulator
+    # is off here, and the firewall's redirect finds nobody listening.
+    lab.configure(mode="reject", delivery="container", duration="900", refresh_before="890")
+    script = "/tmp/rg-long-client.py"
+    with open(script, "w") as fh:
+        fh.write(LONG_CLIENT)
+    os.chmod(script, 0o644)
+    try:
+        proc = subprocess.Popen(lab.h.ssh_cmd("alice", f"{sys.executable} {script} {lab.sts_url} 30"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            line, rest = read_line(proc, "alice's long-running client")
+            env = json.loads(line)
+            uri, token_file = env["AWS_CONTAINER_CREDENTIALS_FULL_URI"], env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]
+            assert uri and uri.startswith(f"http://127.0.0.1:{CONTAINER_PORT}/"), f"no container URI: {env}"
+            assert token_file and token_file.startswith(RUNTIME_DIR), f"no token file: {env}"
+            with open(token_file) as fh:
+                token = fh.read().strip()
+            st = os.stat(token_file)
+            assert st.st_mode & 0o777 == 0o600 and st.st_uid == pwd.getpwnam("alice").pw_uid, \
+                f"the token file should be alice's, 0600: {oct(st.st_mode)} uid {st.st_uid}"
+            peek = lab.py("bob", f"open({token_file!r}).read()")
+            assert "PermissionError" in peek.stderr, f"bob could read alice's token file: {peek.stdout} {peek.stderr}"
+            for user, headers in (("bob", {"Authorization": token}), ("bob", {}), ("carol", {"Authorization": token})):
+                got = lab.http(user, [{"url": uri, "headers": headers}])
+                assert got["steps"][0]["status"] == 403, \
+                    f"{user} {'with' if headers else 'without'} alice's token was answered by the endpoint: {got}"
+            control = lab.http("alice", [{"url": uri, "headers": {"Authorization": token}}])
+            assert control["steps"][0]["status"] == 200, f"alice with her token should be answered (control): {control}"
+            out, err = proc.communicate(timeout=120)
+        except Exception:
+            proc.kill()
+            proc.wait(10)
+            raise
+        assert proc.returncode == 0, f"alice's long-running client failed: {err.decode()[-3000:]}"
+        calls = json.loads((rest + out).decode().strip().splitlines()[-1])
+        assert wait_gone(token_file, timeout=20), "alice's token file outlived her session"
+        after = lab.http("alice", [{"url": uri, "headers": {"Authorization": token}}])
+        assert after["steps"][0]["status"] == 403, f"the endpoint still answered after alice's session ended: {after}"
+    finally:
+        lab.configure()
+    keys = []
+    for c in calls:
+        if not keys or keys[-1] != c["key"]:
+            keys.append(c["key"])
+    print(f"\none client, {len(calls)} calls in ~30 s, access keys in order of use: {len(keys)} distinct")
+    assert all(c["arn"].startswith(role_arn_prefix("alice-role")) for c in calls), f"wrong role in: {calls}"
+    assert all(c["method"] == "container-role" for c in calls), f"the client did not use the container endpoint: {calls[:2]}"
+    assert len(set(keys)) >= 2, f"one client over ~30 s with a ~10 s refresh should use >= 2 access keys, used {keys}"
+
+
+# -- 9: whose region wins in login shells ----------------------------------------------------------------
+
+REGION_REPORT = "; ".join([
+    'echo "REGION=${AWS_REGION:-}"',
+    'echo "DEFAULT_REGION=${AWS_DEFAULT_REGION:-}"',
+    'echo "DELIVERY=${AWS_SHARED_CREDENTIALS_FILE:-}${AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:-}"',
+    f'echo "CLI=$({AWS_CLI} configure get region)"',
+    f'echo "BOTO=$({sys.executable} -c "import boto3; print(boto3.session.Session().region_name)")"',
+    'echo "ARN=$(%s -c "import boto3; print(boto3.client(\'sts\', endpoint_url=\'%%(sts)s\').get_caller_identity()[\'Arn\'])" 2>&1 | tail -n 1)"'
+    % sys.executable,
+    f'echo "CLI_ARN=$({AWS_CLI} sts get-caller-identity --endpoint-url %(sts)s --query Arn --output text 2>&1 | tail -n 1)"',
+])
+
+
+@pytest.mark.parametrize("own_config", [True, False], ids=["own-region", "no-own-region"])
+@pytest.mark.parametrize("path", ["ssh-login", "su-l", "ssh"])  # ssh: `ssh host CMD`, which reads no profile.d
+@pytest.mark.parametrize("delivery", ["file", "container"])
+def test_login__users_own_config_region_wins_in_login_shells(lab, delivery, path, own_config):
+    lab.configure(delivery=delivery)
+    home = pwd.getpwnam("alice").pw_dir
+    config = os.path.join(home, ".aws", "config")
+    if own_config:
+        os.makedirs(os.path.dirname(config), exist_ok=True)
+        with open(config, "w") as fh:
+            fh.write("[default]\nregion = eu-west-1\n")
+        run(["chown", "-R", "alice:", os.path.dirname(config)])
+    script = REGION_REPORT % {"sts": lab.sts_url}
+    try:
+        if path == "su-l":  # in the namespace, where the container endpoint listens
+            done = run(lab.ns + ["su", "-l", "alice", "-c", script], check=False)
+        else:
+            done = lab.h.session(path, "alice", script)
+    finally:
+        if os.path.exists(config):
+            os.unlink(config)
+    got = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
+    assert done.returncode == 0 and got.get("DELIVERY"), \
+        f"alice's {path} login under {delivery} delivery got no rolegate grant: {done.stdout} {done.stderr[-2000:]}"
+    assert got.get("ARN", "").startswith(role_arn_prefix("alice-role")), \
+        f"alice's {path} login under {delivery} delivery should have her role: {got}"
+    assert got.get("CLI_ARN", "").startswith(role_arn_prefix("alice-role")), \
+        f"the AWS CLI in alice's {path} login under {delivery} delivery should have her role: {got}"
+    if own_config and path != "ssh":
+        assert got.get("REGION") == "" and got.get("DEFAULT_REGION") == "", \
+            f"with region eu-west-1 in ~/.aws/config rolegate's region should be unset: {got}"
+        assert got.get("CLI") == "eu-west-1" and got.get("BOTO") == "eu-west-1", \
+            f"the user's own region should win for the CLI and boto3: {got}"
+    else:  # no region of the user's own, or a session that never reads profile.d: rolegate's wins
+        assert got.get("REGION") == "us-east-1" and got.get("DEFAULT_REGION") == "us-east-1", \
+            f"rolegate's region should be exported (own config: {own_config}, {path}): {got}"
+        assert got.get("BOTO") == "us-east-1", f"boto3 should use rolegate's region: {got}"
+
+
+
+# -- the emulator's port while the broker is down ----------------------------------------------------
+
+SQUATTER = """
+import socket, sys, threading
+def serve(family, host):
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, int(sys.argv[1])))
+    s.listen(16)
+    while True:
+        c, _ = s.accept()
+        c.recv(4096)
+        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\nforged")
+        c.close()
+listeners = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+for family, host in listeners:
+    threading.Thread(target=serve, args=(family, host), daemon=True).start()
+print("LISTENING", flush=True)
+sys.stdin.read()
+"""
+
+PROBE = """
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1], method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+try:
+    print("ANSWERED " + urllib.request.urlopen(req, timeout=3).read().decode())
+except OSError as err:
+    print("FAILED %s" % err)
+"""
+
+
+def test_imds__a_user_squatting_the_emulator_port_answers_nobody_and_stops_no_login(lab):
+    lab.configure()
+    lab.h.stop_broker()
+    squatter = subprocess.Popen(lab.cmd("bob", [sys.executable, "-c", SQUATTER, str(IMDS_PORT)]),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line, _ = read_line(squatter, "bob's listener on the emulator's port")
+        assert line == "LISTENING", f"bob could not bind the emulator's port (the test needs him to): {line}"
+        urls = [imds_url("/latest/api/token"), f"http://127.0.0.1:{IMDS_PORT}/latest/api/token"]
+        if lab.v6:
+            urls.append(imds_url("/latest/api/token", v6=True))
+        for url in urls:
+            got = lab.py("alice", PROBE, url).stdout.strip()
+            assert got.startswith("FAILED"), f"alice's request to {url} was answered by bob's listener: {got}"
+        # A broker started meanwhile serves logins, and its IMDS door waits for the port.
+        mark = lab.h.log_mark()
+        lab.h.start_broker(ns=lab.ns)
+        deadline = time.monotonic() + 20
+        while "door=imds" not in lab.h.log_since(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = lab.h.log_since(mark)
+        assert "failed:" in log and "door=imds" in log, f"the taken IMDS port should be logged as failed:\n{log}"
+        status = run(["rolegate", "status"], check=False)
+        assert status.returncode == 0, f"a squatted IMDS port kept the broker from serving: {status.stderr}\n{log}"
+        got = lab.py("alice", PROBE, urls[0]).stdout.strip()
+        assert got.startswith("FAILED"), f"alice was answered while bob holds the port: {got}"
+        squatter.kill()
+        squatter.wait(10)
+        deadline = time.monotonic() + 30
+        while "port free again" not in lab.h.log_since(mark) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "port free again" in lab.h.log_since(mark), \
+            f"the IMDS door did not take its port back within 30 s:\n{lab.h.log_since(mark)}"
+        got = lab.whoami("alice")
+        assert got.get("arn", "").startswith(role_arn_prefix("alice-role")), \
+            f"once bob's listener is gone the same broker should serve alice: {got}"
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        lab.h.stop_broker()
+        lab.settings = None
+    lab.configure()
