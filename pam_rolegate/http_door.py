@@ -7,7 +7,6 @@ aiohttp, a well-kept HTTP server, parses HTTP; the doors only decide.
 
 import asyncio
 import errno
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,7 +74,19 @@ class HttpDoor:
         async with gate:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def _check_privileged(self):
+        """The port must be one no user can bind, or a user could answer for the broker while it is down."""
+        try:
+            with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as fh:
+                start = int(fh.read())
+        except (OSError, ValueError):
+            return
+        if self.port >= start:
+            self.log.error(f"{self.name} door: net.ipv4.ip_unprivileged_port_start is {start}, so any user may "
+                           f"listen on port {self.port} while rolegated is down; set it above {self.port}")
+
     def start(self):
+        self._check_privileged()
         ready = threading.Event()
         failure = []
 

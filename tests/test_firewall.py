@@ -185,7 +185,13 @@ def test_firewall__emulate_redirects_users_port_80_to_the_loopback_emulator(netn
             assert kind == "FAILED" and why == "ConnectionRefusedError" and secs < 1.0, \
                 f"with the emulator down eve must be refused at once ({fam}), never served: {kind} {why} {secs}s"
 
-        # The port is unprivileged: while the emulator is down, mal binds it and waits for eve.
+        # imds.port is privileged, so mal cannot bind it while the emulator is down...
+        bind = run(ns + ["setpriv", "--reuid", "mal", "--regid", "mal", "--init-groups", sys.executable, "-c",
+                         f"import socket; socket.socket().bind(('127.0.0.1', {PORT}))"], check=False)
+        assert "PermissionError" in bind.stderr, f"mal could bind the emulator's port {PORT}: {bind.stderr}"
+        # ...and where an admin made low ports bindable (containers set this sysctl to 0), the drop
+        # rule still keeps a squatter from answering eve.
+        run(ns + ["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"])
         squatter = imds_standin.start(ns, [(lo, PORT, "squatter") for _f, _i, lo in _hosts(urls)], user="mal")
         try:
             for fam, imds, _lo in _hosts(urls):
@@ -194,6 +200,7 @@ def test_firewall__emulate_redirects_users_port_80_to_the_loopback_emulator(netn
                 assert kind == "FAILED", f"eve should get no answer while a user squats the port ({fam}): {kind} {who}"
         finally:
             imds_standin.stop(squatter)
+            run(ns + ["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=1024"])
     finally:
         if stand_in.poll() is None:
             imds_standin.stop(stand_in)

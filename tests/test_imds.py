@@ -24,8 +24,8 @@ from conftest import require_sandbox
 from harness import ACCOUNT, RUNTIME_DIR, VENV, make_host, run, wait_gone
 from pam_rolegate import firewall
 
-IMDS_PORT = 9254
-CONTAINER_PORT = 9255
+IMDS_PORT = 254
+CONTAINER_PORT = 255
 AWS_CLI = os.path.join(VENV, "bin", "aws")
 ROLES = {"alice": "alice-role", "carol": "developer", "frank": "frank-role"}
 CONFIG = """
@@ -628,52 +628,54 @@ def test_login__users_own_config_region_wins_in_login_shells(lab, delivery, path
         assert got.get("BOTO") == "us-east-1", f"boto3 should use rolegate's region: {got}"
 
 
-
 # -- the emulator's port while the broker is down ----------------------------------------------------
 
 SQUATTER = """
 import socket, sys, threading
-def serve(family, host):
+socks = []
+for family, host in [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]:
     s = socket.socket(family)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, int(sys.argv[1])))
+    try:
+        s.bind((host, int(sys.argv[1])))
+    except PermissionError as err:
+        print("DENIED %s" % err, flush=True)
+        sys.exit(0)
     s.listen(16)
+    socks.append(s)
+def serve(s):
     while True:
         c, _ = s.accept()
         c.recv(4096)
         c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\nforged")
         c.close()
-listeners = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
-for family, host in listeners:
-    threading.Thread(target=serve, args=(family, host), daemon=True).start()
+for s in socks:
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
 print("LISTENING", flush=True)
 sys.stdin.read()
 """
 
-PROBE = """
-import sys, urllib.request
-req = urllib.request.Request(sys.argv[1], method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
-try:
-    print("ANSWERED " + urllib.request.urlopen(req, timeout=3).read().decode())
-except OSError as err:
-    print("FAILED %s" % err)
-"""
-
-
-def test_imds__a_user_squatting_the_emulator_port_answers_nobody_and_stops_no_login(lab):
+def test_imds__no_user_can_listen_on_the_broker_ports(lab):
     lab.configure()
     lab.h.stop_broker()
-    squatter = subprocess.Popen(lab.cmd("bob", [sys.executable, "-c", SQUATTER, str(IMDS_PORT)]),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        line, _ = read_line(squatter, "bob's listener on the emulator's port")
-        assert line == "LISTENING", f"bob could not bind the emulator's port (the test needs him to): {line}"
-        urls = [imds_url("/latest/api/token"), f"http://127.0.0.1:{IMDS_PORT}/latest/api/token"]
-        if lab.v6:
-            urls.append(imds_url("/latest/api/token", v6=True))
-        for url in urls:
-            got = lab.py("alice", PROBE, url).stdout.strip()
-            assert got.startswith("FAILED"), f"alice's request to {url} was answered by bob's listener: {got}"
+        for port in (IMDS_PORT, CONTAINER_PORT):
+            done = run(lab.cmd("bob", [sys.executable, "-c", SQUATTER, str(port)]), check=False, input="")
+            assert done.stdout.startswith("DENIED"), \
+                f"bob could listen on port {port} while the broker was down, and answer others: {done.stdout}"
+    finally:
+        lab.settings = None
+    lab.configure()
+
+
+def test_imds__a_port_held_by_another_process_stops_no_login(lab):
+    lab.configure()
+    lab.h.stop_broker()
+    holder = subprocess.Popen(lab.cmd("root", [sys.executable, "-c", SQUATTER, str(IMDS_PORT)]),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line, _ = read_line(holder, "another root service on the emulator's port")
+        assert line == "LISTENING", f"the test's own root listener could not bind the port: {line}"
         # A broker started meanwhile serves logins, and its IMDS door waits for the port.
         mark = lab.h.log_mark()
         lab.h.start_broker(ns=lab.ns)
@@ -683,11 +685,9 @@ def test_imds__a_user_squatting_the_emulator_port_answers_nobody_and_stops_no_lo
         log = lab.h.log_since(mark)
         assert "failed:" in log and "door=imds" in log, f"the taken IMDS port should be logged as failed:\n{log}"
         status = run(["rolegate", "status"], check=False)
-        assert status.returncode == 0, f"a squatted IMDS port kept the broker from serving: {status.stderr}\n{log}"
-        got = lab.py("alice", PROBE, urls[0]).stdout.strip()
-        assert got.startswith("FAILED"), f"alice was answered while bob holds the port: {got}"
-        squatter.kill()
-        squatter.wait(10)
+        assert status.returncode == 0, f"a taken IMDS port kept the broker from serving: {status.stderr}\n{log}"
+        holder.kill()
+        holder.wait(10)
         deadline = time.monotonic() + 30
         while "port free again" not in lab.h.log_since(mark) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -695,10 +695,10 @@ def test_imds__a_user_squatting_the_emulator_port_answers_nobody_and_stops_no_lo
             f"the IMDS door did not take its port back within 30 s:\n{lab.h.log_since(mark)}"
         got = lab.whoami("alice")
         assert got.get("arn", "").startswith(role_arn_prefix("alice-role")), \
-            f"once bob's listener is gone the same broker should serve alice: {got}"
+            f"once the port is free the same broker should serve alice: {got}"
     finally:
-        squatter.kill()
-        squatter.wait(10)
+        holder.kill()
+        holder.wait(10)
         lab.h.stop_broker()
         lab.settings = None
     lab.configure()
