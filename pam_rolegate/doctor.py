@@ -204,6 +204,25 @@ def _loopback_peers(port):
     return peers
 
 
+def _ask_credentials(family, addr, timeout):
+    """What the emulator answers this uid for its role: an HTTP status, or why there was none."""
+    import http.client
+
+    host = addr if family == socket.AF_INET else f"[{addr}]"
+    try:
+        conn = http.client.HTTPConnection(host.strip("[]"), 80, timeout=timeout)
+        conn.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60",
+                                                          "Host": host})
+        token = conn.getresponse().read().decode("ascii", "replace").strip()
+        conn.request("GET", "/latest/meta-data/iam/security-credentials/",
+                     headers={"X-aws-ec2-metadata-token": token, "Host": host})
+        return str(conn.getresponse().status)
+    except socket.timeout:
+        return "timeout"
+    except (OSError, http.client.HTTPException) as err:
+        return type(err).__name__
+
+
 def _connect_as(uid, family, addr, timeout=2.0, loopback_port=None):
     """Connect to addr:80 from a forked child running as `uid`; returns the errno name or 'connected',
     and with loopback_port 'redirected' when the connection's far end is a socket of this host on
@@ -228,7 +247,7 @@ def _connect_as(uid, family, addr, timeout=2.0, loopback_port=None):
                     me = s.getsockname()[:2]
                     for _ in range(20):
                         if me in _loopback_peers(loopback_port):
-                            result = "redirected"
+                            result = "redirected:" + _ask_credentials(family, addr, timeout)
                             break
                         time.sleep(0.025)
             except socket.timeout:
@@ -255,7 +274,7 @@ def check_imds(ctx):
     for label, family, addr in (("ipv4", socket.AF_INET, firewall.IMDS_V4), ("ipv6", socket.AF_INET6, firewall.IMDS_V6)):
         root = _connect_as(0, family, addr, loopback_port=port)
         user = _connect_as(NOBODY, family, addr, loopback_port=port)
-        if root == "redirected":
+        if root.startswith("redirected"):
             out.append(Result(f"imds-{label}", FAIL, f"root's connection to {addr}:80 is redirected to the emulator "
                               f"on loopback port {port}: the broker cannot reach the real IMDS",
                               "rolegate firewall apply (root is never redirected)"))
@@ -266,7 +285,7 @@ def check_imds(ctx):
                               "enable the instance metadata service (and its IPv6 endpoint) on the instance"))
             continue
         if not emulate:
-            if user == "redirected":
+            if user.startswith("redirected"):
                 out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY}'s IMDS traffic is redirected to the emulator "
                                   f"(port {port}), but imds.mode is reject", "rolegate firewall apply"))
             elif user == "connected":
@@ -276,9 +295,15 @@ def check_imds(ctx):
                 out.append(Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} is refused ({user})"))
             continue
         lo = "127.0.0.1" if family == socket.AF_INET else "[::1]"
-        if user == "redirected":
-            out.append(Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} is redirected to the "
-                              f"emulator on {lo}:{port}"))
+        if user.startswith("redirected"):
+            answer = user.partition(":")[2]
+            if answer.isdigit():  # 404 for an unmapped uid; 200 would be its own role, never the instance's
+                out.append(Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} is redirected to the "
+                                  f"emulator on {lo}:{port}, which answers its credentials request with HTTP {answer}"))
+            else:
+                out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY} is redirected to the emulator on {lo}:{port}, "
+                                  f"but its credentials request got no answer ({answer})",
+                                  "systemctl restart rolegated (journalctl -u rolegated for why)"))
         elif user == "connected":
             out.append(Result(f"imds-{label}", FAIL, f"uid {NOBODY} reaches the real IMDS at {addr}: any user can "
                               f"take the gatekeeper role", "rolegate firewall apply"))

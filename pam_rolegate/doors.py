@@ -38,6 +38,32 @@ INLINE_ACTIONS = frozenset({protocol.Ping.ACTION})
 INLINE_FRAME = 256  # frames up to this size are checked for an inline action; a ping's is ~30 bytes
 
 
+def loop_thread(name, setup):
+    """A daemon thread running a new asyncio loop, once `setup()` (a coroutine function) has run on
+    it; returns (loop, thread), or raises what setup raised. Each door has one of its own."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    failure = []
+
+    def run():
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(setup())
+        except Exception as err:
+            failure.append(err)
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    ready.wait(10)
+    if failure:
+        raise failure[0]
+    return loop, thread
+
+
 class Peer:
     __slots__ = ("pid", "uid", "gid", "arrived")
 
@@ -98,29 +124,12 @@ class Door:
             os.unlink(self.path)  # a stale socket from a previous broker (the directory is root's)
         except FileNotFoundError:
             pass
-        ready = threading.Event()
-        failure = []
+        async def setup():
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path, backlog=BACKLOG,
+                                                           limit=protocol.MAX_FRAME + 8)
+            os.chmod(self.path, self.mode)
 
-        def run():
-            self._loop = asyncio.new_event_loop()
-            try:
-                self._server = self._loop.run_until_complete(
-                    asyncio.start_unix_server(self._serve, path=self.path, backlog=BACKLOG,
-                                              limit=protocol.MAX_FRAME + 8))
-                os.chmod(self.path, self.mode)
-            except Exception as err:
-                failure.append(err)
-                ready.set()
-                return
-            ready.set()
-            self._loop.run_forever()
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"{self.name}-door", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if failure:
-            raise failure[0]
+        self._loop, self._thread = loop_thread(f"{self.name}-door", setup)
 
     def stop(self):
         if self._loop is None or self._server is None:

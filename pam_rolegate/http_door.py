@@ -7,12 +7,12 @@ aiohttp, a well-kept HTTP server, parses HTTP; the doors only decide.
 
 import asyncio
 import errno
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
 from . import peers
+from .doors import loop_thread
 from .errors import RolegateError
 
 
@@ -87,31 +87,19 @@ class HttpDoor:
 
     def start(self):
         self._check_privileged()
-        ready = threading.Event()
-        failure = []
 
-        def run():
-            self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._loop)
-            try:
-                app = web.Application(middlewares=[self._identify], client_max_size=4096)
-                self.routes(app)
-                self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-                self._loop.run_until_complete(self._runner.setup())
-                for host in ("127.0.0.1", "::1"):
-                    self._loop.run_until_complete(self._listen(host))
-            except Exception as err:
-                failure.append(err)
-                ready.set()
-                return
-            ready.set()
-            self._loop.run_forever()
+        async def setup():
+            app = web.Application(middlewares=[self._identify], client_max_size=4096)
+            self.routes(app)
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._runner.setup()
+            for host in ("127.0.0.1", "::1"):
+                await self._listen(host)
 
-        self._thread = threading.Thread(target=run, name=f"{self.name}-door", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if failure:
-            raise RolegateError(f"the {self.name} door cannot listen on port {self.port}: {failure[0]}")
+        try:
+            self._loop, self._thread = loop_thread(f"{self.name}-door", setup)
+        except Exception as err:
+            raise RolegateError(f"the {self.name} door cannot listen on port {self.port}: {err}") from None
 
     async def _listen(self, host, retrying=False):
         """Listen on host:port; when another process holds the port, log it and try again every
