@@ -16,6 +16,7 @@ from .doors import MAX_CONNECTIONS_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, US
 from .errors import ConfigError, StoreError
 from .lifecycle import Lifecycle
 from .log import Log
+from .metrics import Metrics
 from .records import Journal
 from .registry import Registry
 from .sts import StsEngine
@@ -51,6 +52,12 @@ class Broker:
 
             self.imds_door = ImdsDoor(self.registry, self.log, refusals,
                                       metadata=metadata_fetcher(self.registry.engine))
+        self.metrics = Metrics(self.registry.counts, self._door_counts, self.log)
+        self.log.observer = self.metrics.observe
+        self.registry.engine.observer = self.metrics.sts_observed
+
+    def _door_counts(self):
+        return [(door.name, door.counts) for door in (self.imds_door, self.container_door) if door is not None]
 
     def recover(self):
         """Take over what a previous broker left: live sessions kept, dead ones reaped, strays removed."""
@@ -65,6 +72,7 @@ class Broker:
         self.store.private_dir(PAM_DIR)
         self.recover()
         self.lifecycle.start()
+        self.metrics.configure(self.cfg)
         self.pam_door.start()
         self.user_door.start()
         for door in (self.imds_door, self.container_door):
@@ -85,9 +93,11 @@ class Broker:
         engine = self.registry.engine
         if (cfg.region, cfg.source, cfg.sts_timeout) != (old.region, old.source, old.sts_timeout):
             engine = StsEngine.from_config(cfg, client_factory=engine.client_factory, clock=engine.clock)
+            engine.observer = self.metrics.sts_observed
         self.cfg = cfg
         self.registry.reconfigure(cfg, engine)
         self.lifecycle.configure(cfg)
+        self.metrics.configure(cfg)
         revoked = self.registry.recheck()
         restart = [what for what, changed in (("runtime_dir", runtime_changed),
                                               ("imds.mode/port", (cfg.imds.mode, cfg.imds.port) != (old.imds.mode, old.imds.port)),
@@ -103,6 +113,7 @@ class Broker:
             if door is not None:
                 door.stop()
         self.lifecycle.stop()
+        self.metrics.stop()
         self.journal.close()
 
 

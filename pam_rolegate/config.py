@@ -112,6 +112,10 @@ class Config:
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
     imds: ImdsSettings = field(default_factory=ImdsSettings)
     container_port: int = 255  # delivery: container: the broker's loopback credentials endpoint
+    # Prometheus metrics, node_exporter textfile style: the file (None: no metrics) and how often
+    # it is rewritten.
+    metrics_file: Optional[str] = None
+    metrics_interval: int = 15
     roles: Tuple[Rule, ...] = ()
     version: int = 1
 
@@ -256,7 +260,8 @@ class _Reader:
             root,
             "the config",
             ("version", "region", "source", "runtime_dir", "delivery", "sts_timeout",
-             "reap_interval", "imds_allow_users", "session", "refresh", "imds", "container_port", "roles"),
+             "reap_interval", "imds_allow_users", "session", "refresh", "imds", "container_port",
+             "metrics_file", "metrics_interval", "roles"),
             required=("version", "region"),
         )
         version_node = keys["version"][1]
@@ -283,6 +288,10 @@ class _Reader:
             kw["sts_timeout"] = self.duration(keys["sts_timeout"][1], "sts_timeout", 1, 60)
         if "reap_interval" in keys:
             kw["reap_interval"] = self.duration(keys["reap_interval"][1], "reap_interval", 1, 3600)
+        if "metrics_file" in keys:
+            kw["metrics_file"] = self.metrics_file(keys["metrics_file"][1])
+        if "metrics_interval" in keys:
+            kw["metrics_interval"] = self.duration(keys["metrics_interval"][1], "metrics_interval", 1, 3600)
         if "imds_allow_users" in keys:
             kw["imds_allow_users"] = self.strings(keys["imds_allow_users"][1], "imds_allow_users",
                                                   _USER_RE, " (expected a user name)")
@@ -358,6 +367,19 @@ class _Reader:
         if "linger" in keys:
             kw["linger"] = self.duration(keys["linger"][1], "session.linger", 0, names.DURATION_MAX)
         return SessionSettings(**kw)
+
+    def metrics_file(self, node):
+        # node_exporter's textfile collector reads only *.prom files of its directory: any other
+        # name would be written and silently never scraped.
+        text = self.string(node, "metrics_file")
+        path = os.path.normpath(text).replace("//", "/")
+        if not text.startswith("/") or text.endswith("/") or "\0" in text:
+            self.fail(node, "metrics_file must be an absolute file path, such as "
+                            "/var/lib/prometheus/node-exporter/rolegate.prom")
+        if not path.endswith(".prom") or path.endswith("/.prom"):
+            self.fail(node, f"metrics_file {text!r} must end in .prom: node_exporter's textfile collector "
+                            f"reads no other files")
+        return path
 
     def port(self, node, what):
         # Privileged ports only: while the broker is down, a user could otherwise listen on the

@@ -39,8 +39,11 @@ class Log:
     inside sshd and sudo, whose own syslog ident and facility we must not change.
     """
 
-    def __init__(self, ident, stream=None, use_syslog=None):
+    def __init__(self, ident, stream=None, use_syslog=None, observer=None):
         self.ident = ident
+        # observer(event, fields) sees every decision after it is logged (the broker's metrics);
+        # its own trouble never turns a decision into a failure.
+        self.observer = observer
         self.stream = stream or sys.stderr
         self.use_syslog = os.path.exists(DEV_LOG) if use_syslog is None else use_syslog
 
@@ -70,6 +73,11 @@ class Log:
         assert event in EVENTS, event
         priority = syslog.LOG_WARNING if event in ("denied", "failed", "refused") else syslog.LOG_INFO
         self.emit(line(event, **fields), priority)
+        if self.observer is not None:
+            try:
+                self.observer(event, fields)
+            except Exception:
+                pass
 
     def error(self, text):
         self.emit(text, syslog.LOG_ERR)

@@ -265,6 +265,9 @@ class StsEngine:
         self._lock = threading.Lock()
         self._source_creds = None
         self._client = None
+        # observer(seconds, error) after each assume(), retries included; error is what it raised
+        # (an StsError, whose `code` says which), or None (the broker's metrics).
+        self.observer = None
 
     @classmethod
     def from_config(cls, config, **kw):
@@ -357,7 +360,15 @@ class StsEngine:
         if request.policy_arns:
             params["PolicyArns"] = [{"arn": a} for a in request.policy_arns]
         what = f"AssumeRole {request.role_arn}"
-        return self._call(what, lambda c: _assumed_credentials(what, c.assume_role(**params)), budget)
+        observer, start, error = self.observer, time.monotonic(), None
+        try:
+            return self._call(what, lambda c: _assumed_credentials(what, c.assume_role(**params)), budget)
+        except Exception as err:
+            error = err
+            raise
+        finally:
+            if observer is not None:
+                observer(time.monotonic() - start, error)
 
     def host_facts(self):
         """Hostname, and the instance id when the source is the instance profile (else empty)."""

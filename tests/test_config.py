@@ -103,6 +103,16 @@ def test_config__minimal_config_gets_the_defaults():
     assert cfg == defaults, f"a config of only version+region should equal the defaults, got {cfg!r}"
 
 
+def test_config__metrics_are_off_by_default_and_read_when_given():
+    cfg = config.parse(HEAD, PATH)
+    assert (cfg.metrics_file, cfg.metrics_interval) == (None, 15), \
+        f"metrics should default to off every 15 s, got {(cfg.metrics_file, cfg.metrics_interval)!r}"
+    cfg = config.parse(HEAD + "metrics_file: /var/lib//node-exporter/./rolegate.prom\nmetrics_interval: 1m\n", PATH)
+    assert cfg.metrics_file == "/var/lib/node-exporter/rolegate.prom", \
+        f"metrics_file should be normalised, got {cfg.metrics_file!r}"
+    assert cfg.metrics_interval == 60, f"metrics_interval '1m' should be 60 s, got {cfg.metrics_interval!r}"
+
+
 def test_config__load_locates_errors_in_the_file_it_read(write_config):
     path = write_config(HEAD + "rols: []\n")
     with pytest.raises(ConfigError) as info:
@@ -308,6 +318,16 @@ BROKEN = [
     ("runtime_dir /", HEAD + "runtime_dir: /\n", 3, 14, "absolute directory"),
     ("sts_timeout above 60 s", HEAD + "sts_timeout: 2m\n", 3, 14, "between 1s and 60s"),
     ("reap_interval 0", HEAD + "reap_interval: 0\n", 3, 16, "between 1s and 3600s"),
+    # metrics
+    ("metrics_file relative", HEAD + "metrics_file: rolegate.prom\n", 3, 15, "absolute file path"),
+    ("metrics_file a directory", HEAD + "metrics_file: /var/lib/node-exporter/\n", 3, 15, "absolute file path"),
+    ("metrics_file not .prom", HEAD + "metrics_file: /var/lib/node-exporter/rolegate.txt\n", 3, 15,
+     "must end in .prom"),
+    ("metrics_file only .prom", HEAD + "metrics_file: /var/lib/node-exporter/.prom\n", 3, 15, "must end in .prom"),
+    ("metrics_file a list", HEAD + "metrics_file: [/a.prom]\n", 3, 15, "single text value"),
+    ("metrics_interval 0", HEAD + "metrics_interval: 0\n", 3, 19, "between 1s and 3600s"),
+    ("metrics_interval 2h", HEAD + "metrics_interval: 2h\n", 3, 19, "between 1s and 3600s"),
+    ("metrics_interval not a duration", HEAD + "metrics_interval: soon\n", 3, 19, "is not a duration"),
     ("imds_allow_users bad name", HEAD + "imds_allow_users: [root, 'no body']\n", 3, 26, "expected a user name"),
     ("session not a mapping", HEAD + "session: 1h\n", 3, 10, "session must be a mapping"),
     # imds.mode emulate: credentials with under 20 minutes left are stretched by SDKs
