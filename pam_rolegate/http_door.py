@@ -31,6 +31,11 @@ class HttpDoor:
     workers = 8  # NSS lookups and STS calls behind requests, in parallel
     per_uid = 4  # one uid's requests in the workers at once: a flood costs its sender
     lookup_workers = 2  # socket-table reads (who is calling) at once: each is a pass over /proc/net/tcp
+    # Each open connection holds one of the broker's descriptors, which the PAM door needs too:
+    # at most this many at once (more are closed at once), and none open longer than the lifetime
+    # below, idle or not (aiohttp by itself would wait forever for a first request).
+    max_connections = 1024
+    connection_lifetime = 60.0
 
     def __init__(self, log, refusals, port):
         self.log = log
@@ -93,6 +98,7 @@ class HttpDoor:
             self.routes(app)
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
+            self._bound_connections(self._runner.server)
             for host in ("127.0.0.1", "::1"):
                 await self._listen(host)
 
@@ -100,6 +106,21 @@ class HttpDoor:
             self._loop, self._thread = loop_thread(f"{self.name}-door", setup)
         except Exception as err:
             raise RolegateError(f"the {self.name} door cannot listen on port {self.port}: {err}") from None
+
+    def _bound_connections(self, server):
+        """Cap and time-limit connections through aiohttp's own per-connection hook on its server."""
+        made = server.connection_made
+        loop = asyncio.get_running_loop()
+
+        def connection_made(handler, transport):
+            made(handler, transport)
+            if len(server.connections) > self.max_connections:
+                self.count("over_capacity")
+                transport.close()
+            else:
+                loop.call_later(self.connection_lifetime, transport.close)
+
+        server.connection_made = connection_made
 
     async def _listen(self, host, retrying=False):
         """Listen on host:port; when another process holds the port, log it and try again every

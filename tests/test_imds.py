@@ -22,7 +22,7 @@ import pytest
 
 from conftest import require_sandbox
 from harness import ACCOUNT, RUNTIME_DIR, VENV, make_host, run, wait_gone
-from pam_rolegate import firewall
+from pam_rolegate import client, firewall, protocol
 
 IMDS_PORT = 254
 CONTAINER_PORT = 255
@@ -702,3 +702,55 @@ def test_imds__a_port_held_by_another_process_stops_no_login(lab):
         lab.h.stop_broker()
         lab.settings = None
     lab.configure()
+
+
+HOARDER = """
+import socket, sys, time
+held, refused = [], 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(("127.0.0.1", int(sys.argv[1])))
+        held.append(s)
+    except OSError:
+        refused += 1
+time.sleep(1.0)  # let the broker close what is over its cap
+alive = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        alive += s.recv(1) != b""  # b"": closed by the broker
+    except BlockingIOError:
+        alive += 1  # still open, nothing to read
+    except OSError:
+        pass
+print(alive, refused, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_imds__a_user_hoarding_connections_gets_a_bounded_share_and_logins_go_on(lab):
+    lab.configure()
+    from pam_rolegate.http_door import HttpDoor
+
+    cap = HttpDoor.max_connections
+    soft = ["prlimit", f"--nofile={cap + 400}:{cap + 400}"]
+    hoarder = subprocess.Popen(soft + lab.cmd("bob", [sys.executable, "-c", HOARDER, str(IMDS_PORT), str(cap + 200)]),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line, _ = read_line(hoarder, "bob's idle connections to the IMDS door")
+        alive = int(line.split()[0])
+        assert alive <= cap, f"bob holds {alive} idle connections to the IMDS door, over its cap of {cap}"
+        fds = len(os.listdir(f"/proc/{lab.h.broker.pid}/fd"))
+        assert fds < cap + 600, f"the broker holds {fds} descriptors with bob's {cap + 200} connections pending"
+        # The PAM door, a separate door, still serves a root login at once.
+        reply = client.call(protocol.OpenSession(user="alice", service="sshd", pid=os.getpid()),
+                            path=os.path.join(RUNTIME_DIR, protocol.PAM_SOCKET), timeout=10)
+        assert isinstance(reply, protocol.Reply) and reply.get("granted"), \
+            f"a login through the PAM door failed while bob hoarded IMDS connections: {reply}"
+        client.call(protocol.CloseSession(session=reply.get("session")),
+                    path=os.path.join(RUNTIME_DIR, protocol.PAM_SOCKET), timeout=10)
+    finally:
+        hoarder.kill()
+        hoarder.wait(10)
