@@ -364,13 +364,8 @@ class Registry:
                     self._pop_session(existing.id)
                     self._release_if_unused(existing.grant_id, "released")
                 self._put_session(session)
-        except StsError as err:
-            self.log.decision("failed", principal=ident.principal, target=ident.target, role=rule.role,
-                              service=facts.service, code=err.code, reason=str(err))
-            raise
         except Exception as err:
-            self.log.decision("failed", principal=ident.principal, target=ident.target, role=rule.role,
-                              service=facts.service, reason=str(err))
+            self._failed(ident, rule, facts.service, err)
             raise
         finally:
             with self._lock:
@@ -381,6 +376,12 @@ class Registry:
                           key=grant.credentials.masked_key, expires=iso(grant.credentials.expiration),
                           rhost=facts.rhost, tty=facts.tty, pid=pid)
         return Opened(True, decision.reason, session, grant, new=True)
+
+    def _failed(self, ident, rule, service, err):
+        """The one `failed` line for a login or IMDS request that got no credentials (STS errors
+        carry their code)."""
+        self.log.decision("failed", principal=ident.principal, target=ident.target, role=rule.role,
+                          service=service, code=getattr(err, "code", None), reason=str(err))
 
     def rule_for(self, facts):
         """The rule the config gives these login facts (None: no rule). No STS call."""
@@ -410,9 +411,8 @@ class Registry:
                     until = max(self.clock() + hold, self._lingering.get(key, 0))
                     self._lingering[key] = min(until, grant.next_refresh)
                     self._tell("grant_lingering", grant, self._lingering[key])
-        except StsError as err:
-            self.log.decision("failed", principal=ident.principal, target=ident.target, role=rule.role,
-                              service=facts.service, code=err.code, reason=str(err))
+        except Exception as err:
+            self._failed(ident, rule, facts.service, err)
             raise
         finally:
             with self._lock:
