@@ -4,6 +4,7 @@ Only for use inside scripts/sandbox (conftest.require_sandbox): it runs useradd,
 starts daemons, all of which vanish with the sandbox's mount namespace.
 """
 
+import contextlib
 import os
 import select
 import shlex
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from conftest import free_port, start_moto
+from conftest import free_port, require_sandbox, start_moto
 
 VENV = os.environ.get("ROLEGATE_TEST_VENV") or os.path.dirname(os.path.dirname(sys.executable))
 ROLEGATE = "/usr/local/bin/rolegate"
@@ -283,6 +284,20 @@ LogLevel VERBOSE
         if self.moto is not None:
             self.moto.proc.terminate()
             self.moto.proc.wait(10)
+
+
+@contextlib.contextmanager
+def sandbox_host():
+    """A Host with rolegate's commands and the AWS stand-in running, stopped (with all it started)
+    on leaving; only inside scripts/sandbox."""
+    require_sandbox()
+    h = make_host()
+    try:
+        h.install_commands()
+        h.start_moto()
+        yield h
+    finally:
+        h.stop()
 
 
 def make_host():

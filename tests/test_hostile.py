@@ -18,8 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import require_sandbox
-from harness import ACCOUNT, PAM_SOCKET, ROLEGATED, SOCKET, make_host, run
+from harness import ACCOUNT, PAM_SOCKET, ROLEGATED, SOCKET, sandbox_host, run
 from pam_rolegate import client, protocol
 from pam_rolegate.errors import ProtocolError
 
@@ -42,11 +41,7 @@ FUZZER = "mallory"  # unmapped: no request of hers can succeed by accident
 
 @pytest.fixture(scope="module")
 def host():
-    require_sandbox()
-    h = make_host()
-    try:
-        h.install_commands()
-        h.start_moto()
+    with sandbox_host() as h:
         h.add_user(FUZZER)
         h.add_user("carol", groups=("developers",))
         h.add_user("dora", groups=("developers",))
@@ -54,8 +49,6 @@ def host():
         h.hook = h.install_pam()
         h.start_broker()
         yield h
-    finally:
-        h.stop()
 
 
 def rss_kib(pid):

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from conftest import require_sandbox, start_moto
-from harness import ACCOUNT, CONFIG_PATH, RUNTIME_DIR, Held, make_host, run, wait_gone
+from conftest import start_moto
+from harness import ACCOUNT, CONFIG_PATH, RUNTIME_DIR, Held, sandbox_host, run, wait_gone
 
 FAST = f"""
 version: 1
@@ -36,11 +36,7 @@ roles:
 
 @pytest.fixture(scope="module")
 def host():
-    require_sandbox()
-    h = make_host()
-    try:
-        h.install_commands()
-        h.start_moto()
+    with sandbox_host() as h:
         for user in ("alice", "carol", "erin"):
             h.add_user(user)
         h.write_config(FAST.format(delivery="file"))
@@ -48,8 +44,6 @@ def host():
         h.start_broker()
         h.start_sshd()
         yield h
-    finally:
-        h.stop()
 
 
 def key_id(path):

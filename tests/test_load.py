@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from conftest import require_sandbox
-from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, make_host, run
+from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, sandbox_host, run
 
 GRANTS_DIR = RUNTIME_DIR + "/grants"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/loader"
@@ -116,30 +115,26 @@ REPORTER = "/usr/local/bin/rolegate-load-report"
 
 @pytest.fixture(scope="module")
 def host():
-    require_sandbox()
-    h = make_host()
-    try:
-        h.install_commands()
-        h.start_moto()
-        h.add_user(FLOODER)
-        for user in FLOOD_USERS + [DENY_USER] + BURST_USERS + SSH_USERS:
-            h.add_user(user, groups=(GROUP,))
-        h.write_config(LOAD_CONFIG)
-        hook = h.install_pam()
-        with open(REPORTER, "w") as fh:
-            fh.write('#!/bin/sh\necho "REPORT type=$PAM_TYPE user=$PAM_USER file=${AWS_SHARED_CREDENTIALS_FILE:-}"\n')
-        os.chmod(REPORTER, 0o755)
-        for service, options in ((SERVICE, "debug"), (SERVICE_DENY, "debug on_error=deny")):
-            with open(f"/etc/pam.d/{service}", "w") as fh:
-                fh.write(_service_file(hook, options))
-        h.start_broker()
-        h.start_sshd(extra_config=SSHD_EXTRA)
-        yield h
-    finally:
-        for service in (SERVICE, SERVICE_DENY):
-            if os.path.exists(f"/etc/pam.d/{service}"):
-                os.unlink(f"/etc/pam.d/{service}")
-        h.stop()
+    with sandbox_host() as h:
+        try:
+            h.add_user(FLOODER)
+            for user in FLOOD_USERS + [DENY_USER] + BURST_USERS + SSH_USERS:
+                h.add_user(user, groups=(GROUP,))
+            h.write_config(LOAD_CONFIG)
+            hook = h.install_pam()
+            with open(REPORTER, "w") as fh:
+                fh.write('#!/bin/sh\necho "REPORT type=$PAM_TYPE user=$PAM_USER file=${AWS_SHARED_CREDENTIALS_FILE:-}"\n')
+            os.chmod(REPORTER, 0o755)
+            for service, options in ((SERVICE, "debug"), (SERVICE_DENY, "debug on_error=deny")):
+                with open(f"/etc/pam.d/{service}", "w") as fh:
+                    fh.write(_service_file(hook, options))
+            h.start_broker()
+            h.start_sshd(extra_config=SSHD_EXTRA)
+            yield h
+        finally:
+            for service in (SERVICE, SERVICE_DENY):
+                if os.path.exists(f"/etc/pam.d/{service}"):
+                    os.unlink(f"/etc/pam.d/{service}")
 
 
 # -- helpers ------------------------------------------------------------------------------------

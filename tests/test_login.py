@@ -8,19 +8,14 @@ import time
 
 import pytest
 
-from conftest import require_sandbox
-from harness import ACCOUNT, PAM_SOCKET, REPORT, RUNTIME_DIR, SOCKET, Held, make_host, parse_report, run, wait_gone
+from harness import ACCOUNT, PAM_SOCKET, REPORT, RUNTIME_DIR, SOCKET, Held, sandbox_host, parse_report, run, wait_gone
 
 HOSTNAME = socket.gethostname()
 ENTRY_PATHS = ["ssh", "ssh-login", "su-l", "shell"]  # the ways a user reaches their own grant
 
 @pytest.fixture(scope="module")
 def host():
-    require_sandbox()
-    h = make_host()
-    try:
-        h.install_commands()
-        h.start_moto()
+    with sandbox_host() as h:
         h.add_user("alice", groups=("admins",))
         h.add_user("carol", groups=("developers",))
         h.add_user("dave", groups=("admins",))
@@ -31,8 +26,6 @@ def host():
         h.start_broker()
         h.start_sshd()
         yield h
-    finally:
-        h.stop()
 
 
 def report(host, path, user):

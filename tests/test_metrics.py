@@ -12,8 +12,7 @@ import botocore.exceptions
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import require_sandbox
-from harness import ACCOUNT, make_host, run
+from harness import ACCOUNT, sandbox_host, run
 from pam_rolegate import config, errors, log, mapping, metrics, sts
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -224,25 +223,21 @@ FAMILIES = ("rolegate_logins", "rolegate_sts_seconds", "rolegate_sts_errors", "r
 
 @pytest.fixture(scope="module")
 def host():
-    require_sandbox()
-    h = make_host()
-    try:
-        h.install_commands()
-        h.start_moto()
-        h.add_user(MAPPED, groups=(GROUP,))
-        h.add_user(UNMAPPED)
-        h.write_config(CONFIG)
-        hook = h.install_pam()
-        with open(f"/etc/pam.d/{SERVICE}", "w") as fh:
-            fh.write(f"session required pam_python.so {hook} debug\n")
-        os.makedirs(METRICS_DIR, exist_ok=True)
-        os.chmod(METRICS_DIR, 0o755)
-        h.start_broker()
-        yield h
-    finally:
-        if os.path.exists(f"/etc/pam.d/{SERVICE}"):
-            os.unlink(f"/etc/pam.d/{SERVICE}")
-        h.stop()
+    with sandbox_host() as h:
+        try:
+            h.add_user(MAPPED, groups=(GROUP,))
+            h.add_user(UNMAPPED)
+            h.write_config(CONFIG)
+            hook = h.install_pam()
+            with open(f"/etc/pam.d/{SERVICE}", "w") as fh:
+                fh.write(f"session required pam_python.so {hook} debug\n")
+            os.makedirs(METRICS_DIR, exist_ok=True)
+            os.chmod(METRICS_DIR, 0o755)
+            h.start_broker()
+            yield h
+        finally:
+            if os.path.exists(f"/etc/pam.d/{SERVICE}"):
+                os.unlink(f"/etc/pam.d/{SERVICE}")
 
 
 def read_metrics(timeout=10):

@@ -18,8 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import require_sandbox
-from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, make_host, run
+from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, sandbox_host, run
 from pam_rolegate import client, protocol
 from pam_rolegate.errors import BrokerUnavailable
 
@@ -55,18 +54,12 @@ def add_account(name):
 
 @pytest.fixture(scope="module")
 def host():
-    require_sandbox()
-    h = make_host()
-    try:
-        h.install_commands()
-        h.start_moto()
+    with sandbox_host() as h:
         for user in LINGER_USERS + HUP_USERS + BURST_USERS + RATE_USERS:
             add_account(user)
         h.write_config(config(LINGER_USERS))
         h.start_broker()
         yield h
-    finally:
-        h.stop()
 
 
 class Sleepers:
