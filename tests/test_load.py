@@ -5,9 +5,11 @@ bounds are generous "no hang" limits, because other work shares this machine. Wh
 measured is printed (run with -s to see it).
 """
 
+import collections
 import configparser
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -400,9 +402,25 @@ def _hook_lines(text):
     return sorted(ms), failed
 
 
+def _why(sshd_text, broker_text, limit=12):
+    """What the hook and the broker said about logins that went wrong, most frequent first: a
+    failure message must say why, not only how many."""
+    seen = collections.Counter()
+    for source, text in (("hook", sshd_text), ("broker", broker_text)):
+        for line in text.splitlines():
+            if ("failed: " in line or "granted=False" in line or "refused" in line) and (
+                    source == "broker" or "rolegate-pam" in line):
+                # the same reason for different users and pids counts once
+                event = re.search(r"(failed|opened|refused)\b.*", line)
+                said = event.group(0) if event else line
+                seen[source + ": " + re.sub(r"\b(user|pid|session|ms|grant)=\S+", r"\1=…", said)] += 1
+    return "\n".join(f"  {n}× {said[:300]}" for said, n in seen.most_common(limit)) or "  (no failed line in either log)"
+
+
 def test_storm__200_concurrent_ssh_sessions_over_20_users_all_get_whole_credentials(host):
     before = host.moto.assume_role_calls()
     sshd_mark = len(host.sshd_log())
+    broker_mark = host.log_mark()
     reader = FileReader()
     reader.start()
     sessions = []
@@ -433,16 +451,19 @@ def test_storm__200_concurrent_ssh_sessions_over_20_users_all_get_whole_credenti
         results.append((s, file, key))
     good = [r for r in results if r[1] and r[1].startswith(GRANTS_DIR + "/") and r[2].startswith("ASIA")]
     ready = sorted(s.ready_after for s in sessions if s.ready_after is not None)
-    hook_ms, hook_failed = _hook_lines(host.sshd_log()[sshd_mark:])
-    print(f"\n[storm] {len(good)}/200 sessions with credentials; all up after {all_up:.1f}s; ready s "
+    sshd_text = host.sshd_log()[sshd_mark:]
+    hook_ms, hook_failed = _hook_lines(sshd_text)
+    summary = (f"\n[storm] {len(good)}/200 sessions with credentials; all up after {all_up:.1f}s; ready s "
           f"median/max {ready[len(ready) // 2] if ready else -1:.1f}/{ready[-1] if ready else -1:.1f}; "
           f"hook ms median/max {hook_ms[len(hook_ms) // 2] if hook_ms else -1}/{hook_ms[-1] if hook_ms else -1} "
           f"({len(hook_ms)} opened, {hook_failed} failed lines); AssumeRole calls {calls}; "
           f"reader rounds {reader.rounds} parsed {reader.parsed} "
           f"vanished {reader.vanished} torn {len(reader.torn)}")
+    print(summary)
     bad = [f"{s.user}: file={file!r} key={key!r} out={s.out[-300:]!r} err={errors[s.user][-300:]!r}"
            for s, file, key in results if (s, file, key) not in good]
-    assert not bad, f"{len(bad)} of 200 ssh sessions got no usable credentials:\n" + "\n".join(bad[:20])
+    assert not bad, (f"{len(bad)} of 200 ssh sessions got no usable credentials:{summary}\nwhy:\n"
+                     f"{_why(sshd_text, host.log_since(broker_mark))}\n" + "\n".join(bad[:10]))
     assert calls == len(SSH_USERS), f"{calls} AssumeRole calls for {len(SSH_USERS)} grants (want one each)"
     assert reader.parsed > 0, "the reader never saw a credentials file, so it proved nothing"
     assert not reader.torn, f"the reader saw {len(reader.torn)} incomplete credentials files: {reader.torn[:5]}"
