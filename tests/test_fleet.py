@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from conftest import free_port, require_sandbox
-from harness import ACCOUNT, Held, run, sandbox_host
+from harness import ACCOUNT, CONFIG_PATH, Held, run, sandbox_host
 from pam_rolegate import cli, config, doctor, fleet
 from pam_rolegate.errors import ConfigError, StoreError
 
@@ -201,10 +201,18 @@ ssm_endpoint: {endpoint}
 @pytest.fixture(scope="module")
 def host():
     with sandbox_host() as h:
-        h.add_user(USER)
-        h.install_pam()
-        h.start_sshd()
-        yield h
+        before = open(CONFIG_PATH).read() if os.path.exists(CONFIG_PATH) else None
+        try:
+            h.add_user(USER)
+            h.install_pam()
+            h.start_sshd()
+            yield h
+        finally:  # later modules of this run share the sandbox's /etc: leave no rules_from there
+            if before is None:
+                if os.path.exists(CONFIG_PATH):
+                    os.unlink(CONFIG_PATH)
+            else:
+                h.write_config(before)
 
 
 @pytest.fixture
@@ -366,3 +374,28 @@ def test_fleet__doctor_reads_and_checks_the_parameter(moto, tmp_path):
     result = doctor.check_fleet_rules({"config": dead})[0]
     assert result.verdict == doctor.FAIL and "SSM did not answer" in result.detail, result
     assert doctor.check_fleet_rules({"config": cfg_with("")}) == [], "no rules_from: no check"
+
+
+def test_fleet__metrics_count_fetches_and_show_the_rules_version_and_age():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pam_rolegate import metrics
+
+    state = {"rules": None}
+    m = metrics.Metrics(lambda: {"grants": 0, "lingering": 0, "sessions": 0}, rules=lambda: state["rules"])
+
+    def scraped():
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(generate_latest(m.registry).decode()) for s in f.samples}
+
+    assert not [k for k in scraped() if k[0].startswith("rolegate_rules")], "no rules_from: no rules metrics"
+    for outcome in ("changed", "unchanged", "unchanged", "error"):
+        m.rules_fetched(outcome)
+    state["rules"] = (7, 1_700_000_000.0)
+    got = scraped()
+    expected = {"changed": 1, "unchanged": 2, "invalid": 0, "error": 1}
+    for outcome, n in expected.items():
+        assert got[("rolegate_rules_fetches_total", (("outcome", outcome),))] == n, f"{outcome}: {got}"
+    assert got[("rolegate_rules_version", ())] == 7, got
+    assert got[("rolegate_rules_fetched_timestamp_seconds", ())] == 1_700_000_000.0, got
