@@ -14,6 +14,7 @@ from . import config as config_mod
 from . import protocol, store
 from .doors import MAX_CONNECTIONS_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog
 from .errors import ConfigError, StoreError
+from .fleet import FleetRules
 from .lifecycle import Lifecycle
 from .log import Log
 from .metrics import Metrics
@@ -52,9 +53,23 @@ class Broker:
 
             self.imds_door = ImdsDoor(self.registry, self.log, refusals,
                                       metadata=metadata_fetcher(self.registry.engine))
-        self.metrics = Metrics(self.registry.counts, self._door_counts, self.log)
+        self.fleet = None  # rules_from's poller, made below (the metrics read it)
+        self.metrics = Metrics(self.registry.counts, self._door_counts, self.log, rules=self._rules_state)
         self.log.observer = self.metrics.observe
         self.registry.engine.observer = self.metrics.sts_observed
+        # One change of config or rules at a time: SIGHUP's reload and the fleet rules' thread.
+        self._lock = threading.Lock()
+        self.fleet = self._fleet(cfg) if cfg.rules_from else None
+
+    def _fleet(self, cfg):
+        return FleetRules(cfg, lambda: self.registry.engine, self.apply_rules, self.log,
+                          observer=self.metrics.rules_fetched)
+
+    def _rules_state(self):
+        """(version, fetched) of the fleet rules in force, None without rules_from or rules (metrics)."""
+        fleet = self.fleet
+        doc = fleet.current if fleet is not None else None
+        return None if doc is None else (doc.version, doc.fetched)
 
     def _door_counts(self):
         return [(door.name, door.counts) for door in (self.imds_door, self.container_door) if door is not None]
@@ -70,6 +85,12 @@ class Broker:
     def start(self):
         self.store.prepare()
         self.store.private_dir(PAM_DIR)
+        if self.fleet is not None:  # the rules before any session is recovered or served
+            cfg, doc = self.fleet.first(self.cfg)
+            if doc is not None:  # else no rules, as built, and first() said why
+                with self._lock:
+                    self._put_in_force(cfg, **self._rules_fields(doc))
+                    self.fleet.accept(doc)
         self.recover()
         self.lifecycle.start()
         self.metrics.configure(self.cfg)
@@ -78,9 +99,38 @@ class Broker:
         for door in (self.imds_door, self.container_door):
             if door is not None:
                 door.start()
+        if self.fleet is not None:
+            self.fleet.start()
+
+    @staticmethod
+    def _rules_fields(doc):
+        return {"source": doc.where, "version": doc.version}
+
+    def apply_rules(self, fleet, doc):
+        """Put a fleet rules document in force through the same path as a reload; ConfigError when
+        it does not hold valid rules for the config in force (nothing changes then)."""
+        with self._lock:
+            if fleet is not self.fleet:
+                return  # a reload replaced that parameter meanwhile
+            cfg = config_mod.parse_rules(doc.text, doc.where, self.cfg)
+            self._put_in_force(cfg, **self._rules_fields(doc))
+            fleet.accept(doc)
 
     def reload(self, path):
-        """SIGHUP: reread the config; a bad file leaves the running one in force."""
+        """SIGHUP: reread the config (and fetch the fleet rules at once); a bad file, or fleet rules
+        that do not fit it, leave the running config in force."""
+        with self._lock:
+            old_fleet = self.fleet
+            done = self._reload(path)
+        if old_fleet is not None and old_fleet is not self.fleet:
+            old_fleet.stop()  # outside the lock: its thread may be waiting for it
+        if done and self.fleet is not None:
+            self.fleet.start()
+            if self.fleet is old_fleet:
+                self.fleet.poke()
+        return done
+
+    def _reload(self, path):
         try:
             cfg = config_mod.load(path)
         except ConfigError as err:
@@ -90,6 +140,37 @@ class Broker:
         runtime_changed = cfg.runtime_dir != old.runtime_dir
         if runtime_changed:
             cfg = dataclasses.replace(cfg, runtime_dir=old.runtime_dir)
+        fleet, doc = self.fleet, None
+        try:
+            if cfg.rules_from is None:
+                fleet = None
+            elif fleet is not None and fleet.source == cfg.rules_from:
+                cfg = fleet.rules_for(cfg)
+                doc = fleet.current
+            else:
+                fleet = self._fleet(cfg)
+                cfg, doc = fleet.first(cfg, kept_if_none="previous config")
+                if doc is None:
+                    return False
+        except ConfigError as err:
+            self.log.decision("failed", action="reload", reason=f"the rules in force do not fit the new config: "
+                                                                f"{err}", kept="previous config")
+            return False
+        restart = [what for what, changed in (("runtime_dir", runtime_changed),
+                                              ("imds.mode/port", (cfg.imds.mode, cfg.imds.port) != (old.imds.mode, old.imds.port)),
+                                              ("container_port", cfg.container_port != old.container_port)) if changed]
+        self._put_in_force(cfg, path=path, rules_from=cfg.rules_from,
+                           note=f"{', '.join(restart)} changes need a restart" if restart else None)
+        if fleet is not None:
+            fleet.configure(cfg)
+            fleet.accept(doc)
+        self.fleet = fleet
+        return True
+
+    def _put_in_force(self, cfg, **fields):
+        """The one path a new config or new rules take (SIGHUP, fleet rules): the core reconfigured,
+        grants the rules no longer give revoked, one `reloaded` line. Called with the lock held."""
+        old = self.cfg
         engine = self.registry.engine
         if (cfg.region, cfg.source, cfg.sts_timeout) != (old.region, old.source, old.sts_timeout):
             engine = StsEngine.from_config(cfg, client_factory=engine.client_factory, clock=engine.clock)
@@ -99,14 +180,12 @@ class Broker:
         self.lifecycle.configure(cfg)
         self.metrics.configure(cfg)
         revoked = self.registry.recheck()
-        restart = [what for what, changed in (("runtime_dir", runtime_changed),
-                                              ("imds.mode/port", (cfg.imds.mode, cfg.imds.port) != (old.imds.mode, old.imds.port)),
-                                              ("container_port", cfg.container_port != old.container_port)) if changed]
-        self.log.decision("reloaded", path=path, rules=len(cfg.roles), revoked=revoked,
-                          note=f"{', '.join(restart)} changes need a restart" if restart else None)
-        return True
+        note = fields.pop("note", None)
+        self.log.decision("reloaded", **fields, rules=len(cfg.roles), revoked=revoked, note=note)
 
     def stop(self):
+        if self.fleet is not None:
+            self.fleet.stop()
         self.pam_door.stop()
         self.user_door.stop()
         for door in (self.imds_door, self.container_door):
@@ -146,7 +225,7 @@ def serve(config_path, engine=None, log=None, ready=None):
     signal.signal(signal.SIGTERM, lambda *a: stop_requested.set())
     signal.signal(signal.SIGINT, lambda *a: stop_requested.set())
     log.decision("started", socket=broker.user_door.path, pam_socket=broker.pam_door.path, pid=os.getpid(),
-                 rules=len(cfg.roles), delivery=cfg.delivery, source=str(cfg.source))
+                 rules=len(broker.cfg.roles), rules_from=cfg.rules_from, delivery=cfg.delivery, source=str(cfg.source))
     if ready is not None:
         ready()
     while not stop_requested.is_set():

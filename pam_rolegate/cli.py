@@ -38,6 +38,32 @@ def _load_config(args, deps):
     return config.load(config.config_path(getattr(args, "config", None), deps.environ))
 
 
+def _load_rules(args, deps):
+    """The config with its rules. With rules_from they are the parameter's: from `--rules FILE` (a
+    copy of the rules document), else the broker's last good copy (readable by root only)."""
+    from . import config, fleet
+
+    cfg = _load_config(args, deps)
+    if cfg.rules_from is None:
+        return cfg
+    if getattr(args, "rules", None):
+        try:
+            with open(args.rules, encoding="utf-8") as fh:
+                return config.parse_rules(fh.read(), args.rules, cfg)
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read the rules document: {err}", args.rules) from None
+    try:
+        doc = fleet.read_cache(cfg)
+    except (OSError, RolegateError) as err:
+        doc, why = None, str(err)
+    else:
+        why = f"there is no last good copy at {cfg.rules_cache} yet"
+    if doc is None:
+        raise RolegateError(f"the rules come from {cfg.rules_from} and {why}; pass --rules FILE (the rules "
+                            f"document), or run this as root where rolegated has read the parameter")
+    return config.parse_rules(doc.text, doc.where, cfg)
+
+
 def _engine(cfg, deps):
     if deps.engine_factory is not None:
         return deps.engine_factory(cfg)
@@ -66,7 +92,7 @@ def run_check_config(args, deps):
 def run_check_user(args, deps):
     from . import mapping
 
-    cfg = _load_config(args, deps)
+    cfg = _load_rules(args, deps)
     facts = mapping.LoginFacts(user=args.target or args.user, service=args.service,
                                ruser=args.ruser if args.ruser else (args.user if args.target else None))
     try:
@@ -95,12 +121,25 @@ def run_check_user(args, deps):
     return EXIT_OK
 
 
+def parameter_arn(cfg, gatekeeper_arn):
+    """rules_from's parameter as an ARN in the gatekeeper's partition and account and the config's
+    region. A name that starts with / follows `parameter` directly: parameter/rolegate/rules."""
+    parts = gatekeeper_arn.split(":")
+    partition, account = (parts[1], parts[4]) if len(parts) >= 6 and parts[0] == "arn" else ("aws", "ACCOUNT_ID")
+    return f"arn:{partition}:ssm:{cfg.region}:{account}:parameter{cfg.rules_parameter}"
+
+
 def policy_documents(cfg, gatekeeper_arn):
     """The gatekeeper's permission policy and each target role's trust policy, as dicts."""
     actions = ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]
     roles = sorted({r.role for r in cfg.roles})
-    gatekeeper = {"Version": "2012-10-17", "Statement": [
-        {"Sid": "RolegateAssumeMappedRoles", "Effect": "Allow", "Action": actions, "Resource": roles}]}
+    statements = []
+    if roles:
+        statements.append({"Sid": "RolegateAssumeMappedRoles", "Effect": "Allow", "Action": actions, "Resource": roles})
+    if cfg.rules_from:
+        statements.append({"Sid": "RolegateReadFleetRules", "Effect": "Allow", "Action": "ssm:GetParameter",
+                           "Resource": parameter_arn(cfg, gatekeeper_arn)})
+    gatekeeper = {"Version": "2012-10-17", "Statement": statements}
     trust = {}
     for role in roles:
         statements = []
@@ -116,7 +155,7 @@ def policy_documents(cfg, gatekeeper_arn):
 
 
 def run_policy(args, deps):
-    cfg = _load_config(args, deps)
+    cfg = _load_rules(args, deps)
     docs = policy_documents(cfg, args.gatekeeper)
     deps.say(json.dumps(docs, indent=2))
     return EXIT_OK
@@ -296,6 +335,9 @@ def run_daemon(args, deps):
 # -- wiring --------------------------------------------------------------------------------------
 
 
+RULES_HELP = "with rules_from: a rules document to read the rules from (default: the broker's last good copy)"
+
+
 def parser():
     p = argparse.ArgumentParser(prog="rolegate", description="Per-user IAM roles for shared Linux hosts.")
     p.add_argument("--config", help="config file (default: $ROLEGATE_CONFIG or /etc/rolegate/rolegate.yaml)")
@@ -312,6 +354,7 @@ def parser():
     s.add_argument("--ruser", help="PAM_RUSER: the invoking user, for sudo/su services")
     s.add_argument("--target", help="the account the session runs as (default: USER)")
     s.add_argument("--assume", action="store_true", help="really call AssumeRole and GetCallerIdentity")
+    s.add_argument("--rules", metavar="FILE", help=RULES_HELP)
     s.set_defaults(run=run_check_user)
 
     s = sub.add_parser("daemon", help="run the broker (rolegated) in the foreground")
@@ -353,6 +396,7 @@ def parser():
     s = sub.add_parser("policy", help="IAM policies the config needs, as JSON")
     s.add_argument("--gatekeeper", default="arn:aws:iam::ACCOUNT_ID:role/GATEKEEPER_ROLE",
                    help="the gatekeeper (instance) role's ARN, for the trust policies")
+    s.add_argument("--rules", metavar="FILE", help=RULES_HELP)
     s.set_defaults(run=run_policy)
     return p
 

@@ -4,8 +4,11 @@ We walk PyYAML's node tree (yaml.compose) instead of loading plain dicts, becaus
 carry positions, and because a plain load silently keeps the last of two duplicate keys.
 """
 
+import dataclasses
+import ipaddress
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -26,6 +29,17 @@ IMDS_MODES = ("reject", "emulate")
 # still be stretched; 30 minutes leaves each AssumeRole at least 10 minutes of use.
 IMDS_MIN_DURATION = 30 * 60
 IMDS_SERVICE = "imds"  # the service IMDS requests are matched as
+# Fleet rules (rules_from): the only source so far is a Parameter Store parameter, named as SSM
+# allows: fully qualified (a leading /), at most 1011 characters and 15 levels, not under the
+# reserved aws/ssm prefixes.
+RULES_SCHEMES = ("ssm:/NAME",)
+SSM_NAME_RE = re.compile(r"(/[A-Za-z0-9_.-]+)+", re.ASCII)
+SSM_NAME_MAX = 1011
+SSM_LEVELS_MAX = 15
+# The least rules_poll: Parameter Store's default throughput is 40 GetParameter calls per second
+# per account and region, shared by the whole fleet; 10 s already lets 400 hosts use it all.
+RULES_POLL_MIN = 10
+RULES_POLL_MAX = 24 * 3600
 
 # re.ASCII everywhere: \d and \w must not accept other scripts' digits and letters.
 ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}", re.ASCII)
@@ -116,11 +130,22 @@ class Config:
     # it is rewritten.
     metrics_file: Optional[str] = None
     metrics_interval: int = 15
+    # Fleet rules: `ssm:/NAME` means the rules come from that parameter (polled every rules_poll,
+    # the last good copy kept at rules_cache) instead of `roles`; ssm_endpoint overrides the URL.
+    rules_from: Optional[str] = None
+    rules_poll: int = 300
+    rules_cache: str = "/var/lib/rolegate/rules.yaml"
+    ssm_endpoint: Optional[str] = None
     roles: Tuple[Rule, ...] = ()
     version: int = 1
 
     def duration_for(self, rule):
         return rule.duration or self.session.duration
+
+    @property
+    def rules_parameter(self):
+        """rules_from's parameter name (/rolegate/rules), or None."""
+        return self.rules_from[len("ssm:"):] if self.rules_from else None
 
 
 def parse_duration(value):
@@ -157,8 +182,54 @@ def load(path=None):
 
 
 def parse(text, path="<config>"):
+    root = _compose(text, path)
+    if root is None:
+        raise ConfigError("the config is empty; it needs at least 'version: 1' and 'region'", path)
+    return _Reader(path).config(root)
+
+
+def parse_rules(text, where, cfg):
+    """A fleet rules document (rules_from's parameter, or its cached copy) -> `cfg` with those rules.
+
+    The document is `version: 1` (optional) and `roles:`, read by the same code as a config's own
+    `roles`, with every mistake located as WHERE:LINE:COL (WHERE is ssm:/NAME or the cache file).
+    """
+    root = _compose(text, where)
+    if root is None:
+        raise ConfigError("the rules document is empty; it needs 'roles:', a list of rules as in the config", where)
+    return _Reader(where).rules_document(root, cfg)
+
+
+def endpoint_problem(url):
+    """Why `url` cannot be an AWS endpoint override (ssm_endpoint, sts_endpoint), or None.
+
+    https only, except to a loopback address: the replies carry credentials and decrypted
+    parameters, which must not cross a network in clear text.
+    """
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        return f"is not a URL ({err})"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be a URL such as https://ssm.us-east-1.amazonaws.com or a VPC endpoint's https://vpce-… name"
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment \
+            or parts.path not in ("", "/") or port == 0:
+        return "must be scheme://host[:port] only: no user, path, query or fragment"
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = parts.hostname == "localhost"
+        if not loopback:
+            return "must use https (http only to a loopback address): replies carry credentials and secrets"
+    return None
+
+
+def _compose(text, path):
+    """YAML text -> its node tree (None when empty), YAML errors raised located."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         problem = " ".join(p for p in (err.context, err.problem) if p) or "invalid YAML"
@@ -171,9 +242,6 @@ def parse(text, path="<config>"):
         raise ConfigError(f"YAML error: character {err.character!r} is not allowed in YAML", path, line, column) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"YAML error: {err}", path) from None
-    if root is None:
-        raise ConfigError("the config is empty; it needs at least 'version: 1' and 'region'", path)
-    return _Reader(path).config(root)
 
 
 class _Reader:
@@ -261,14 +329,11 @@ class _Reader:
             "the config",
             ("version", "region", "source", "runtime_dir", "delivery", "sts_timeout",
              "reap_interval", "imds_allow_users", "session", "refresh", "imds", "container_port",
-             "metrics_file", "metrics_interval", "roles"),
+             "metrics_file", "metrics_interval", "rules_from", "rules_poll", "rules_cache", "ssm_endpoint",
+             "roles"),
             required=("version", "region"),
         )
-        version_node = keys["version"][1]
-        version = self.value(version_node)
-        if type(version) is not int or version not in SUPPORTED_VERSIONS:
-            self.fail(version_node, f"version {version!r} is not supported; this rolegate reads version 1")
-        kw = {"path": self.path, "version": version}
+        kw = {"path": self.path, "version": self.version(keys["version"][1])}
         kw["region"] = self.string(keys["region"][1], "region", REGION_RE,
                                    " (expected a region such as us-east-1)")
         if "source" in keys:
@@ -292,6 +357,7 @@ class _Reader:
             kw["metrics_file"] = self.metrics_file(keys["metrics_file"][1])
         if "metrics_interval" in keys:
             kw["metrics_interval"] = self.duration(keys["metrics_interval"][1], "metrics_interval", 1, 3600)
+        self.fleet_keys(keys, kw)
         if "imds_allow_users" in keys:
             kw["imds_allow_users"] = self.strings(keys["imds_allow_users"][1], "imds_allow_users",
                                                   _USER_RE, " (expected a user name)")
@@ -305,20 +371,89 @@ class _Reader:
             kw["container_port"] = self.port(keys["container_port"][1], "container_port")
         if kw.get("imds", ImdsSettings()).port == kw.get("container_port", Config.container_port):
             self.fail(keys.get("container_port", keys.get("imds"))[1], "imds.port and container_port must differ")
-        roles = ()
-        if "roles" in keys:
-            node = keys["roles"][1]
-            if not isinstance(node, yaml.SequenceNode):
-                self.fail(node, "roles must be a list of rules, each '- match: {...}' with a 'role'")
-            roles = tuple(self.rule(i + 1, n, session) for i, n in enumerate(node.value))
-        kw["roles"] = roles
+        roles_node = keys["roles"][1] if "roles" in keys else None
+        kw["roles"] = self.roles(roles_node, session) if roles_node is not None else ()
         cfg = Config(**kw)
         if cfg.imds.mode == "emulate":
-            self.check_imds_durations(cfg, keys, node if "roles" in keys else None)
+            self.check_imds_durations(cfg, keys, roles_node)
         return cfg
 
+    def version(self, node):
+        version = self.value(node)
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
+            self.fail(node, f"version {version!r} is not supported; this rolegate reads version 1")
+        return version
+
+    def roles(self, node, session):
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, "roles must be a list of rules, each '- match: {...}' with a 'role'")
+        return tuple(self.rule(i + 1, n, session) for i, n in enumerate(node.value))
+
+    def rules_document(self, root, cfg):
+        """A fleet rules document: its rules checked against `cfg` as if they stood in its `roles`."""
+        keys = self.mapping(root, "the rules document", ("version", "roles"), required=("roles",))
+        if "version" in keys:
+            self.version(keys["version"][1])
+        roles_node = keys["roles"][1]
+        new = dataclasses.replace(cfg, roles=self.roles(roles_node, cfg.session))
+        if new.imds.mode == "emulate":
+            self.check_imds_durations(new, None, roles_node)
+        return new
+
+    def fleet_keys(self, keys, kw):
+        """rules_from and the keys that only mean something with it."""
+        if "rules_from" in keys:
+            if "roles" in keys:
+                self.fail(keys["roles"][0], "roles and rules_from exclude each other: with rules_from the rules "
+                                            "come from the parameter's rules document; move this list there")
+            kw["rules_from"] = self.rules_from(keys["rules_from"][1])
+        else:
+            for key in ("rules_poll", "rules_cache", "ssm_endpoint"):
+                if key in keys:
+                    self.fail(keys[key][0], f"{key} applies only with rules_from (fleet rules from SSM)")
+        if "rules_poll" in keys:
+            kw["rules_poll"] = self.duration(keys["rules_poll"][1], "rules_poll", RULES_POLL_MIN, RULES_POLL_MAX)
+        if "rules_cache" in keys:
+            kw["rules_cache"] = self.absolute_file(keys["rules_cache"][1], "rules_cache", "/var/lib/rolegate/rules.yaml")
+        if "ssm_endpoint" in keys:
+            kw["ssm_endpoint"] = self.endpoint(keys["ssm_endpoint"][1], "ssm_endpoint")
+
+    def rules_from(self, node):
+        text = self.string(node, "rules_from")
+        scheme, sep, name = text.partition(":")
+        if not sep or scheme != "ssm":
+            self.fail(node, f"rules_from {text!r} is unknown; allowed: {', '.join(RULES_SCHEMES)} "
+                            f"(a Parameter Store parameter, such as ssm:/rolegate/rules)")
+        if not SSM_NAME_RE.fullmatch(name):
+            self.fail(node, f"rules_from: {name!r} is not a fully qualified parameter name: a leading /, then "
+                            f"names of A-Z a-z 0-9 _ . - separated by /, such as /rolegate/rules")
+        if len(name) > SSM_NAME_MAX:
+            self.fail(node, f"rules_from: the parameter name has {len(name)} characters; SSM allows {SSM_NAME_MAX}")
+        levels = name.count("/")
+        if levels > SSM_LEVELS_MAX:
+            self.fail(node, f"rules_from: the parameter name has {levels} levels; SSM allows {SSM_LEVELS_MAX}")
+        if name[1:4].lower() in ("aws", "ssm"):
+            self.fail(node, f"rules_from: names beginning with 'aws' or 'ssm' are reserved by AWS; choose "
+                            f"another, such as /rolegate/rules")
+        return text
+
+    def endpoint(self, node, what):
+        """An endpoint URL override (ssm_endpoint; meant for sts_endpoint too), see endpoint_problem."""
+        text = self.string(node, what)
+        problem = endpoint_problem(text)
+        if problem:
+            self.fail(node, f"{what} {text!r} {problem}")
+        return text.rstrip("/")
+
+    def absolute_file(self, node, what, example):
+        text = self.string(node, what)
+        if not text.startswith("/") or text.endswith("/") or "\0" in text:
+            self.fail(node, f"{what} must be an absolute file path, such as {example}")
+        return os.path.normpath(text).replace("//", "/")
+
     def check_imds_durations(self, cfg, keys, roles_node):
-        """Every rule IMDS requests can match hands out sessions long enough for IMDS (see above)."""
+        """Every rule IMDS requests can match hands out sessions long enough for IMDS (see above).
+        `keys` is None for a fleet rules document, whose session.duration is the config's."""
         for rule in cfg.roles:
             if rule.match.services and IMDS_SERVICE not in rule.match.services:
                 continue
@@ -328,6 +463,9 @@ class _Reader:
             if rule.duration is not None:
                 where = next(v for k, v in roles_node.value[rule.index - 1].value if k.value == "duration")
                 which = f"roles[{rule.index}].duration"
+            elif keys is None:
+                where = roles_node.value[rule.index - 1]
+                which = f"session.duration in {cfg.path}"
             else:
                 where = keys["session"][1] if "session" in keys else keys["imds"][1]
                 which = "session.duration"
@@ -371,11 +509,8 @@ class _Reader:
     def metrics_file(self, node):
         # node_exporter's textfile collector reads only *.prom files of its directory: any other
         # name would be written and silently never scraped.
+        path = self.absolute_file(node, "metrics_file", "/var/lib/prometheus/node-exporter/rolegate.prom")
         text = self.string(node, "metrics_file")
-        path = os.path.normpath(text).replace("//", "/")
-        if not text.startswith("/") or text.endswith("/") or "\0" in text:
-            self.fail(node, "metrics_file must be an absolute file path, such as "
-                            "/var/lib/prometheus/node-exporter/rolegate.prom")
         if not path.endswith(".prom") or path.endswith("/.prom"):
             self.fail(node, f"metrics_file {text!r} must end in .prom: node_exporter's textfile collector "
                             f"reads no other files")

@@ -347,8 +347,47 @@ def check_gatekeeper(ctx):
     return out
 
 
+def check_fleet_rules(ctx):
+    """rules_from: the parameter read now with the gatekeeper credentials and checked, and the
+    last good copy on disk (present, which version, how old)."""
+    from . import config, fleet, sts
+    from .errors import ConfigError, ParameterError, StoreError
+
+    cfg = ctx.get("config")
+    if cfg is None or cfg.rules_from is None:
+        return []
+    out = []
+    try:
+        doc = fleet.fetch(cfg, sts.StsEngine.from_config(cfg))
+        rules = config.parse_rules(doc.text, doc.where, cfg).roles
+        out.append(Result("fleet-rules", PASS, f"{cfg.rules_from} version {doc.version}: {len(rules)} valid "
+                                               f"rule{'s' if len(rules) != 1 else ''}"))
+    except ParameterError as err:
+        out.append(Result("fleet-rules", FAIL, str(err), "as the message says; `rolegate policy` prints the "
+                                                         "gatekeeper's ssm:GetParameter statement"))
+    except ConfigError as err:
+        out.append(Result("fleet-rules", FAIL, f"the parameter holds no valid rules: {err}",
+                          "fix the document at that line and put it again (aws ssm put-parameter --overwrite); "
+                          "rolegated keeps its rules in force meanwhile"))
+    try:
+        cached = fleet.read_cache(cfg)
+    except (StoreError, OSError) as err:
+        out.append(Result("fleet-rules-cache", FAIL, str(err), f"remove {cfg.rules_cache}; rolegated writes it "
+                                                                f"again after its next good fetch"))
+        return out
+    if cached is None:
+        out.append(Result("fleet-rules-cache", WARN, f"no last good copy at {cfg.rules_cache}: if rolegated starts "
+                          f"while the parameter cannot be read, nobody gets a role",
+                          "start rolegated once while the parameter is readable; it writes the copy"))
+    else:
+        age = fleet.age_text(cached.age(time.time()))
+        out.append(Result("fleet-rules-cache", PASS, f"{cfg.rules_cache}: version {cached.version}, fetched "
+                                                      f"{age} ago (it serves while the parameter cannot be read)"))
+    return out
+
+
 CHECKS = (check_config, check_pam_python, check_pam_stacks, check_secure_path, check_profile,
-          check_runtime_dir, check_broker, check_imds, check_gatekeeper)
+          check_runtime_dir, check_broker, check_imds, check_gatekeeper, check_fleet_rules)
 
 
 def run_all(config_path, assume=False):

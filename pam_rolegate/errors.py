@@ -59,6 +59,16 @@ class InvalidRequest(StsError):
     code = "invalid_request"
 
 
+class ParameterError(RolegateError):
+    """A Parameter Store parameter (fleet rules) could not be read. `code` is AWS's error code
+    (ParameterNotFound, AccessDeniedException, ThrottlingException, …) or rolegate's own
+    (unreachable, source_unavailable, bad_reply)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 class StoreError(RolegateError):
     """The runtime directory or a credential file is not safe to use."""
 

@@ -1,6 +1,6 @@
 """The broker's Prometheus metrics, written as a node_exporter textfile (`metrics_file`) every
 `metrics_interval`: login decisions, AssumeRole latency and errors, grants and sessions, refresh
-failures, and the HTTP doors' requests.
+failures, the HTTP doors' requests, and the fleet rules' fetches, version and age.
 
 Counters are fed by observers the broker hands to the decision log (log.Log.observer) and to the
 STS engine (sts.StsEngine.observer); gauges and the doors' counts are read when the file is
@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from . import errors
 
 LOGIN_RESULTS = {"granted": "granted", "denied": "denied", "failed": "failed"}
+RULES_OUTCOMES = ("changed", "unchanged", "invalid", "error")  # of one fetch of the fleet rules
 STS_CODES = tuple(sorted({cls.code for cls in (errors.StsError, *errors.StsError.__subclasses__())}))
 # STS answers in tens of milliseconds, retries stretch a call towards sts_timeout (at most 60 s).
 STS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -33,9 +34,10 @@ ERROR_LOG_EVERY = 60.0  # seconds between two log lines about a file that cannot
 class _Live:
     """A collector of what is read at collection time: grants, sessions and the doors' counts."""
 
-    def __init__(self, counts, doors):
+    def __init__(self, counts, doors, rules):
         self.counts = counts  # () -> registry.counts()
         self.doors = doors  # () -> [(name, {outcome: requests})]
+        self.rules = rules  # () -> (version, fetched) of the fleet rules in force, or None
 
     def collect(self):
         counts = self.counts()
@@ -52,12 +54,20 @@ class _Live:
             for outcome, n in sorted(dict(outcomes).items()):
                 requests.add_metric([door, outcome], n)
         yield requests
+        rules = self.rules()
+        if rules is not None:
+            version, fetched = rules
+            yield GaugeMetricFamily("rolegate_rules_version", "Parameter Store version of the fleet rules in "
+                                    "force (rules_from).", value=version)
+            yield GaugeMetricFamily("rolegate_rules_fetched_timestamp_seconds", "When the fleet rules in force "
+                                    "were last read from (or confirmed by) Parameter Store, in Unix time; "
+                                    "it stops moving while the store cannot be read.", value=fetched)
 
 
 class Metrics:
     """The metrics of one broker, in a registry of their own (never prometheus_client's global one)."""
 
-    def __init__(self, counts, doors=lambda: (), log=None, clock=time.monotonic):
+    def __init__(self, counts, doors=lambda: (), log=None, clock=time.monotonic, rules=lambda: None):
         # The *_created series double the file and say only when the broker started; the switch
         # is prometheus_client's, process-wide, and the broker is its only user.
         disable_created_metrics()
@@ -74,8 +84,13 @@ class Metrics:
             self.sts_errors.labels(code=code)
         self.refresh_failures = Counter("rolegate_refresh_failures", "Refreshes of a grant's credentials that "
                                         "failed (each is retried with backoff).", registry=self.registry)
-        self.registry.register(_Live(counts, doors))
+        self.rules_fetches = Counter("rolegate_rules_fetches", "Fetches of the fleet rules (rules_from) by outcome: "
+                                     "changed (new rules in force), unchanged, invalid (refused, the rules in "
+                                     "force stay), error (the store could not be read).", ["outcome"],
+                                     registry=self.registry)
+        self.registry.register(_Live(counts, doors, rules))
         self._services = set()
+        self._rules_seen = False
         self._lock = threading.Lock()
         self._last_error_log = None
         self._thread = None
@@ -110,6 +125,14 @@ class Metrics:
         self.sts_seconds.observe(seconds)
         if error is not None:
             self.sts_errors.labels(code=getattr(error, "code", "internal_error")).inc()
+
+    def rules_fetched(self, outcome):
+        """fleet.FleetRules's observer: one fetch of the fleet rules ended with `outcome`."""
+        if not self._rules_seen:  # every outcome shown from the first fetch on (none without rules_from)
+            self._rules_seen = True
+            for name in RULES_OUTCOMES:
+                self.rules_fetches.labels(outcome=name)
+        self.rules_fetches.labels(outcome=outcome).inc()
 
     # -- the file -------------------------------------------------------------------------------
 

@@ -119,75 +119,8 @@ class CredentialStore:
         raise StoreError(f"{where} keeps changing under us; is something else writing to {self.runtime_dir}?")
 
     def _root_fd(self, create=True):
-        """An fd on runtime_dir, reached from / one component at a time without following links.
-
-        Every ancestor must be as safe as runtime_dir itself: whoever can write to a parent can
-        swap the child for a link after we checked it, so /tmp (sticky or not) is refused too.
-        Missing trailing components are created, but only below a parent that passed the check.
-        """
-        path = self.runtime_dir
-        if not path.startswith("/"):
-            raise StoreError(f"runtime_dir {path!r} must be an absolute path, such as /run/rolegate")
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            raise StoreError(f"runtime_dir {path!r} must not contain '..'; write it out in full")
-        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        where = "/"
-        try:
-            self._check_ancestor(fd, where)
-            for i, name in enumerate(parts):
-                where = "/" + "/".join(parts[:i + 1])
-                child = self._open_component(fd, name, where, create)
-                os.close(fd)
-                fd = child
-                if i == len(parts) - 1:
-                    self._check_dir(fd, where)
-                else:
-                    self._check_ancestor(fd, where)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    @staticmethod
-    def _open_component(parent_fd, name, where, create):
-        """Open one path component below an already-checked parent; symlinks are refused, not followed."""
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-        except FileNotFoundError:
-            if not create:
-                raise StoreError(f"{where} does not exist; start rolegated, it creates it") from None
-        except OSError as err:
-            if err.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise StoreError(f"{where} is {kind}; runtime_dir and each of its parents must be real root-owned "
-                             f"directories not writable by others; choose a directory under /run") from None
-        try:
-            os.mkdir(name, 0o755, dir_fd=parent_fd)
-        except FileExistsError:
-            pass  # created meanwhile: the open below checks what is there now
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-        try:
-            os.fchmod(fd, 0o755)  # mkdir's mode passes through the umask; users must reach the socket
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    @staticmethod
-    def _check_ancestor(fd, where):
-        """A parent of runtime_dir: root-owned and writable by root only, or nothing below it is safe."""
-        st = os.fstat(fd)
-        if st.st_uid != 0:
-            problem = f"is owned by uid {st.st_uid}, not root"
-        elif st.st_mode & 0o022:
-            problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
-        else:
-            return
-        raise StoreError(f"{where} {problem}; runtime_dir and each of its parents must be real root-owned "
-                         f"directories not writable by others; choose a directory under /run")
+        """An fd on runtime_dir, reached safely from / (see open_safe_dir)."""
+        return open_safe_dir(self.runtime_dir, "runtime_dir", "choose a directory under /run", create=create)
 
     def _grants_fd(self, create=True):
         root = self._root_fd()
@@ -344,8 +277,84 @@ class CredentialStore:
             os.close(grants)
 
 
-def _atomic_write(dir_fd, name, content, uid, gid):
-    """Write a temp file beside NAME (O_EXCL, O_NOFOLLOW, 0600, chowned first), then rename over it."""
+def open_safe_dir(path, what, hint, create=True, mode=0o755):
+    """An fd on directory `path`, reached from / one component at a time without following links.
+
+    Every ancestor must be as safe as the directory itself: whoever can write to a parent can
+    swap the child for a link after we checked it, so /tmp (sticky or not) is refused too.
+    Missing trailing components are created (the last one with `mode`, the others 0755), but only
+    below a parent that passed the check. `what` names the setting in messages, `hint` says
+    where a safe one would be. runtime_dir and rules_cache's directory are both reached this way.
+    """
+    if not path.startswith("/"):
+        raise StoreError(f"{what} {path!r} must be an absolute path; {hint}")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise StoreError(f"{what} {path!r} must not contain '..'; write it out in full")
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    where = "/"
+    try:
+        _check_ancestor(fd, where, what, hint)
+        for i, name in enumerate(parts):
+            where = "/" + "/".join(parts[:i + 1])
+            last = i == len(parts) - 1
+            child = _open_component(fd, name, where, create, what, hint, mode if last else 0o755)
+            os.close(fd)
+            fd = child
+            if last:
+                CredentialStore._check_dir(fd, where)
+            else:
+                _check_ancestor(fd, where, what, hint)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_component(parent_fd, name, where, create, what, hint, mode):
+    """Open one path component below an already-checked parent; symlinks are refused, not followed."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        if not create:
+            raise StoreError(f"{where} does not exist; start rolegated, it creates it") from None
+    except OSError as err:
+        if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise StoreError(f"{where} is {kind}; {what} and each of its parents must be real root-owned "
+                         f"directories not writable by others; {hint}") from None
+    try:
+        os.mkdir(name, mode, dir_fd=parent_fd)
+    except FileExistsError:
+        pass  # created meanwhile: the open below checks what is there now
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        os.fchmod(fd, mode)  # mkdir's mode passes through the umask; users must reach the socket
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_ancestor(fd, where, what, hint):
+    """A parent: root-owned and writable by root only, or nothing below it is safe."""
+    st = os.fstat(fd)
+    if st.st_uid != 0:
+        problem = f"is owned by uid {st.st_uid}, not root"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise StoreError(f"{where} {problem}; {what} and each of its parents must be real root-owned "
+                     f"directories not writable by others; {hint}")
+
+
+def _atomic_write(dir_fd, name, content, uid, gid, sync=False):
+    """Write a temp file beside NAME (O_EXCL, O_NOFOLLOW, 0600, chowned first), then rename over it.
+    With `sync` (files on disk, not tmpfs) the file and then the directory are flushed, so a crash
+    leaves the old file or the new one, never an empty one."""
     for _ in range(5):
         tmp = f".{name}.{secrets.token_hex(8)}.tmp"
         try:
@@ -362,12 +371,53 @@ def _atomic_write(dir_fd, name, content, uid, gid):
         view = memoryview(content)
         while view:
             view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp, dir_fd=dir_fd)
         raise
     os.close(fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    if sync:
+        os.fsync(dir_fd)
+
+
+def write_private_file(path, content, what, hint):
+    """`content` at `path`: root's, 0600, replaced atomically and flushed to disk, in a directory
+    reached by open_safe_dir (made 0700 when missing). For what must survive a reboot, such as
+    the last good copy of the fleet rules."""
+    fd = open_safe_dir(os.path.dirname(path), what, hint, mode=0o700)
+    try:
+        _atomic_write(fd, os.path.basename(path), content, 0, 0, sync=True)
+    finally:
+        os.close(fd)
+
+
+def read_private_file(path, what, hint):
+    """What write_private_file put at `path`, or None when there is none. A file that is a link,
+    not root's, or readable or writable by others is refused, as is an unsafe directory."""
+    if not os.path.lexists(os.path.dirname(path)):
+        return None
+    dir_fd = open_safe_dir(os.path.dirname(path), what, hint, create=False)
+    try:
+        try:
+            fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise StoreError(f"{path} is a symbolic link; {what} must be a file of root's own") from None
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            raise StoreError(f"{path} is not a root-only file (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); "
+                             f"remove it, rolegated writes a new one")
+        return fh.read()
 
 
 def _check_name(name):

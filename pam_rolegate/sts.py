@@ -1,4 +1,5 @@
-"""The only module that talks to AWS: gatekeeper (source) credentials, AssumeRole, GetCallerIdentity.
+"""The only module that talks to AWS: gatekeeper (source) credentials, AssumeRole, GetCallerIdentity,
+and the fleet rules' GetParameter.
 
 boto3 is imported lazily, inside the functions that need it, so `rolegate env` (run by every
 login shell) and `check-user` without `--assume` never pay its ~0.5 s import.
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional, Tuple
 
 from . import names
-from .errors import AccessDenied, InvalidRequest, SourceCredentialsError, StsUnavailable, Throttled
+from .errors import AccessDenied, InvalidRequest, ParameterError, SourceCredentialsError, StsUnavailable, Throttled
 
 IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 IMDS_DEFAULT = "http://169.254.169.254"
@@ -234,11 +235,12 @@ def _parse_time(text):
 # -- STS ------------------------------------------------------------------------------------
 
 
-def default_client_factory(creds, region, timeout):
-    """A boto3 STS client that uses exactly `creds` and gives up after `timeout` seconds.
+def aws_client(service, creds, region, timeout, endpoint=None):
+    """A boto3 client of `service` that uses exactly `creds` and gives up after `timeout` seconds.
 
-    botocore's own retries are off: the engine retries itself, inside its time budget.
-    The endpoint honours AWS_ENDPOINT_URL_STS, the SDKs' standard override.
+    botocore's own retries are off: callers retry themselves, inside their time budget. Without
+    `endpoint`, the SDKs' standard overrides apply (AWS_ENDPOINT_URL_STS, AWS_ENDPOINT_URL_SSM on
+    botocore ≥ 1.31).
     """
     import boto3
     from botocore.config import Config as BotoConfig
@@ -246,9 +248,14 @@ def default_client_factory(creds, region, timeout):
     cfg = BotoConfig(connect_timeout=max(timeout, 0.1), read_timeout=max(timeout, 0.1),
                      retries={"total_max_attempts": 1}, user_agent_appid="rolegate")
     return boto3.session.Session().client(
-        "sts", region_name=region, config=cfg,
+        service, region_name=region, config=cfg, endpoint_url=endpoint,
         aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
         aws_session_token=creds.session_token)
+
+
+def default_client_factory(creds, region, timeout):
+    """The engine's STS client (see aws_client)."""
+    return aws_client("sts", creds, region, timeout)
 
 
 class StsEngine:
@@ -273,13 +280,23 @@ class StsEngine:
     def from_config(cls, config, **kw):
         return cls(config.region, make_source(config.source), budget=config.sts_timeout, **kw)
 
+    def _gatekeeper(self, remaining):
+        """The gatekeeper credentials, fetched anew when near expiry. Called with the lock held."""
+        creds = self._source_creds
+        if creds is None or creds.seconds_left(self.clock()) < SOURCE_MARGIN.total_seconds():
+            creds = self.source.get(timeout=max(min(remaining, 2.0), 0.1))
+            self._source_creds, self._client = creds, None
+        return creds
+
+    def gatekeeper_credentials(self, remaining=None):
+        """The gatekeeper credentials the engine holds (the fleet rules' GetParameter uses them too)."""
+        with self._lock:
+            return self._gatekeeper(self.budget if remaining is None else remaining)
+
     def _client_for(self, remaining, fresh):
         """The cached client, or (on a retry, or when gatekeeper keys changed) a new one."""
         with self._lock:
-            creds = self._source_creds
-            if creds is None or creds.seconds_left(self.clock()) < SOURCE_MARGIN.total_seconds():
-                creds = self.source.get(timeout=max(min(remaining, 2.0), 0.1))
-                self._source_creds, self._client = creds, None
+            creds = self._gatekeeper(remaining)
             if self._client is None or fresh:
                 client = self.client_factory(creds, self.region, remaining)
                 if self._client is None:
@@ -377,6 +394,53 @@ class StsEngine:
         except SourceCredentialsError:
             instance_id = ""
         return HostFacts(socket.gethostname(), instance_id)
+
+
+def get_parameter(engine, name, endpoint=None, client_factory=aws_client):
+    """Parameter Store's GetParameter (decrypted) with the engine's gatekeeper credentials, region
+    and time budget -> (value, version). Raises ParameterError with AWS's error code, or with
+    unreachable / source_unavailable / bad_reply."""
+    import botocore.exceptions as bex
+    from botocore.parsers import ResponseParserError
+
+    what = f"GetParameter ssm:{name}"
+    for attempt in (1, 2):
+        try:
+            creds = engine.gatekeeper_credentials()
+        except SourceCredentialsError as err:
+            raise ParameterError(f"{what}: no gatekeeper credentials: {err}", "source_unavailable") from None
+        try:
+            client = client_factory("ssm", creds, engine.region, engine.budget, endpoint)
+            reply = client.get_parameter(Name=name, WithDecryption=True)
+        except bex.ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "") or str(
+                err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "error"))
+            msg = err.response.get("Error", {}).get("Message", "")
+            if code in ("ExpiredTokenException", "ExpiredToken") and attempt == 1:
+                engine._forget_source()  # gatekeeper keys rotated under us: fetch anew, once
+                continue
+            raise ParameterError(f"{what}: {code}: {msg}{_PARAMETER_FIXES.get(code, '')}", code) from None
+        except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
+            raise ParameterError(f"{what}: SSM did not answer within {engine.budget:g}s ({err}); is SSM "
+                                 f"reachable from this host (a VPC endpoint and ssm_endpoint in private "
+                                 f"subnets)?", "unreachable") from None
+        except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:
+            raise ParameterError(f"{what}: could not read the reply ({_first_line(err)}); is a proxy in the way?",
+                                 "bad_reply") from None
+        param = reply.get("Parameter") or {}
+        if not isinstance(param.get("Value"), str):
+            raise ParameterError(f"{what}: the reply holds no value; is a proxy in the way?", "bad_reply")
+        return param["Value"], int(param.get("Version") or 0)
+    raise AssertionError("unreachable")
+
+
+_PARAMETER_FIXES = {
+    "ParameterNotFound": "; create it (aws ssm put-parameter --name NAME --type String --value file://rules.yaml) "
+                         "in this region, or correct rules_from",
+    "AccessDeniedException": "; the gatekeeper role needs ssm:GetParameter on it (rolegate policy shows the "
+                             "statement), and kms:Decrypt on the key of a SecureString under a customer-managed key",
+    "ThrottlingException": "; Parameter Store is throttling this account: lengthen rules_poll",
+}
 
 
 def _assumed_credentials(what, reply):
