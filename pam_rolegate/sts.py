@@ -244,11 +244,21 @@ def default_client_factory(creds, region, timeout):
     from botocore.config import Config as BotoConfig
 
     cfg = BotoConfig(connect_timeout=max(timeout, 0.1), read_timeout=max(timeout, 0.1),
-                     retries={"total_max_attempts": 1}, user_agent_appid="rolegate")
+                     retries={"total_max_attempts": 1}, **_user_agent())
     return boto3.session.Session().client(
         "sts", region_name=region, config=cfg,
         aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
         aws_session_token=creds.session_token)
+
+
+def _user_agent():
+    """rolegate's name in the User-Agent header (CloudTrail's userAgent): botocore >= 1.31 has a
+    field for an application id; older ones (Debian 12's 1.29) only take free text after theirs."""
+    from botocore.config import Config as BotoConfig
+
+    if "user_agent_appid" in BotoConfig.OPTION_DEFAULTS:
+        return {"user_agent_appid": "rolegate"}
+    return {"user_agent_extra": "app/rolegate"}
 
 
 class StsEngine:
