@@ -89,7 +89,7 @@ def run_check_user(args, deps):
     if not args.assume:
         return EXIT_OK
     creds = engine.assume(request)
-    who = sts.caller_identity(creds, cfg.region)
+    who = engine.caller_identity(creds)
     deps.say(f"assumed:   {who['Arn']}")
     deps.say(f"key:       {creds.masked_key}, expires {creds.expiration:%Y-%m-%dT%H:%M:%SZ}")
     return EXIT_OK
@@ -215,7 +215,11 @@ def run_whoami(args, deps):
     from . import sts
 
     region = deps.environ.get("AWS_REGION") or deps.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    who = sts.session_identity(region)
+    try:  # the host's sts_endpoint, when this user may read the config (it holds no secrets)
+        endpoint = _load_config(args, deps).sts_endpoint
+    except (ConfigError, OSError):
+        endpoint = None
+    who = sts.session_identity(region, endpoint)
     deps.say(who["Arn"])
     return EXIT_OK
 

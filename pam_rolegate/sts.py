@@ -234,11 +234,13 @@ def _parse_time(text):
 # -- STS ------------------------------------------------------------------------------------
 
 
-def default_client_factory(creds, region, timeout):
+def default_client_factory(creds, region, timeout, endpoint=None):
     """A boto3 STS client that uses exactly `creds` and gives up after `timeout` seconds.
 
     botocore's own retries are off: the engine retries itself, inside its time budget.
-    The endpoint honours AWS_ENDPOINT_URL_STS, the SDKs' standard override.
+    `endpoint` is the config's `sts_endpoint`; without one, botocore picks the regional endpoint,
+    or AWS_ENDPOINT_URL_STS from botocore 1.31 on (Debian 12's 1.29 ignores that variable, which
+    is why the config can name it). Every STS client rolegate makes comes from here.
     """
     import boto3
     from botocore.config import Config as BotoConfig
@@ -246,7 +248,7 @@ def default_client_factory(creds, region, timeout):
     cfg = BotoConfig(connect_timeout=max(timeout, 0.1), read_timeout=max(timeout, 0.1),
                      retries={"total_max_attempts": 1}, **_user_agent())
     return boto3.session.Session().client(
-        "sts", region_name=region, config=cfg,
+        "sts", region_name=region, config=cfg, endpoint_url=endpoint or None,
         aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
         aws_session_token=creds.session_token)
 
@@ -265,8 +267,9 @@ class StsEngine:
     """AssumeRole with the gatekeeper credentials, within a time budget, errors sorted by kind."""
 
     def __init__(self, region, source, budget=3.0, client_factory=default_client_factory,
-                 clock: Callable[[], datetime] = utcnow, sleep=time.sleep):
+                 clock: Callable[[], datetime] = utcnow, sleep=time.sleep, endpoint=None):
         self.region = region
+        self.endpoint = endpoint  # the config's sts_endpoint (None: the SDK's own choice)
         self.source = source
         self.budget = budget
         self.client_factory = client_factory
@@ -281,7 +284,8 @@ class StsEngine:
 
     @classmethod
     def from_config(cls, config, **kw):
-        return cls(config.region, make_source(config.source), budget=config.sts_timeout, **kw)
+        return cls(config.region, make_source(config.source), budget=config.sts_timeout,
+                   endpoint=config.sts_endpoint, **kw)
 
     def _client_for(self, remaining, fresh):
         """The cached client, or (on a retry, or when gatekeeper keys changed) a new one."""
@@ -291,7 +295,7 @@ class StsEngine:
                 creds = self.source.get(timeout=max(min(remaining, 2.0), 0.1))
                 self._source_creds, self._client = creds, None
             if self._client is None or fresh:
-                client = self.client_factory(creds, self.region, remaining)
+                client = self.client_factory(creds, self.region, remaining, self.endpoint)
                 if self._client is None:
                     self._client = client
                 return client
@@ -380,6 +384,10 @@ class StsEngine:
             if observer is not None:
                 observer(time.monotonic() - start, error)
 
+    def caller_identity(self, creds):
+        """GetCallerIdentity with `creds` through this engine's endpoint and region."""
+        return caller_identity(creds, self.region, self.budget, self.client_factory, self.endpoint)
+
     def host_facts(self):
         """Hostname, and the instance id when the source is the instance profile (else empty)."""
         try:
@@ -411,13 +419,13 @@ def _first_line(err):
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory):
+def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory, endpoint=None):
     """GetCallerIdentity with the given (assumed) credentials: which role really arrived."""
     import botocore.exceptions as bex
     from botocore.parsers import ResponseParserError
 
     try:
-        reply = client_factory(creds, region, timeout).get_caller_identity()
+        reply = client_factory(creds, region, timeout, endpoint).get_caller_identity()
     except bex.ClientError as err:
         if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
             raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
@@ -431,14 +439,16 @@ def caller_identity(creds, region, timeout=3.0, client_factory=default_client_fa
     return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}
 
 
-def session_identity(region):
-    """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has."""
+def session_identity(region, endpoint=None):
+    """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has.
+    `endpoint`: the config's sts_endpoint, when the caller could read the config."""
     import boto3
     import botocore.exceptions as bex
     from botocore.parsers import ResponseParserError
 
     try:
-        return boto3.session.Session().client("sts", region_name=region).get_caller_identity()
+        return boto3.session.Session().client("sts", region_name=region,
+                                              endpoint_url=endpoint or None).get_caller_identity()
     except bex.NoCredentialsError:
         raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
     except bex.ClientError as err:
