@@ -318,7 +318,11 @@ def parser():
     s.add_argument("--assume", action="store_true", help="really call AssumeRole and GetCallerIdentity")
     s.set_defaults(run=run_check_user)
 
-    s = sub.add_parser("daemon", help="run the broker (rolegated) in the foreground")
+    s = sub.add_parser("daemon", help="run the broker (rolegated) in the foreground",
+                       description="Run the broker, rolegated, in the foreground (as root). SIGHUP rereads the "
+                                   "config (a bad one is refused and the last good one kept); SIGTERM stops it, "
+                                   "leaving its records and files for the next start. The config is "
+                                   "$ROLEGATE_CONFIG or /etc/rolegate/rolegate.yaml.")
     s.set_defaults(run=run_daemon)
 
     s = sub.add_parser("env", help="shell lines that point this shell at your credentials")
