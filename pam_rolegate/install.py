@@ -101,13 +101,14 @@ def write_package_files(destdir):
 
 
 def package_installed():
-    """True when the Debian package rolegate is installed (or half-installed) on this host."""
+    """True when dpkg knows the package rolegate here in any state but not-installed: also after a
+    remove without purge, whose conffiles (profile.d, the config) dpkg still owns and purge deletes."""
     try:
         done = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", PACKAGE_NAME],
                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False  # no dpkg: not a Debian host, so no package either
-    return done.returncode == 0 and done.stdout.strip() not in ("", "not-installed", "config-files")
+    return done.returncode == 0 and done.stdout.strip() not in ("", "not-installed")
 
 
 # -- putting the pieces in place ------------------------------------------------------------------
