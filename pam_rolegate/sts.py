@@ -235,7 +235,8 @@ def _parse_time(text):
 
 
 def default_client_factory(creds, region, timeout, endpoint=None):
-    """A boto3 STS client that uses exactly `creds` and gives up after `timeout` seconds.
+    """A boto3 STS client that uses exactly `creds` (None: the SDK's default chain, for `whoami`)
+    and gives up after `timeout` seconds.
 
     botocore's own retries are off: the engine retries itself, inside its time budget.
     `endpoint` is the config's `sts_endpoint`; without one, botocore picks the regional endpoint,
@@ -243,14 +244,21 @@ def default_client_factory(creds, region, timeout, endpoint=None):
     is why the config can name it). Every STS client rolegate makes comes from here.
     """
     import boto3
+    import botocore.session
     from botocore.config import Config as BotoConfig
 
     cfg = BotoConfig(connect_timeout=max(timeout, 0.1), read_timeout=max(timeout, 0.1),
                      retries={"total_max_attempts": 1}, **_user_agent())
-    return boto3.session.Session().client(
-        "sts", region_name=region, config=cfg, endpoint_url=endpoint or None,
-        aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
-        aws_session_token=creds.session_token)
+    # The regional endpoint, never the global sts.amazonaws.com: botocore before 1.33 (Debian 12's
+    # 1.29) defaults to the global one for us-east-1 and other early regions, which an STS VPC
+    # endpoint's private DNS (regional names only) does not cover.
+    core = botocore.session.Session()
+    core.set_config_variable("sts_regional_endpoints", "regional")
+    keys = {} if creds is None else {"aws_access_key_id": creds.access_key_id,
+                                     "aws_secret_access_key": creds.secret_access_key,
+                                     "aws_session_token": creds.session_token}
+    return boto3.session.Session(botocore_session=core).client(
+        "sts", region_name=region, config=cfg, endpoint_url=endpoint or None, **keys)
 
 
 def _user_agent():
@@ -439,16 +447,14 @@ def caller_identity(creds, region, timeout=3.0, client_factory=default_client_fa
     return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}
 
 
-def session_identity(region, endpoint=None):
+def session_identity(region, endpoint=None, timeout=5.0):
     """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has.
     `endpoint`: the config's sts_endpoint, when the caller could read the config."""
-    import boto3
     import botocore.exceptions as bex
     from botocore.parsers import ResponseParserError
 
     try:
-        return boto3.session.Session().client("sts", region_name=region,
-                                              endpoint_url=endpoint or None).get_caller_identity()
+        return default_client_factory(None, region, timeout, endpoint).get_caller_identity()
     except bex.NoCredentialsError:
         raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
     except bex.ClientError as err:

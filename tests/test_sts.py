@@ -322,3 +322,14 @@ def test_sts__a_dead_sts_endpoint_is_not_bypassed(moto):
         assume_for(cfg, ident("alice"))
     assert moto.assume_role_calls() == 0, f"AssumeRole went to moto although sts_endpoint is {dead}"
     assert dead.rsplit(":", 1)[1] in str(err.value), f"the error should name the configured endpoint: {err.value}"
+
+
+def test_sts__without_sts_endpoint_the_regional_endpoint_is_called(monkeypatch):
+    # botocore's "legacy" setting (the default before 1.33, so Debian 12's) sends us-east-1 to the
+    # global sts.amazonaws.com, which an STS VPC endpoint's private DNS does not cover.
+    for key in ("AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_STS_REGIONAL_ENDPOINTS", "legacy")
+    client = sts.default_client_factory(sts.Credentials("AKIAEXAMPLEKEY123456", "x", None, None), "us-east-1", 1.0)
+    assert client.meta.endpoint_url == "https://sts.us-east-1.amazonaws.com", \
+        f"the STS client should call the regional endpoint, calls {client.meta.endpoint_url}"
