@@ -172,7 +172,8 @@ class Broker:
         grants the rules no longer give revoked, one `reloaded` line. Called with the lock held."""
         old = self.cfg
         engine = self.registry.engine
-        if (cfg.region, cfg.source, cfg.sts_timeout) != (old.region, old.source, old.sts_timeout):
+        if (cfg.region, cfg.source, cfg.sts_timeout, cfg.sts_endpoint) != \
+                (old.region, old.source, old.sts_timeout, old.sts_endpoint):
             engine = StsEngine.from_config(cfg, client_factory=engine.client_factory, clock=engine.clock)
             engine.observer = self.metrics.sts_observed
         self.cfg = cfg

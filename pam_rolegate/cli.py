@@ -115,7 +115,7 @@ def run_check_user(args, deps):
     if not args.assume:
         return EXIT_OK
     creds = engine.assume(request)
-    who = sts.caller_identity(creds, cfg.region)
+    who = engine.caller_identity(creds)
     deps.say(f"assumed:   {who['Arn']}")
     deps.say(f"key:       {creds.masked_key}, expires {creds.expiration:%Y-%m-%dT%H:%M:%SZ}")
     return EXIT_OK
@@ -254,7 +254,11 @@ def run_whoami(args, deps):
     from . import sts
 
     region = deps.environ.get("AWS_REGION") or deps.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    who = sts.session_identity(region)
+    try:  # the host's sts_endpoint, when this user may read the config (it holds no secrets)
+        endpoint = _load_config(args, deps).sts_endpoint
+    except (ConfigError, OSError):
+        endpoint = None
+    who = sts.session_identity(region, endpoint)
     deps.say(who["Arn"])
     return EXIT_OK
 
@@ -357,7 +361,11 @@ def parser():
     s.add_argument("--rules", metavar="FILE", help=RULES_HELP)
     s.set_defaults(run=run_check_user)
 
-    s = sub.add_parser("daemon", help="run the broker (rolegated) in the foreground")
+    s = sub.add_parser("daemon", help="run the broker (rolegated) in the foreground",
+                       description="Run the broker, rolegated, in the foreground (as root). SIGHUP rereads the "
+                                   "config (a bad one is refused and the last good one kept); SIGTERM stops it, "
+                                   "leaving its records and files for the next start. The config is "
+                                   "$ROLEGATE_CONFIG or /etc/rolegate/rolegate.yaml.")
     s.set_defaults(run=run_daemon)
 
     s = sub.add_parser("env", help="shell lines that point this shell at your credentials")

@@ -50,6 +50,10 @@ _USER_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]*\$?", re.ASCII)
 # Directories the broker would hide under a tmpfs mount, or share with others.
 _SYSTEM_DIRS = frozenset({"/", "/run", "/var/run", "/tmp", "/var/tmp", "/dev", "/dev/shm", "/etc", "/var", "/usr",
                           "/home", "/root", "/boot", "/proc", "/sys", "/opt", "/srv", "/bin", "/sbin", "/lib"})
+# An endpoint URL's host: a DNS name or an IPv4 address, or an IPv6 address in brackets.
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\]",
+                      re.ASCII)
+STS_ENDPOINT_EXAMPLE = "https://sts.us-east-1.amazonaws.com"
 _TEXT_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
@@ -120,6 +124,9 @@ class Config:
     runtime_dir: str = "/run/rolegate"
     delivery: str = "file"
     sts_timeout: int = 3
+    # The STS endpoint URL the broker calls (an STS VPC endpoint, say); None: the SDK's own choice,
+    # the regional endpoint (or AWS_ENDPOINT_URL_STS where botocore honours it, from 1.31).
+    sts_endpoint: Optional[str] = None
     reap_interval: int = 30
     imds_allow_users: Tuple[str, ...] = ()
     session: SessionSettings = field(default_factory=SessionSettings)
@@ -327,7 +334,7 @@ class _Reader:
         keys = self.mapping(
             root,
             "the config",
-            ("version", "region", "source", "runtime_dir", "delivery", "sts_timeout",
+            ("version", "region", "source", "runtime_dir", "delivery", "sts_timeout", "sts_endpoint",
              "reap_interval", "imds_allow_users", "session", "refresh", "imds", "container_port",
              "metrics_file", "metrics_interval", "rules_from", "rules_poll", "rules_cache", "ssm_endpoint",
              "roles"),
@@ -351,6 +358,8 @@ class _Reader:
                 self.fail(node, f"delivery {kw['delivery']!r} is unknown; allowed: {', '.join(DELIVERIES)}")
         if "sts_timeout" in keys:
             kw["sts_timeout"] = self.duration(keys["sts_timeout"][1], "sts_timeout", 1, 60)
+        if "sts_endpoint" in keys:
+            kw["sts_endpoint"] = self.endpoint(keys["sts_endpoint"][1], "sts_endpoint")
         if "reap_interval" in keys:
             kw["reap_interval"] = self.duration(keys["reap_interval"][1], "reap_interval", 1, 3600)
         if "metrics_file" in keys:
@@ -515,6 +524,30 @@ class _Reader:
             self.fail(node, f"metrics_file {text!r} must end in .prom: node_exporter's textfile collector "
                             f"reads no other files")
         return path
+
+    def endpoint(self, node, what):
+        """An http(s) URL naming a host: credentials, a query or a fragment in it would be sent (or
+        dropped) by botocore in ways nobody meant, so they are refused rather than guessed at."""
+        text = self.string(node, what)
+        hint = f"; expected a URL such as {STS_ENDPOINT_EXAMPLE} (an STS VPC endpoint's DNS name works too)"
+        if not text.isascii() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+            self.fail(node, f"{what} {text!r} contains spaces, control or non-ASCII characters{hint}")
+        try:
+            url = urllib.parse.urlsplit(text)
+            url.port  # raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError as err:
+            self.fail(node, f"{what} {text!r} is not a valid URL ({err}){hint}")
+        if url.scheme.lower() not in ("https", "http"):
+            self.fail(node, f"{what} {text!r} must start with https:// (or http:// for a local stand-in){hint}")
+        if "@" in url.netloc:
+            self.fail(node, f"{what} must not contain a user name or password (the gatekeeper's keys sign "
+                            f"the requests){hint}")
+        host = url.netloc.rsplit(":", 1)[0] if not url.netloc.endswith("]") else url.netloc
+        if not url.netloc or not _HOST_RE.fullmatch(host) or url.port == 0:
+            self.fail(node, f"{what} {text!r} names no valid host (and optional port from 1 to 65535){hint}")
+        if url.query or url.fragment or text.endswith(("?", "#")):
+            self.fail(node, f"{what} {text!r} must not have a query (?) or fragment (#){hint}")
+        return text
 
     def port(self, node, what):
         # Privileged ports only: while the broker is down, a user could otherwise listen on the

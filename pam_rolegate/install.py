@@ -31,10 +31,12 @@ def bin_path(name):
 
 
 def template(name):
-    """A shipped template's text: from the installed data files, or the source tree's etc/."""
+    """A shipped template's text: from the source tree's etc/ when this code runs from a checkout
+    (building the Debian package must use the tree's templates, not an installed copy's), else
+    from the installed data files."""
     folder, filename = TEMPLATES[name]
-    candidates = [os.path.join(sys.prefix, "share", "rolegate", folder, filename),
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", folder, filename)]
+    candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", folder, filename),
+                  os.path.join(sys.prefix, "share", "rolegate", folder, filename)]
     for path in candidates:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as fh:
@@ -62,10 +64,51 @@ def profile_snippet(rolegate_bin=None, runtime_dir="/run/rolegate"):
     return fill(template("profile"), rolegate=rolegate_bin or bin_path("rolegate"), runtime_dir=runtime_dir.rstrip("/"))
 
 
-def systemd_unit(rolegated_bin=None, runtime_dir="/run/rolegate", docdir=None):
+def systemd_unit(rolegated_bin=None, runtime_dir="/run/rolegate", docdir=None, rolegate_bin=None):
     return fill(template("unit"), rolegated=rolegated_bin or bin_path("rolegated"),
-                rolegate=bin_path("rolegate"), runtime_dir=runtime_dir,
+                rolegate=rolegate_bin or bin_path("rolegate"), runtime_dir=runtime_dir,
                 docdir=docdir or os.path.join(sys.prefix, "share", "rolegate"))
+
+
+# -- the Debian package ---------------------------------------------------------------------------
+# debian/rules writes these into the package tree at build time, from the same templates and
+# functions `rolegate install` uses, with the paths the package installs to.
+
+PACKAGE_NAME = "rolegate"
+PACKAGE_HOOK = "/usr/lib/python3/dist-packages/pam_rolegate/pam_hook.py"
+PACKAGE_UNIT = "/lib/systemd/system/rolegated.service"
+
+
+def package_files():
+    """{path on the installed system: (text, mode)} for the files the package ships besides the code."""
+    return {
+        PAM_PROFILE: (pam_profile(hook=PACKAGE_HOOK), 0o644),
+        PROFILE_D: (profile_snippet(rolegate_bin="/usr/bin/rolegate"), 0o644),
+        PACKAGE_UNIT: (systemd_unit(rolegated_bin="/usr/bin/rolegated", rolegate_bin="/usr/bin/rolegate",
+                                    docdir="/usr/share/rolegate"), 0o644),
+        CONFIG: (template("config"), 0o644),
+    }
+
+
+def write_package_files(destdir):
+    """Write package_files() below `destdir` (the package's staging tree, debian/rolegate)."""
+    for path, (text, mode) in package_files().items():
+        target = os.path.join(destdir, path.lstrip("/"))
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        with open(target, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(target, mode)
+
+
+def package_installed():
+    """True when dpkg knows the package rolegate here in any state but not-installed: also after a
+    remove without purge, whose conffiles (profile.d, the config) dpkg still owns and purge deletes."""
+    try:
+        done = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", PACKAGE_NAME],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False  # no dpkg: not a Debian host, so no package either
+    return done.returncode == 0 and done.stdout.strip() not in ("", "not-installed")
 
 
 # -- putting the pieces in place ------------------------------------------------------------------
@@ -141,6 +184,12 @@ def _run(cmd):
 
 def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
     """Put every piece in place; idempotent. Returns the manifest."""
+    if package_installed():
+        # The package owns the same paths (the PAM profile, profile.d, the unit, the config):
+        # writing them again would leave dpkg and install.json disagreeing about who removes them.
+        raise InstallError("the Debian package rolegate is installed: it already put every piece in place "
+                           "(`dpkg -L rolegate`); edit /etc/rolegate/rolegate.yaml and `systemctl reload "
+                           "rolegated`, or `apt-get purge rolegate` before installing this way")
     if not sudoers_has_secure_path():
         raise InstallError("sudoers has no 'Defaults secure_path=...': with the hook in sudo's stack a user's PATH "
                            "would choose root's Python (README, 'The PATH hazard'). Add Debian's default line "
@@ -192,7 +241,8 @@ def uninstall(say=print):
     """Reverse exactly what install recorded; files changed since are kept and named."""
     record = _load_manifest()
     if not record:
-        say("rolegate install left no record here; nothing to undo")
+        say("rolegate install left no record here; nothing to undo"
+            + (" (the Debian package's pieces go with `apt-get purge rolegate`)" if package_installed() else ""))
         return record
     if os.path.isdir("/run/systemd/system") and UNIT in record.get("files", {}):
         subprocess.run(["systemctl", "disable", "--now", "rolegated.service"], capture_output=True)

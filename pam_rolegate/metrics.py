@@ -13,10 +13,19 @@ import tempfile
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import errors
+
+try:
+    from prometheus_client import disable_created_metrics
+except ImportError:  # prometheus-client < 0.17 (Debian 12 ships 0.16): the same process-wide switch,
+    # before it had a public name; 0.17's disable_created_metrics sets exactly this flag.
+    def disable_created_metrics():
+        import prometheus_client.metrics
+
+        prometheus_client.metrics._use_created = False
 
 LOGIN_RESULTS = {"granted": "granted", "denied": "denied", "failed": "failed"}
 RULES_OUTCOMES = ("changed", "unchanged", "invalid", "error")  # of one fetch of the fleet rules

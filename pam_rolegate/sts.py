@@ -236,34 +236,54 @@ def _parse_time(text):
 
 
 def aws_client(service, creds, region, timeout, endpoint=None):
-    """A boto3 client of `service` that uses exactly `creds` and gives up after `timeout` seconds.
+    """A boto3 client of `service` that uses exactly `creds` (None: the SDK's default chain, for
+    `whoami`) and gives up after `timeout` seconds. Every AWS client rolegate makes comes from here.
 
-    botocore's own retries are off: callers retry themselves, inside their time budget. Without
-    `endpoint`, the SDKs' standard overrides apply (AWS_ENDPOINT_URL_STS, AWS_ENDPOINT_URL_SSM on
-    botocore ≥ 1.31).
+    botocore's own retries are off: callers retry themselves, inside their time budget.
+    `endpoint` is the config's `sts_endpoint` / `ssm_endpoint`; without one, botocore picks the
+    regional endpoint, or AWS_ENDPOINT_URL_STS / _SSM from botocore 1.31 on (Debian 12's 1.29
+    ignores those variables, which is why the config can name the endpoints).
     """
     import boto3
+    import botocore.session
     from botocore.config import Config as BotoConfig
 
     cfg = BotoConfig(connect_timeout=max(timeout, 0.1), read_timeout=max(timeout, 0.1),
-                     retries={"total_max_attempts": 1}, user_agent_appid="rolegate")
-    return boto3.session.Session().client(
-        service, region_name=region, config=cfg, endpoint_url=endpoint,
-        aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
-        aws_session_token=creds.session_token)
+                     retries={"total_max_attempts": 1}, **_user_agent())
+    # The regional endpoint, never the global sts.amazonaws.com: botocore before 1.33 (Debian 12's
+    # 1.29) defaults to the global one for us-east-1 and other early regions, which an STS VPC
+    # endpoint's private DNS (regional names only) does not cover.
+    core = botocore.session.Session()
+    core.set_config_variable("sts_regional_endpoints", "regional")
+    keys = {} if creds is None else {"aws_access_key_id": creds.access_key_id,
+                                     "aws_secret_access_key": creds.secret_access_key,
+                                     "aws_session_token": creds.session_token}
+    return boto3.session.Session(botocore_session=core).client(
+        service, region_name=region, config=cfg, endpoint_url=endpoint or None, **keys)
 
 
-def default_client_factory(creds, region, timeout):
+def _user_agent():
+    """rolegate's name in the User-Agent header (CloudTrail's userAgent): botocore >= 1.31 has a
+    field for an application id; older ones (Debian 12's 1.29) only take free text after theirs."""
+    from botocore.config import Config as BotoConfig
+
+    if "user_agent_appid" in BotoConfig.OPTION_DEFAULTS:
+        return {"user_agent_appid": "rolegate"}
+    return {"user_agent_extra": "app/rolegate"}
+
+
+def default_client_factory(creds, region, timeout, endpoint=None):
     """The engine's STS client (see aws_client)."""
-    return aws_client("sts", creds, region, timeout)
+    return aws_client("sts", creds, region, timeout, endpoint)
 
 
 class StsEngine:
     """AssumeRole with the gatekeeper credentials, within a time budget, errors sorted by kind."""
 
     def __init__(self, region, source, budget=3.0, client_factory=default_client_factory,
-                 clock: Callable[[], datetime] = utcnow, sleep=time.sleep):
+                 clock: Callable[[], datetime] = utcnow, sleep=time.sleep, endpoint=None):
         self.region = region
+        self.endpoint = endpoint  # the config's sts_endpoint (None: the SDK's own choice)
         self.source = source
         self.budget = budget
         self.client_factory = client_factory
@@ -278,7 +298,8 @@ class StsEngine:
 
     @classmethod
     def from_config(cls, config, **kw):
-        return cls(config.region, make_source(config.source), budget=config.sts_timeout, **kw)
+        return cls(config.region, make_source(config.source), budget=config.sts_timeout,
+                   endpoint=config.sts_endpoint, **kw)
 
     def _gatekeeper(self, remaining):
         """The gatekeeper credentials, fetched anew when near expiry. Called with the lock held."""
@@ -298,7 +319,7 @@ class StsEngine:
         with self._lock:
             creds = self._gatekeeper(remaining)
             if self._client is None or fresh:
-                client = self.client_factory(creds, self.region, remaining)
+                client = self.client_factory(creds, self.region, remaining, self.endpoint)
                 if self._client is None:
                     self._client = client
                 return client
@@ -387,6 +408,10 @@ class StsEngine:
             if observer is not None:
                 observer(time.monotonic() - start, error)
 
+    def caller_identity(self, creds):
+        """GetCallerIdentity with `creds` through this engine's endpoint and region."""
+        return caller_identity(creds, self.region, self.budget, self.client_factory, self.endpoint)
+
     def host_facts(self):
         """Hostname, and the instance id when the source is the instance profile (else empty)."""
         try:
@@ -465,13 +490,13 @@ def _first_line(err):
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory):
+def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory, endpoint=None):
     """GetCallerIdentity with the given (assumed) credentials: which role really arrived."""
     import botocore.exceptions as bex
     from botocore.parsers import ResponseParserError
 
     try:
-        reply = client_factory(creds, region, timeout).get_caller_identity()
+        reply = client_factory(creds, region, timeout, endpoint).get_caller_identity()
     except bex.ClientError as err:
         if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
             raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
@@ -485,14 +510,14 @@ def caller_identity(creds, region, timeout=3.0, client_factory=default_client_fa
     return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}
 
 
-def session_identity(region):
-    """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has."""
-    import boto3
+def session_identity(region, endpoint=None, timeout=5.0):
+    """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has.
+    `endpoint`: the config's sts_endpoint, when the caller could read the config."""
     import botocore.exceptions as bex
     from botocore.parsers import ResponseParserError
 
     try:
-        return boto3.session.Session().client("sts", region_name=region).get_caller_identity()
+        return default_client_factory(None, region, timeout, endpoint).get_caller_identity()
     except bex.NoCredentialsError:
         raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
     except bex.ClientError as err:

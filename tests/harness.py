@@ -11,6 +11,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,30 @@ roles:
   - match: {{group: developers}}
     role: arn:aws:iam::{ACCOUNT}:role/developer
 """
+
+
+def snapshot(root="/etc", chroot=""):
+    """Every entry under `root`: type, mode, owner and content (or link target). `chroot` (such as
+    /proc/PID/root) reads `root` as another mount namespace sees it; the keys leave it out."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(chroot + root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as fh:
+                    body = fh.read()
+            else:
+                body = None
+            state[path[len(chroot):]] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body)
+    return state
+
+
+def diff(a, b):
+    """The paths whose entries differ between two snapshots."""
+    return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
 
 
 def run(cmd, timeout=60, check=True, **kw):

@@ -62,11 +62,26 @@ def test_config__example_file_loads_with_expected_values():
     assert s.source_identity == "{principal}", f"session.source_identity: got {s.source_identity!r}"
     assert s.tags == (("host", "{hostname}"), ("service", "{service}")), f"session.tags: got {s.tags!r}"
 
+    assert cfg.sts_endpoint is None, f"the example names no sts_endpoint (its line is a comment), got {cfg.sts_endpoint!r}"
+    # Shipped (by `rolegate install` and the Debian package) with no rule: nobody gets a role
+    # until the admin writes one.
+    assert cfg.roles == (), f"the example config must grant nobody anything, but has rules: {cfg.roles!r}"
+
+
+def test_config__example_rules_load_once_uncommented():
+    # The commented rules of the example, uncommented as its comment says, in place of `roles: []`
+    # (line numbers stay as they are in the file).
+    with open(EXAMPLE, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    start = lines.index("roles: []")
+    assert lines[start + 1] == "# roles:", f"the commented rules should follow 'roles: []', found {lines[start + 1]!r}"
+    text = "\n".join(lines[:start] + [""] + [line[2:] if line.startswith("# ") else line
+                                               for line in lines[start + 1:]]) + "\n"
+    cfg = config.parse(text, EXAMPLE)
     assert len(cfg.roles) == 3, f"expected 3 rules, got {len(cfg.roles)}: {cfg.roles!r}"
     admin, alice, dev = cfg.roles
     assert [r.index for r in cfg.roles] == [1, 2, 3], f"rule indexes: got {[r.index for r in cfg.roles]}"
-    with open(EXAMPLE, encoding="utf-8") as fh:
-        rule_lines = [n for n, line in enumerate(fh.read().splitlines(), 1) if line.lstrip().startswith("- match:")]
+    rule_lines = [n for n, line in enumerate(lines, 1) if line.lstrip("# ").startswith("- match:")]
     assert [r.line for r in cfg.roles] == rule_lines, \
         f"rule lines should be where each '- match:' is ({rule_lines}), got {[r.line for r in cfg.roles]}"
 
@@ -111,6 +126,23 @@ def test_config__metrics_are_off_by_default_and_read_when_given():
     assert cfg.metrics_file == "/var/lib/node-exporter/rolegate.prom", \
         f"metrics_file should be normalised, got {cfg.metrics_file!r}"
     assert cfg.metrics_interval == 60, f"metrics_interval '1m' should be 60 s, got {cfg.metrics_interval!r}"
+
+
+@pytest.mark.parametrize("written", [
+    "https://sts.us-east-1.amazonaws.com",
+    "https://vpce-0a1b2c3d4e5f-abcdefgh.sts.eu-west-1.vpce.amazonaws.com/",
+    "http://127.0.0.1:5000",
+    "http://[::1]:5000",
+    "https://sts.example.com:8443/proxy/sts",
+])
+def test_config__sts_endpoint_is_kept_as_written(written):
+    cfg = config.parse(HEAD + f"sts_endpoint: '{written}'\n", PATH)
+    assert cfg.sts_endpoint == written, f"sts_endpoint {written!r} should be kept as written, got {cfg.sts_endpoint!r}"
+
+
+def test_config__sts_endpoint_defaults_to_the_sdks_choice():
+    cfg = config.parse(HEAD, PATH)
+    assert cfg.sts_endpoint is None, f"without sts_endpoint the SDK should choose (None), got {cfg.sts_endpoint!r}"
 
 
 def test_config__load_locates_errors_in_the_file_it_read(write_config):
@@ -325,6 +357,22 @@ BROKEN = [
      "must end in .prom"),
     ("metrics_file only .prom", HEAD + "metrics_file: /var/lib/node-exporter/.prom\n", 3, 15, "must end in .prom"),
     ("metrics_file a list", HEAD + "metrics_file: [/a.prom]\n", 3, 15, "single text value"),
+    # sts_endpoint
+    ("sts_endpoint without scheme", HEAD + "sts_endpoint: sts.us-east-1.amazonaws.com\n", 3, 15, "must start with https://"),
+    ("sts_endpoint ftp", HEAD + "sts_endpoint: ftp://sts.example.com\n", 3, 15, "must start with https://"),
+    ("sts_endpoint with credentials", HEAD + "sts_endpoint: https://me:pw@sts.example.com\n", 3, 15,
+     "must not contain a user name or password"),
+    ("sts_endpoint with a query", HEAD + "sts_endpoint: https://sts.example.com/?a=1\n", 3, 15, "must not have a query"),
+    ("sts_endpoint with a fragment", HEAD + "sts_endpoint: 'https://sts.example.com#x'\n", 3, 15,
+     "must not have a query (?) or fragment (#)"),
+    ("sts_endpoint without host", HEAD + "sts_endpoint: https:///sts\n", 3, 15, "names no valid host"),
+    ("sts_endpoint bad host", HEAD + "sts_endpoint: https://sts_example.com\n", 3, 15, "names no valid host"),
+    ("sts_endpoint port 0", HEAD + "sts_endpoint: https://sts.example.com:0\n", 3, 15, "port from 1 to 65535"),
+    ("sts_endpoint port too big", HEAD + "sts_endpoint: https://sts.example.com:70000\n", 3, 15, "not a valid URL"),
+    ("sts_endpoint port not a number", HEAD + "sts_endpoint: https://sts.example.com:https\n", 3, 15, "not a valid URL"),
+    ("sts_endpoint with a space", HEAD + "sts_endpoint: 'https://sts example.com'\n", 3, 15, "contains spaces"),
+    ("sts_endpoint a list", HEAD + "sts_endpoint: [https://sts.example.com]\n", 3, 15, "single text value"),
+    ("sts_endpoint a number", HEAD + "sts_endpoint: 443\n", 3, 15, "must start with https://"),
     ("metrics_interval 0", HEAD + "metrics_interval: 0\n", 3, 19, "between 1s and 3600s"),
     ("metrics_interval 2h", HEAD + "metrics_interval: 2h\n", 3, 19, "between 1s and 3600s"),
     ("metrics_interval not a duration", HEAD + "metrics_interval: soon\n", 3, 19, "is not a duration"),

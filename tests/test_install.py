@@ -2,34 +2,11 @@
 
 import os
 import secrets
-import stat
 
 import pytest
 
 from conftest import require_sandbox
-from harness import make_host, run
-
-
-def snapshot(root="/etc"):
-    """Every entry under `root`: type, mode, owner and content (or link target)."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as fh:
-                    body = fh.read()
-            else:
-                body = None
-            state[path] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body)
-    return state
-
-
-def diff(a, b):
-    return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+from harness import diff, make_host, run, snapshot
 
 
 @pytest.fixture(scope="module")

@@ -275,3 +275,61 @@ def test_sts__credentials_repr_masks_the_key():
     creds = sts.Credentials("ASIAEXAMPLEKEY123456", "supersecret", "token", None)
     text = repr(creds) + creds.masked_key
     assert "supersecret" not in text and "ASIAEXAMPLEKEY12" not in text and text.count("3456") == 2, text
+
+
+def _closed_port_url():
+    """A loopback URL where nothing listens: connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_sts__configured_sts_endpoint_is_the_one_called(moto, monkeypatch):
+    # The SDK's own overrides point at a dead port; only sts_endpoint names moto. botocore from
+    # 1.31 honours the variables, so success proves the configured endpoint wins over them.
+    dead = _closed_port_url()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", dead)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    text = CONFIG.replace("region: us-east-1", "region: us-east-1\nsts_timeout: 1s")
+    without = config.parse(text, "t.yaml")
+    with pytest.raises(StsUnavailable) as err:
+        assume_for(without, ident("alice"))
+    assert moto.assume_role_calls() == 0, \
+        f"control: without sts_endpoint the call should go to the dead {dead}, yet moto answered ({err.value})"
+    cfg = config.parse(text.replace("sts_timeout: 1s", f"sts_timeout: 1s\nsts_endpoint: {moto.url}"), "t.yaml")
+    request, creds = assume_for(cfg, ident("alice"))
+    assert moto.assume_role_calls() == 1, "AssumeRole should have reached moto through sts_endpoint"
+    engine = sts.StsEngine.from_config(cfg)
+    arn = engine.caller_identity(creds)["Arn"]
+    assert arn.endswith(":assumed-role/s3-full-access/" + request.session_name), \
+        f"GetCallerIdentity through sts_endpoint named the wrong identity: {arn}"
+    # `rolegate whoami` (the session's own keys, here from the environment) takes the same endpoint.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds.secret_access_key)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", creds.session_token)
+    arn = sts.session_identity(cfg.region, cfg.sts_endpoint)["Arn"]
+    assert arn.endswith(":assumed-role/s3-full-access/" + request.session_name), \
+        f"whoami through sts_endpoint named the wrong identity: {arn}"
+
+
+def test_sts__a_dead_sts_endpoint_is_not_bypassed(moto):
+    # The variables point at moto (the fixture); a configured endpoint where nothing listens must
+    # fail the call rather than fall back to them.
+    dead = _closed_port_url()
+    cfg = config.parse(CONFIG.replace("region: us-east-1", f"region: us-east-1\nsts_timeout: 1s\nsts_endpoint: {dead}"),
+                       "t.yaml")
+    with pytest.raises(StsUnavailable) as err:
+        assume_for(cfg, ident("alice"))
+    assert moto.assume_role_calls() == 0, f"AssumeRole went to moto although sts_endpoint is {dead}"
+    assert dead.rsplit(":", 1)[1] in str(err.value), f"the error should name the configured endpoint: {err.value}"
+
+
+def test_sts__without_sts_endpoint_the_regional_endpoint_is_called(monkeypatch):
+    # botocore's "legacy" setting (the default before 1.33, so Debian 12's) sends us-east-1 to the
+    # global sts.amazonaws.com, which an STS VPC endpoint's private DNS does not cover.
+    for key in ("AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_STS_REGIONAL_ENDPOINTS", "legacy")
+    client = sts.default_client_factory(sts.Credentials("AKIAEXAMPLEKEY123456", "x", None, None), "us-east-1", 1.0)
+    assert client.meta.endpoint_url == "https://sts.us-east-1.amazonaws.com", \
+        f"the STS client should call the regional endpoint, calls {client.meta.endpoint_url}"

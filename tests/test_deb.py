@@ -1,0 +1,260 @@
+"""The Debian package: built by scripts/build-deb with Debian's tooling, lintian without errors,
+installed with dpkg into overlays over /usr, /etc and /var in a mount and network namespace of its
+own (never the host), where a real ssh login gets its role through the packaged hook and the
+packaged broker (Debian's python3 and botocore 1.29); purged, it leaves /etc byte for byte as it was.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import REPO, Moto, free_port, require_sandbox
+from harness import Host, diff, run, snapshot
+
+# Debian's programs first: dpkg and the maintainer scripts need /usr/sbin, and the packaged
+# commands must run on Debian's python3, never a pyenv or venv one found earlier on PATH.
+DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+USER = "pkguser"
+ROLE = "arn:aws:iam::123456789012:role/deb-role"
+METRICS = "/run/rolegate-deb-test.prom"  # outside the broker's tmpfs, so the test can read it
+BUILD_TIMEOUT = 300
+STEP_TIMEOUT = 120
+
+# The child namespace: loopback up, a tmpfs of its own for the overlays' upper and work dirs, then
+# the overlays. /var/lib is the sandbox's own overlay (pam-auth-update's state there matches the
+# sandbox's /etc/pam.d), so it is staged before /var is covered and becomes /var/lib's lower layer.
+# /run is a fresh tmpfs: the package's broker and purge work on /run/rolegate, which the other
+# tests' brokers use in the sandbox's /run.
+NAMESPACE_SETUP = r"""
+set -euo pipefail
+ip link set lo up
+mount -t tmpfs -o mode=0755 rolegate-deb-run /run
+mkdir -p /run/sshd /run/lock
+touch /run/utmp
+layers=$1
+mount -t tmpfs -o mode=0700 rolegate-deb-layers "$layers"
+mkdir "$layers/varlib-lower"
+mount --bind /var/lib "$layers/varlib-lower"
+for d in usr etc var; do
+    mkdir -p "$layers/$d/upper" "$layers/$d/work"
+    mount -t overlay "rolegate-deb-$d" -o "lowerdir=/$d,upperdir=$layers/$d/upper,workdir=$layers/$d/work" "/$d"
+done
+mkdir -p "$layers/varlib/upper" "$layers/varlib/work"
+mount -t overlay rolegate-deb-varlib \
+    -o "lowerdir=$layers/varlib-lower,upperdir=$layers/varlib/upper,workdir=$layers/varlib/work" /var/lib
+echo READY
+exec sleep 900
+"""
+
+CONFIG = """version: 1
+region: us-east-1
+source: instance-profile
+sts_endpoint: {sts}
+sts_timeout: 5s
+metrics_file: {metrics}
+metrics_interval: 1s
+roles:
+  - match: {{user: {user}}}
+    role: {role}
+"""
+
+
+@pytest.fixture(scope="module")
+def deb():
+    """scripts/build-deb once for this module, into a directory of its own."""
+    require_sandbox()
+    out = os.path.join(workdir(), "dist")
+    start = time.monotonic()
+    done = run([os.path.join(REPO, "scripts", "build-deb"), "--out", out], timeout=BUILD_TIMEOUT, check=False)
+    assert done.returncode == 0 or "lintian reported errors" in done.stderr, \
+        f"scripts/build-deb failed to build the package:\n{done.stdout}\n{done.stderr}"
+    debs = [f for f in os.listdir(out) if re.fullmatch(r"rolegate_[^_]+_all\.deb", f)]
+    assert len(debs) == 1, f"expected one rolegate_<version>_all.deb in {out}, found {os.listdir(out)}"
+    path = os.path.join(out, debs[0])
+    print(f"\nbuild-deb: {time.monotonic() - start:.1f} s, {os.path.getsize(path) // 1024} KiB")
+    with open(os.path.join(out, "lintian.txt")) as fh:
+        return path, fh.read()
+
+
+def workdir():
+    """A directory of this test's in the sandbox's /tmp, which the child namespace shares (its /run
+    is a tmpfs of its own)."""
+    return tempfile.mkdtemp(prefix="rolegate-deb-", dir="/tmp")
+
+
+def test_deb__lintian_reports_no_errors(deb):
+    _, report = deb
+    errors = [line for line in report.splitlines() if line.startswith("E:")]
+    assert not errors, "lintian reported errors:\n" + "\n".join(errors)
+
+
+class Namespace:
+    """A process holding a private mount and network namespace with the overlays in place;
+    `ns` is the command prefix that runs a program in it, `root` the path prefix that reads its files."""
+
+    def __init__(self, workdir):
+        layers = os.path.join(workdir, "layers")
+        os.mkdir(layers, 0o700)
+        self.proc = subprocess.Popen(["unshare", "--mount", "--net", "--propagation", "private", "--",
+                                      "bash", "-c", NAMESPACE_SETUP, "setup", layers],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "READY":
+            self.proc.kill()
+            raise AssertionError(f"the namespace with the overlays did not come up: {line}{self.proc.stderr.read()}")
+        self.ns = ["nsenter", "-t", str(self.proc.pid), "-m", "-n"]
+        self.root = f"/proc/{self.proc.pid}/root"
+
+    def run(self, cmd, check=True, timeout=STEP_TIMEOUT, env=None):
+        return run(self.ns + cmd, check=check, timeout=timeout,
+                   env=dict(env or {}, PATH=DEBIAN_PATH, DEBIAN_FRONTEND="noninteractive", LANG="C.UTF-8"))
+
+    def start(self, cmd, log, env=None):
+        with open(log, "a") as fh:
+            return subprocess.Popen(self.ns + cmd, stdout=fh, stderr=fh, start_new_session=True,
+                                    env=dict(env or {}, PATH=DEBIAN_PATH, LANG="C.UTF-8"))
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def stop(proc, sig=signal.SIGTERM):
+    """Stop a daemon started in its own session, and whatever it started."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def wait_for(what, ready, timeout=30, proc=None, log=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    text = open(log).read() if log and os.path.exists(log) else ""
+    raise AssertionError(f"{what} did not come up within {timeout} s (exit {proc and proc.poll()}):\n{text}")
+
+
+def unix_listening(path):
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
+    path, _ = deb
+    host = Host(workdir())
+    # The user exists before the namespace does: it belongs to the host, not to what the package changes.
+    host.add_user(USER)
+    space = Namespace(host.workdir)
+    moto = broker = None
+    logs = {name: os.path.join(host.workdir, f"{name}.log") for name in ("moto", "rolegated")}
+    try:
+        # moto inside the namespace's own network: the only STS (and IMDS) the packaged broker can reach.
+        port = free_port()
+        moto_exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        moto = space.start([moto_exe, "-H", "127.0.0.1", "-p", str(port)], logs["moto"])
+        url = f"http://127.0.0.1:{port}"
+        probe = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{url}/moto-api/data.json', timeout=1)"]
+        wait_for("moto_server", lambda: space.run(probe, check=False).returncode == 0, proc=moto, log=logs["moto"])
+        host.moto = Moto(url, moto)  # host.stop() ends it with the rest
+
+        before = snapshot("/etc", space.root)
+
+        # A host set up with `rolegate install` is refused before anything is unpacked.
+        os.makedirs(space.root + "/var/lib/rolegate")
+        with open(space.root + "/var/lib/rolegate/install.json", "w") as fh:
+            fh.write("{}")
+        refused = space.run(["dpkg", "-i", path], check=False)
+        assert refused.returncode != 0 and "rolegate uninstall" in refused.stderr, \
+            f"dpkg -i should refuse a host set up by `rolegate install`:\n{refused.stdout}\n{refused.stderr}"
+        space.run(["rm", "-rf", "/var/lib/rolegate"])
+        space.run(["dpkg", "--purge", "rolegate"], check=False)  # the refused unpack's record, if dpkg kept one
+
+        start = time.monotonic()
+        space.run(["dpkg", "-i", path])
+        print(f"dpkg -i: {time.monotonic() - start:.1f} s")
+        with open(space.root + "/etc/pam.d/common-session") as fh:
+            common = fh.read()
+        assert "pam_python.so /usr/lib/python3/dist-packages/pam_rolegate/pam_hook.py" in common and \
+            "pam_succeed_if.so quiet service notin sshd:sudo:sudo-i:login" in common, \
+            f"postinst did not enable the guarded hook in common-session:\n{common}"
+        for shipped in ("/usr/bin/rolegate", "/usr/bin/rolegated", "/etc/profile.d/rolegate.sh",
+                        "/lib/systemd/system/rolegated.service", "/usr/share/pam-configs/rolegate"):
+            assert os.path.exists(space.root + shipped), f"the package did not install {shipped}"
+        shipped_config = space.run(["rolegate", "check-config"], check=False)
+        assert shipped_config.returncode == 0, f"the shipped example config is invalid: {shipped_config.stdout}"
+        nobody = space.run(["rolegate", "check-user", "root"], check=False)
+        assert nobody.returncode == 1, f"the shipped config should map nobody, but root gets: {nobody.stdout}"
+
+        # The venv way refuses on a packaged host, and changes nothing.
+        etc_installed = snapshot("/etc", space.root)
+        mixed = space.run(["rolegate", "install", "--no-firewall"], check=False)
+        assert mixed.returncode != 0 and "Debian package rolegate is installed" in mixed.stderr, \
+            f"`rolegate install` should refuse on a packaged host:\n{mixed.stdout}\n{mixed.stderr}"
+        assert diff(etc_installed, snapshot("/etc", space.root)) == [], "the refused `rolegate install` changed /etc"
+
+        with open(space.root + "/etc/rolegate/rolegate.yaml", "w") as fh:
+            fh.write(CONFIG.format(sts=url, metrics=METRICS, user=USER, role=ROLE))
+        checked = space.run(["rolegate", "check-config"], check=False)
+        assert checked.returncode == 0, f"the test's config is refused: {checked.stdout}"
+        # What the unit's ExecStartPre does, here in the namespace's own network.
+        space.run(["rolegate", "firewall", "apply"])
+
+        # IMDS is moto (the SDKs' standard variable); STS is reached only through sts_endpoint:
+        # Debian's botocore would otherwise call sts.us-east-1.amazonaws.com, unreachable here.
+        broker = space.start(["/usr/bin/rolegated"], logs["rolegated"], env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": url})
+        wait_for("the packaged rolegated", lambda: unix_listening(space.root + "/run/rolegate/pam/pam.sock"),
+                 proc=broker, log=logs["rolegated"])
+        host.start_sshd(ns=space.ns)
+        script = 'echo "FILE=$AWS_SHARED_CREDENTIALS_FILE"; echo "ARN=$(/usr/bin/rolegate whoami 2>&1 | tail -n 1)"'
+        start = time.monotonic()
+        login = run(host.ssh_cmd(USER, script), check=False, timeout=STEP_TIMEOUT)
+        print(f"ssh login + whoami: {time.monotonic() - start:.1f} s")
+        seen = dict(line.split("=", 1) for line in login.stdout.splitlines() if "=" in line)
+        assert seen.get("FILE", "").startswith("/run/rolegate/grants/"), \
+            f"the packaged hook gave the ssh session no credentials file: {login.stdout!r} {login.stderr!r}\n" \
+            f"broker log:\n{open(logs['rolegated']).read()}"
+        assert f":assumed-role/deb-role/{USER}@" in seen.get("ARN", ""), \
+            f"`rolegate whoami` in the session should name deb-role, got {seen.get('ARN')!r}\n" \
+            f"broker log:\n{open(logs['rolegated']).read()}"
+        metrics = space.root + METRICS
+        wait_for("the granted login in the metrics file (prometheus-client 0.16)", lambda: os.path.exists(metrics) and
+                 'rolegate_logins_total{result="granted",service="sshd"} 1.0' in open(metrics).read(), timeout=10)
+        with open(metrics) as fh:
+            assert "_created" not in fh.read(), "the metrics file has *_created series on prometheus-client 0.16"
+
+        stop(host.sshd)
+        stop(broker)
+        start = time.monotonic()
+        purged = space.run(["dpkg", "--purge", "rolegate"], check=False)
+        print(f"dpkg --purge: {time.monotonic() - start:.1f} s")
+        assert purged.returncode == 0, f"dpkg --purge failed:\n{purged.stdout}\n{purged.stderr}"
+        changed = diff(before, snapshot("/etc", space.root))
+        assert changed == [], f"/etc after install and purge differs from before in: {changed}"
+        assert space.run(["nft", "list", "table", "inet", "rolegate"], check=False).returncode != 0, \
+            "purge left the IMDS firewall table inet rolegate"
+        for left in ("/var/lib/rolegate", "/run/rolegate", "/usr/lib/python3/dist-packages/pam_rolegate",
+                     "/usr/bin/rolegated"):
+            assert not os.path.exists(space.root + left), f"purge left {left}"
+    finally:
+        stop(broker)
+        host.stop()
+        space.close()
