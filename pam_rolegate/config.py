@@ -53,7 +53,8 @@ _SYSTEM_DIRS = frozenset({"/", "/run", "/var/run", "/tmp", "/var/tmp", "/dev", "
 # An endpoint URL's host: a DNS name or an IPv4 address, or an IPv6 address in brackets.
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\]",
                       re.ASCII)
-STS_ENDPOINT_EXAMPLE = "https://sts.us-east-1.amazonaws.com"
+ENDPOINT_EXAMPLES = {"sts_endpoint": "https://sts.us-east-1.amazonaws.com",
+                     "ssm_endpoint": "https://ssm.us-east-1.amazonaws.com"}
 _TEXT_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
@@ -208,22 +209,30 @@ def parse_rules(text, where, cfg):
 
 
 def endpoint_problem(url):
-    """Why `url` cannot be an AWS endpoint override (ssm_endpoint, sts_endpoint), or None.
+    """Why `url` cannot be an AWS endpoint override (sts_endpoint, ssm_endpoint), or None.
 
-    https only, except to a loopback address: the replies carry credentials and decrypted
-    parameters, which must not cross a network in clear text.
+    https only, except to a loopback address (a local stand-in): the replies carry credentials and
+    decrypted parameters, which must not cross a network in clear text. Credentials, a query or a
+    fragment in the URL would be sent (or dropped) by botocore in ways nobody meant, so they are
+    refused rather than guessed at.
     """
+    if not url.isascii() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return "contains spaces, control or non-ASCII characters"
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
+        port = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
     except ValueError as err:
-        return f"is not a URL ({err})"
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return "must be a URL such as https://ssm.us-east-1.amazonaws.com or a VPC endpoint's https://vpce-… name"
-    if parts.username is not None or parts.password is not None or parts.query or parts.fragment \
-            or parts.path not in ("", "/") or port == 0:
-        return "must be scheme://host[:port] only: no user, path, query or fragment"
-    if parts.scheme == "http":
+        return f"is not a valid URL ({err})"
+    if parts.scheme.lower() not in ("https", "http"):
+        return "must start with https:// (or http:// to a loopback address, for a local stand-in)"
+    if "@" in parts.netloc:
+        return "must not contain a user name or password (the gatekeeper's keys sign the requests)"
+    host = parts.netloc.rsplit(":", 1)[0] if not parts.netloc.endswith("]") else parts.netloc
+    if not parts.netloc or not _HOST_RE.fullmatch(host) or port == 0:
+        return "names no valid host (and optional port from 1 to 65535)"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "must not have a query (?) or fragment (#)"
+    if parts.scheme.lower() == "http":
         try:
             loopback = ipaddress.ip_address(parts.hostname).is_loopback
         except ValueError:
@@ -446,14 +455,6 @@ class _Reader:
                             f"another, such as /rolegate/rules")
         return text
 
-    def endpoint(self, node, what):
-        """An endpoint URL override (ssm_endpoint; meant for sts_endpoint too), see endpoint_problem."""
-        text = self.string(node, what)
-        problem = endpoint_problem(text)
-        if problem:
-            self.fail(node, f"{what} {text!r} {problem}")
-        return text.rstrip("/")
-
     def absolute_file(self, node, what, example):
         text = self.string(node, what)
         if not text.startswith("/") or text.endswith("/") or "\0" in text:
@@ -526,27 +527,12 @@ class _Reader:
         return path
 
     def endpoint(self, node, what):
-        """An http(s) URL naming a host: credentials, a query or a fragment in it would be sent (or
-        dropped) by botocore in ways nobody meant, so they are refused rather than guessed at."""
+        """An endpoint URL override (sts_endpoint, ssm_endpoint), kept as written; see endpoint_problem."""
         text = self.string(node, what)
-        hint = f"; expected a URL such as {STS_ENDPOINT_EXAMPLE} (an STS VPC endpoint's DNS name works too)"
-        if not text.isascii() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
-            self.fail(node, f"{what} {text!r} contains spaces, control or non-ASCII characters{hint}")
-        try:
-            url = urllib.parse.urlsplit(text)
-            url.port  # raises ValueError for a port that is not a number from 0 to 65535
-        except ValueError as err:
-            self.fail(node, f"{what} {text!r} is not a valid URL ({err}){hint}")
-        if url.scheme.lower() not in ("https", "http"):
-            self.fail(node, f"{what} {text!r} must start with https:// (or http:// for a local stand-in){hint}")
-        if "@" in url.netloc:
-            self.fail(node, f"{what} must not contain a user name or password (the gatekeeper's keys sign "
-                            f"the requests){hint}")
-        host = url.netloc.rsplit(":", 1)[0] if not url.netloc.endswith("]") else url.netloc
-        if not url.netloc or not _HOST_RE.fullmatch(host) or url.port == 0:
-            self.fail(node, f"{what} {text!r} names no valid host (and optional port from 1 to 65535){hint}")
-        if url.query or url.fragment or text.endswith(("?", "#")):
-            self.fail(node, f"{what} {text!r} must not have a query (?) or fragment (#){hint}")
+        problem = endpoint_problem(text)
+        if problem:
+            self.fail(node, f"{what} {text!r} {problem}; expected a URL such as "
+                            f"{ENDPOINT_EXAMPLES[what]} (a VPC endpoint's DNS name works too)")
         return text
 
     def port(self, node, what):
