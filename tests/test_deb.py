@@ -176,6 +176,10 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
         wait_for("moto_server", lambda: space.run(probe, check=False).returncode == 0, proc=moto, log=logs["moto"])
         host.moto = Moto(url, moto)  # host.stop() ends it with the rest
 
+        # A host that never had rolegate: earlier test modules of this run may have left their
+        # config in the sandbox's /etc, which the overlay starts from (dpkg would adopt it as the
+        # conffile, and purge rightly remove it).
+        space.run(["rm", "-rf", "/etc/rolegate", "/etc/profile.d/rolegate.sh", "/usr/share/pam-configs/rolegate"])
         before = snapshot("/etc", space.root)
 
         # A host set up with `rolegate install` is refused before anything is unpacked.
