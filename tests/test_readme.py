@@ -56,3 +56,34 @@ def test_every_command_is_in_the_readme_commands_table():
     sub = next(a for a in cli.parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     missing = [verb for verb in sub.choices if not re.search(rf"`(rolegate {re.escape(verb)}\b|{re.escape(verb)}`)", table)]
     assert not missing, f"commands with no line in the README's Commands table: {missing}"
+
+
+def _block_after(heading, language):
+    text = _readme()
+    section = text[text.index(heading):]
+    start = section.index(f"```{language}\n") + len(language) + 4
+    return section[start:section.index("```", start)]
+
+
+def test_the_cloud_init_example_is_cloud_config_whose_rolegate_config_is_valid():
+    """An admin pastes it as user data: it must be cloud-config YAML, install the package, and
+    write a config the broker accepts (rules_from included)."""
+    import yaml
+
+    text = _block_after("### A fleet with cloud-init", "yaml")
+    assert text.startswith("#cloud-config\n"), "cloud-init ignores user data that does not start with #cloud-config"
+    doc = yaml.safe_load(text)
+    assert "rolegate" in doc.get("packages", []), f"the example does not install the package: {doc.get('packages')}"
+    files = {f["path"]: f for f in doc.get("write_files", [])}
+    written = files.get(config.DEFAULT_PATH)
+    assert written, f"the example writes no {config.DEFAULT_PATH}: {list(files)}"
+    cfg = config.parse(written["content"], "README cloud-init example")
+    assert cfg.rules_from and not cfg.roles, "the fleet example should take its rules from Parameter Store"
+    assert written.get("permissions") == "0644" and written.get("owner") == "root:root", \
+        f"the config should be root's and not writable by others: {written}"
+
+
+def test_the_fleet_rules_example_config_lines_are_valid():
+    text = _block_after("## Fleet rules from SSM Parameter Store", "yaml")
+    cfg = config.parse(BASE + text, "README fleet example")
+    assert cfg.rules_from == "ssm:/rolegate/rules", f"the example names another parameter: {cfg.rules_from}"
