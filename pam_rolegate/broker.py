@@ -62,8 +62,21 @@ class Broker:
         self.fleet = self._fleet(cfg) if cfg.rules_from else None
 
     def _fleet(self, cfg):
-        return FleetRules(cfg, lambda: self.registry.engine, self.apply_rules, self.log,
-                          observer=self.metrics.rules_fetched)
+        fleet = FleetRules(cfg, None, self.apply_rules, self.log, observer=self.metrics.rules_fetched)
+        # A reload that changes region, source or endpoints reads its parameter with the engine of
+        # the new config, not the running one (which would ask another region, as another identity).
+        fleet.engine = lambda: self._engine_for(fleet.cfg)
+        return fleet
+
+    def _engine_for(self, cfg):
+        """The STS engine for `cfg`: the running one while region, source, budget and endpoint stay."""
+        engine, old = self.registry.engine, self.cfg
+        if (cfg.region, cfg.source, cfg.sts_timeout, cfg.sts_endpoint) == \
+                (old.region, old.source, old.sts_timeout, old.sts_endpoint):
+            return engine
+        fresh = StsEngine.from_config(cfg, client_factory=engine.client_factory, clock=engine.clock)
+        fresh.observer = self.metrics.sts_observed
+        return fresh
 
     def _rules_state(self):
         """(version, fetched) of the fleet rules in force, None without rules_from or rules (metrics)."""
@@ -170,12 +183,7 @@ class Broker:
     def _put_in_force(self, cfg, **fields):
         """The one path a new config or new rules take (SIGHUP, fleet rules): the core reconfigured,
         grants the rules no longer give revoked, one `reloaded` line. Called with the lock held."""
-        old = self.cfg
-        engine = self.registry.engine
-        if (cfg.region, cfg.source, cfg.sts_timeout, cfg.sts_endpoint) != \
-                (old.region, old.source, old.sts_timeout, old.sts_endpoint):
-            engine = StsEngine.from_config(cfg, client_factory=engine.client_factory, clock=engine.clock)
-            engine.observer = self.metrics.sts_observed
+        engine = self._engine_for(cfg)
         self.cfg = cfg
         self.registry.reconfigure(cfg, engine)
         self.lifecycle.configure(cfg)
@@ -214,17 +222,20 @@ def serve(config_path, engine=None, log=None, ready=None):
         return 1
     _raise_fd_limit()
     broker = Broker(cfg, engine=engine, log=log)
+    # Signals are caught before start(): it may wait on Parameter Store for up to the STS budget,
+    # and a SIGHUP's default action there (exit, which systemd does not count as a failure to
+    # restart after) would leave the host without a broker. They are acted on once it serves.
+    reload_requested = threading.Event()
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *a: reload_requested.set())
+    signal.signal(signal.SIGTERM, lambda *a: stop_requested.set())
+    signal.signal(signal.SIGINT, lambda *a: stop_requested.set())
     try:
         broker.start()
     except (StoreError, OSError) as err:
         log.error(f"not starting: {err}")
         broker.stop()
         return 1
-    reload_requested = threading.Event()
-    stop_requested = threading.Event()
-    signal.signal(signal.SIGHUP, lambda *a: reload_requested.set())
-    signal.signal(signal.SIGTERM, lambda *a: stop_requested.set())
-    signal.signal(signal.SIGINT, lambda *a: stop_requested.set())
     log.decision("started", socket=broker.user_door.path, pam_socket=broker.pam_door.path, pid=os.getpid(),
                  rules=len(broker.cfg.roles), rules_from=cfg.rules_from, delivery=cfg.delivery, source=str(cfg.source))
     if ready is not None:

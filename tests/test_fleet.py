@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import stat
 import time
 
@@ -77,10 +78,14 @@ def test_fleet__config_mistakes_are_located(extra, line, col, words):
     assert words in err.value.message, f"the message should say {words!r}: {err.value}"
 
 
-def test_fleet__http_endpoint_is_allowed_to_loopback_only():
-    for url in ("http://127.0.0.1:5000", "http://[::1]:5000", "http://localhost:5000"):
+def test_fleet__http_endpoint_is_allowed_to_privileged_loopback_ports_only():
+    for url in ("http://127.0.0.1:500", "http://[::1]:1023", "http://localhost", "http://127.0.0.1:80"):
         assert cfg_with(f"rules_from: {SOURCE}\nssm_endpoint: {url}\n").ssm_endpoint == url
     assert config.endpoint_problem("http://10.0.0.5") is not None, "plain http to another host must be refused"
+    for url in ("http://127.0.0.1:5000", "http://[::1]:1024", "http://localhost:8080"):
+        problem = config.endpoint_problem(url)
+        assert problem and "below 1024" in problem, \
+            f"{url}: any user may listen on that port while the stand-in is down, yet it was accepted ({problem})"
 
 
 # -- the rules document ----------------------------------------------------------------------------
@@ -300,7 +305,7 @@ def test_fleet__ssm_unreachable_at_start_the_last_good_copy_serves(host, ssm):
     host.stop_broker()
     assert os.path.exists(CACHE), "the first broker kept a copy"
     put(ssm, document("fleet-b"))  # not seen: the store is unreachable for the next broker
-    host.write_config(fleet_config(f"http://127.0.0.1:{free_port()}"))
+    host.write_config(fleet_config(f"http://127.0.0.1:{free_port(privileged=True)}"))
     mark = host.log_mark()
     host.start_broker()
     log = host.log_since(mark)
@@ -326,6 +331,49 @@ def test_fleet__no_parameter_and_no_copy_means_no_grants_and_a_clear_line(host, 
     put(ssm, document("fleet-a"))
     took = wait_log(host, mark, f"reloaded: source={SOURCE} version=1", POLL + 5)
     print(f"\nfleet rules: with no rules at all, the new parameter was in force {took:.1f}s after put-parameter")
+
+
+def test_fleet__a_sighup_while_the_first_fetch_hangs_neither_kills_the_broker_nor_is_lost(host, ssm):
+    # An endpoint that completes the TCP handshake (the kernel does) and never answers: the first
+    # fetch at start waits out sts_timeout. A SIGHUP then (systemctl reload right after boot or
+    # install) used to end the broker, and systemd does not restart a broker a signal ended.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", free_port(privileged=True)))
+    silent.listen(16)
+    try:
+        host.write_config(fleet_config(f"http://127.0.0.1:{silent.getsockname()[1]}"))
+        mark = host.log_mark()
+        broker = host.start_broker(wait=False)
+        time.sleep(1.0)  # inside the first fetch (sts_timeout is 2 s)
+        assert broker.poll() is None, f"the broker ended before the SIGHUP:\n{host.log_since(mark)}"
+        broker.send_signal(signal.SIGHUP)
+        host.wait_for_socket(timeout=30)
+        assert broker.poll() is None, f"a SIGHUP during start ended the broker ({broker.returncode}):\n" \
+                                      f"{host.log_since(mark)}"
+        # The reload it asked for still happens, once the broker serves.
+        wait_log(host, mark, "reloaded: path=", 15)
+        assert "started:" in host.log_since(mark), host.log_since(mark)
+    finally:
+        silent.close()
+
+
+def test_fleet__a_reload_that_moves_region_and_parameter_reads_the_new_one_in_the_new_region(host, ssm):
+    put(ssm, document("fleet-a"))
+    west = boto3.client("ssm", region_name="us-west-2", endpoint_url=host.moto.url,
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    other = PARAM + "-west"
+    west.put_parameter(Name=other, Value=document("fleet-b"), Type="String", Overwrite=True)
+    host.write_config(fleet_config(host.moto.url))
+    host.start_broker()
+    mark = host.log_mark()
+    host.write_config(fleet_config(host.moto.url).replace("region: us-east-1", "region: us-west-2")
+                      .replace(f"rules_from: {SOURCE}", f"rules_from: ssm:{other}"))
+    host.broker.send_signal(signal.SIGHUP)
+    wait_log(host, mark, "reloaded: path=", 10)
+    log = host.log_since(mark)
+    assert "failed: action=rules" not in log, f"the new parameter was asked of the old region:\n{log}"
+    arn = login_arn(host)
+    assert ":assumed-role/fleet-b/" in arn, f"after the reload {USER} should get us-west-2's fleet-b, got {arn!r}:\n{log}"
 
 
 # -- policy and doctor -----------------------------------------------------------------------------
@@ -370,7 +418,7 @@ def test_fleet__doctor_reads_and_checks_the_parameter(moto, tmp_path):
     put(client, document("fleet-a"))
     result = doctor.check_fleet_rules({"config": cfg})[0]
     assert result.verdict == doctor.PASS and result.detail == f"{SOURCE} version 2: 2 valid rules", result
-    dead = cfg_with(f"rules_from: {SOURCE}\nssm_endpoint: http://127.0.0.1:{free_port()}\n")
+    dead = cfg_with(f"rules_from: {SOURCE}\nssm_endpoint: http://127.0.0.1:{free_port(privileged=True)}\n")
     result = doctor.check_fleet_rules({"config": dead})[0]
     assert result.verdict == doctor.FAIL and "SSM did not answer" in result.detail, result
     assert doctor.check_fleet_rules({"config": cfg_with("")}) == [], "no rules_from: no check"
