@@ -211,8 +211,9 @@ def parse_rules(text, where, cfg):
 def endpoint_problem(url):
     """Why `url` cannot be an AWS endpoint override (sts_endpoint, ssm_endpoint), or None.
 
-    https only, except to a loopback address (a local stand-in): the replies carry credentials and
-    decrypted parameters, which must not cross a network in clear text. Credentials, a query or a
+    https only, except to a privileged loopback port (a local stand-in): the replies carry
+    credentials and decrypted parameters, which must not cross a network in clear text nor come
+    from a user's listener. Credentials, a query or a
     fragment in the URL would be sent (or dropped) by botocore in ways nobody meant, so they are
     refused rather than guessed at.
     """
@@ -237,8 +238,12 @@ def endpoint_problem(url):
             loopback = ipaddress.ip_address(parts.hostname).is_loopback
         except ValueError:
             loopback = parts.hostname == "localhost"
-        if not loopback:
-            return "must use https (http only to a loopback address): replies carry credentials and secrets"
+        # A loopback port a user could bind while the stand-in is down would let them read the
+        # gatekeeper's signed requests and answer with rules or keys of their choosing; only root
+        # can listen below 1024 (the same rule as imds.port and container_port).
+        if not loopback or (port or 80) >= 1024:
+            return ("must use https (http only to a loopback address on a port below 1024, where no user "
+                    "can listen): replies carry credentials and secrets")
     return None
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -15,10 +16,22 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host="127.0.0.1", privileged=False):
+    """A TCP port nothing listens on now. privileged: one below 1024 (the tests run as root), for
+    stand-ins named in sts_endpoint/ssm_endpoint, which accept plain http only on such ports."""
+    if not privileged:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in random.sample(range(600, 1000), 400):  # clear of the broker's 254/255 and well-known ports
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below 1024 on {host}")
 
 
 def in_sandbox():
@@ -56,7 +69,8 @@ class Moto:
 
 
 def start_moto(host="127.0.0.1", port=None):
-    port = port or free_port(host)
+    # A privileged port: tests name the stand-in in sts_endpoint/ssm_endpoint too (see free_port).
+    port = port or free_port(host, privileged=True)
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     assert exe, "moto_server is not installed in the test environment (pip install 'moto[server]')"
     proc = subprocess.Popen([exe, "-H", host, "-p", str(port)], stdout=subprocess.DEVNULL,

@@ -131,8 +131,8 @@ def test_config__metrics_are_off_by_default_and_read_when_given():
 @pytest.mark.parametrize("written", [
     "https://sts.us-east-1.amazonaws.com",
     "https://vpce-0a1b2c3d4e5f-abcdefgh.sts.eu-west-1.vpce.amazonaws.com/",
-    "http://127.0.0.1:5000",
-    "http://[::1]:5000",
+    "http://127.0.0.1:500",
+    "http://[::1]:999",
     "https://sts.example.com:8443/proxy/sts",
 ])
 def test_config__sts_endpoint_is_kept_as_written(written):
@@ -360,6 +360,8 @@ BROKEN = [
     # sts_endpoint
     ("sts_endpoint without scheme", HEAD + "sts_endpoint: sts.us-east-1.amazonaws.com\n", 3, 15, "must start with https://"),
     ("sts_endpoint ftp", HEAD + "sts_endpoint: ftp://sts.example.com\n", 3, 15, "must start with https://"),
+    ("sts_endpoint http to a port users may bind", HEAD + "sts_endpoint: http://127.0.0.1:5000\n", 3, 15,
+     "below 1024"),
     ("sts_endpoint with credentials", HEAD + "sts_endpoint: https://me:pw@sts.example.com\n", 3, 15,
      "must not contain a user name or password"),
     ("sts_endpoint with a query", HEAD + "sts_endpoint: https://sts.example.com/?a=1\n", 3, 15, "must not have a query"),

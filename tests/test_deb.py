@@ -168,7 +168,7 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
     logs = {name: os.path.join(host.workdir, f"{name}.log") for name in ("moto", "rolegated")}
     try:
         # moto inside the namespace's own network: the only STS (and IMDS) the packaged broker can reach.
-        port = free_port()
+        port = free_port(privileged=True)  # sts_endpoint takes plain http only below 1024
         moto_exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
         moto = space.start([moto_exe, "-H", "127.0.0.1", "-p", str(port)], logs["moto"])
         url = f"http://127.0.0.1:{port}"

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import free_port
 from pam_rolegate import config, mapping, names, sts
 from pam_rolegate.errors import AccessDenied, SourceCredentialsError, StsUnavailable, Throttled
 
@@ -278,10 +279,9 @@ def test_sts__credentials_repr_masks_the_key():
 
 
 def _closed_port_url():
-    """A loopback URL where nothing listens: connections to it are refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    """A loopback URL where nothing listens: connections to it are refused at once. A port below
+    1024, because sts_endpoint takes plain http only there."""
+    return f"http://127.0.0.1:{free_port(privileged=True)}"
 
 
 def test_sts__configured_sts_endpoint_is_the_one_called(moto, monkeypatch):
