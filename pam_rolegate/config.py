@@ -438,6 +438,9 @@ class _Reader:
             kw["rules_poll"] = self.duration(keys["rules_poll"][1], "rules_poll", RULES_POLL_MIN, RULES_POLL_MAX)
         if "rules_cache" in keys:
             kw["rules_cache"] = self.absolute_file(keys["rules_cache"][1], "rules_cache", "/var/lib/rolegate/rules.yaml")
+            if self.path.startswith("/") and os.path.realpath(kw["rules_cache"]) == os.path.realpath(self.path):
+                self.fail(keys["rules_cache"][1], "rules_cache must not be the config file itself: the broker "
+                                                  "rewrites it with every new version of the rules")
         if "ssm_endpoint" in keys:
             kw["ssm_endpoint"] = self.endpoint(keys["ssm_endpoint"][1], "ssm_endpoint")
 

@@ -28,8 +28,9 @@ JITTER = (0.8, 1.0)
 # rules_poll: from this many seconds, doubling, up to rules_poll. Rules in force wait rules_poll.
 NO_RULES_RETRY = 10
 CACHE_HINT = "put rules_cache in a root-owned directory, such as /var/lib/rolegate"
-_HEADER = "# rolegate: last good copy of {source} version {version}, fetched {fetched}\n"
-_HEADER_RE = re.compile(r"# rolegate: last good copy of (\S+) version (\d+), fetched (\S+)\n")
+# The region is part of the name: a same-named parameter of another region holds other rules.
+_HEADER = "# rolegate: last good copy of {source} in {region} version {version}, fetched {fetched}\n"
+_HEADER_RE = re.compile(r"# rolegate: last good copy of (\S+) in (\S+) version (\d+), fetched (\S+)\n")
 _TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -68,7 +69,7 @@ def fetch(cfg, engine, clock=time.time):
 
 
 def write_cache(cfg, doc):
-    header = _HEADER.format(source=doc.source, version=doc.version,
+    header = _HEADER.format(source=doc.source, region=cfg.region, version=doc.version,
                             fetched=datetime.fromtimestamp(doc.fetched, timezone.utc).strftime(_TIME))
     store.write_private_file(cfg.rules_cache, (header + doc.text).encode("utf-8"), "rules_cache", CACHE_HINT)
 
@@ -87,11 +88,16 @@ def read_cache(cfg):
     if not m:
         raise StoreError(f"{cfg.rules_cache} is not a copy rolegated wrote (its first line is not rolegate's); "
                          f"remove it, rolegated writes a new one")
-    if m.group(1) != cfg.rules_from:
-        raise StoreError(f"{cfg.rules_cache} holds the rules of {m.group(1)}, not of {cfg.rules_from}")
-    fetched = datetime.strptime(m.group(3), _TIME).replace(tzinfo=timezone.utc).timestamp()
+    if (m.group(1), m.group(2)) != (cfg.rules_from, cfg.region):
+        raise StoreError(f"{cfg.rules_cache} holds the rules of {m.group(1)} in {m.group(2)}, "
+                         f"not of {cfg.rules_from} in {cfg.region}")
+    try:
+        fetched = datetime.strptime(m.group(4), _TIME).replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:  # a hand-edited or damaged header must not keep the broker from starting
+        raise StoreError(f"{cfg.rules_cache} has a damaged first line (fetch time {m.group(4)!r}); "
+                         f"remove it, rolegated writes a new one") from None
     # The whole file is parsed, header included (a YAML comment), so errors name its own lines.
-    return Document(cfg.rules_from, text, int(m.group(2)), fetched, cfg.rules_cache)
+    return Document(cfg.rules_from, text, int(m.group(3)), fetched, cfg.rules_cache)
 
 
 # -- the poller ------------------------------------------------------------------------------------
@@ -144,8 +150,9 @@ class FleetRules:
         """
         try:
             doc = fetch(cfg, self.engine(), self.clock)
+            new = config_mod.parse_rules(doc.text, doc.where, cfg)
             self._observe("changed")
-            return config_mod.parse_rules(doc.text, doc.where, cfg), doc
+            return new, doc
         except ParameterError as err:
             self._observe("error")
             self.failures += 1

@@ -147,6 +147,9 @@ def test_fleet__checks_spanning_config_and_rules_run_on_the_document():
 # -- the cache -------------------------------------------------------------------------------------
 
 
+BASE_WEST = "version: 1\nregion: us-west-2\n"
+
+
 def test_fleet__cache_round_trip_is_root_only_and_refuses_another_parameter():
     require_sandbox()
     base = f"/run/rg-fleet-cache-{os.getpid()}"
@@ -160,8 +163,20 @@ def test_fleet__cache_round_trip_is_root_only_and_refuses_another_parameter():
     assert (back.version, back.fetched, back.where) == (7, 1_700_000_000.0, cfg.rules_cache), back
     assert config.parse_rules(back.text, back.where, cfg).roles == (), "the header is a YAML comment"
     other = cfg_with(f"rules_from: ssm:/other\nrules_cache: {base}/sub/rules.yaml\n")
-    with pytest.raises(StoreError, match=f"holds the rules of {SOURCE}, not of ssm:/other"):
+    with pytest.raises(StoreError, match=f"holds the rules of {SOURCE} in us-east-1, not of ssm:/other"):
         fleet.read_cache(other)
+    # A same-named parameter of another region is another document.
+    west = config.parse(BASE_WEST + f"rules_from: {SOURCE}\nrules_cache: {base}/sub/rules.yaml\n", "t.yaml")
+    with pytest.raises(StoreError, match=f"in us-east-1, not of {SOURCE} in us-west-2"):
+        fleet.read_cache(west)
+    # A damaged header is a StoreError (the broker then starts without the copy), never a crash.
+    good = open(cfg.rules_cache).read()
+    with open(cfg.rules_cache, "w") as fh:
+        fh.write(good.replace("fetched 2023-11-14T22:13:20Z", "fetched 2023-13-40T22:13:20Z"))
+    with pytest.raises(StoreError, match="damaged first line"):
+        fleet.read_cache(cfg)
+    with open(cfg.rules_cache, "w") as fh:
+        fh.write(good)
     os.chmod(cfg.rules_cache, 0o644)
     with pytest.raises(StoreError, match="not a root-only file"):
         fleet.read_cache(cfg)
@@ -447,3 +462,11 @@ def test_fleet__metrics_count_fetches_and_show_the_rules_version_and_age():
         assert got[("rolegate_rules_fetches_total", (("outcome", outcome),))] == n, f"{outcome}: {got}"
     assert got[("rolegate_rules_version", ())] == 7, got
     assert got[("rolegate_rules_fetched_timestamp_seconds", ())] == 1_700_000_000.0, got
+
+
+def test_fleet__rules_cache_may_not_be_the_config_itself():
+    with pytest.raises(ConfigError) as err:
+        config.parse(f"version: 1\nregion: us-east-1\nrules_from: {SOURCE}\nrules_cache: /etc/rolegate/rolegate.yaml\n",
+                     "/etc/rolegate/rolegate.yaml")
+    assert err.value.line == 4 and "must not be the config file itself" in err.value.message, \
+        f"a cache on the config file would let every fetch overwrite the config: {err.value}"
