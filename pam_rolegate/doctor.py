@@ -115,10 +115,11 @@ def check_pam_stacks(ctx):
 
 
 def check_secure_path(ctx):
-    if install.sudoers_has_secure_path():
-        return [Result("sudo-secure-path", PASS, "sudoers sets secure_path")]
-    return [Result("sudo-secure-path", FAIL, "sudoers has no secure_path: with the hook in sudo's stack a user's "
-                   "PATH chooses root's Python", "add Debian's `Defaults secure_path=...` line with visudo")]
+    problem = install.secure_path_problem()
+    if problem is None:
+        return [Result("sudo-secure-path", PASS, "sudoers sets secure_path" if os.path.exists("/etc/sudoers")
+                       else "sudo is not installed (Debian's sudo brings secure_path when it comes)")]
+    return [Result("sudo-secure-path", FAIL, problem, "add Debian's `Defaults secure_path=...` line with visudo")]
 
 
 def check_profile(ctx):

@@ -149,6 +149,16 @@ def sudoers_has_secure_path(paths=("/etc/sudoers",), dropin="/etc/sudoers.d"):
     return False
 
 
+def secure_path_problem(sudoers="/etc/sudoers"):
+    """Why the hook may not go into sudo's stack on this host, or None. The package's postinst
+    and `rolegate install` both ask (README, "The PATH hazard"). Without sudo there is no sudo
+    stack to guard: Debian's sudo package brings its secure_path line when it comes."""
+    if not os.path.exists(sudoers) or sudoers_has_secure_path((sudoers,)):
+        return None
+    return ("sudoers has no 'Defaults secure_path=...': with the hook in sudo's stack a user's PATH would "
+            "choose root's Python (README, 'The PATH hazard'). Add Debian's default line with visudo")
+
+
 def _write_new(path, text, record, mode=0o644):
     """Write `path` unless identical content is there; remember that we own it."""
     try:
@@ -190,10 +200,9 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
         raise InstallError("the Debian package rolegate is installed: it already put every piece in place "
                            "(`dpkg -L rolegate`); edit /etc/rolegate/rolegate.yaml and `systemctl reload "
                            "rolegated`, or `apt-get purge rolegate` before installing this way")
-    if not sudoers_has_secure_path():
-        raise InstallError("sudoers has no 'Defaults secure_path=...': with the hook in sudo's stack a user's PATH "
-                           "would choose root's Python (README, 'The PATH hazard'). Add Debian's default line "
-                           "with visudo, then run install again")
+    problem = secure_path_problem()
+    if problem:
+        raise InstallError(problem + ", then run install again")
     record = _load_manifest()
     if os.path.exists("/usr/sbin/pam-auth-update"):
         _write_new(PAM_PROFILE, pam_profile(options), record)

@@ -192,6 +192,24 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
         space.run(["rm", "-rf", "/var/lib/rolegate"])
         space.run(["dpkg", "--purge", "rolegate"], check=False)  # the refused unpack's record, if dpkg kept one
 
+        # Without secure_path in sudoers, configure stops before the hook reaches any PAM stack
+        # (README, "The PATH hazard"), and finishes once sudoers is fixed.
+        sudoers = space.root + "/etc/sudoers"
+        with open(sudoers) as fh:
+            original = fh.read()
+        assert "secure_path" in original, "the sandbox's sudoers should start with Debian's secure_path line"
+        with open(sudoers, "w") as fh:
+            fh.write("".join("#" + l if "secure_path" in l else l for l in original.splitlines(keepends=True)))
+        unsafe = space.run(["dpkg", "-i", path], check=False)
+        with open(space.root + "/etc/pam.d/common-session") as fh:
+            common = fh.read()
+        with open(sudoers, "w") as fh:
+            fh.write(original)
+        assert unsafe.returncode != 0 and "secure_path" in unsafe.stderr and "dpkg --configure -a" in unsafe.stderr, \
+            f"dpkg -i should stop at configure without secure_path, saying what to do:\n{unsafe.stdout}\n{unsafe.stderr}"
+        assert "pam_rolegate" not in common, f"the hook reached common-session without secure_path:\n{common}"
+        space.run(["dpkg", "--configure", "-a"])
+
         start = time.monotonic()
         space.run(["dpkg", "-i", path])
         print(f"dpkg -i: {time.monotonic() - start:.1f} s")
