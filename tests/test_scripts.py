@@ -21,7 +21,7 @@ DROPIN = "/etc/sudoers.d/rolegate-scripts-test"
 PROBE = """#!/bin/bash
 set -euo pipefail
 source {as_root}
-echo "uid=$(id -u) args=$#"
+echo "uid=$(id -u) args=$# venv=${{ROLEGATE_TEST_VENV:-}}"
 for a in "$@"; do echo "arg=[$a]"; done
 """
 
@@ -76,6 +76,12 @@ def test_a_user_who_may_sudo_is_taken_through_sudo_with_arguments_intact(probe_d
     assert done.returncode == 0, f"the sudoer's run failed: rc={done.returncode} out={done.stdout!r} err={done.stderr!r}"
     assert "uid=0 args=3" in done.stdout, f"the script did not re-run as root with its 3 arguments: {done.stdout!r}"
     assert "arg=[two words]" in done.stdout and "arg=[]" in done.stdout, f"arguments were mangled: {done.stdout!r}"
+
+
+def test_the_test_venv_variable_survives_the_trip_through_sudo(probe_dir):
+    done = _run_as(SUDOER, ["env", "ROLEGATE_TEST_VENV=/opt/x venv", os.path.join(probe_dir, "probe")])
+    assert done.returncode == 0 and "uid=0" in done.stdout and "venv=/opt/x venv" in done.stdout, \
+        f"sudo's reset environment lost ROLEGATE_TEST_VENV: rc={done.returncode} out={done.stdout!r} err={done.stderr!r}"
 
 
 def test_a_user_who_may_not_sudo_is_refused_by_sudo_not_run_unprivileged(probe_dir):
