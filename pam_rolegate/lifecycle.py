@@ -26,6 +26,9 @@ from .registry import Listener
 # Leave this many descriptors for sockets, files and the pool; the rest may watch processes.
 FD_RESERVE = 2048
 SCHEDULER_MAX_SLEEP = 5.0
+# A refresh the pool refused (a reload had just shut it down) goes back in the heap this far
+# ahead: long enough not to spin should the pool keep refusing, short next to any refresh window.
+RESUBMIT_DELAY = 1.0
 
 
 class RateLimit:
@@ -185,15 +188,24 @@ class Lifecycle(Listener):
         self._slots = None
         self._pool = None
         self._limit = None
+        self._sizing = None  # (refresh.workers, refresh.rate) the pool and rate limit were built for
         self.watcher = Watcher(registry, log)
         self.configure(registry.cfg)
 
     def configure(self, cfg):
-        """(Re)build the pool and the rate limit from the config."""
-        old = self._pool
-        self._pool = ThreadPoolExecutor(max_workers=cfg.refresh.workers, thread_name_prefix="refresh")
-        self._slots = threading.BoundedSemaphore(cfg.refresh.workers)
-        self._limit = RateLimit(cfg.refresh.rate, burst=min(cfg.refresh.workers, cfg.refresh.rate))
+        """(Re)build the pool and the rate limit, only when refresh.workers or refresh.rate changed.
+        This runs on every rules change (each fleet update): a rebuild then would race the
+        scheduler's submit for nothing, and hand the rate limit a fresh burst each time."""
+        workers, rate = cfg.refresh.workers, cfg.refresh.rate
+        if (workers, rate) == self._sizing:
+            return
+        old = None
+        if self._sizing is None or workers != self._sizing[0]:
+            old = self._pool
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refresh")
+            self._slots = threading.BoundedSemaphore(workers)
+        self._limit = RateLimit(rate, burst=min(workers, rate))
+        self._sizing = (workers, rate)
         if old is not None:
             old.shutdown(wait=False)
 
@@ -269,7 +281,18 @@ class Lifecycle(Listener):
                 self._busy.discard(key)
                 slots.release()
 
-        self._pool.submit(work)
+        try:
+            self._pool.submit(work)
+        except Exception as err:
+            # The pool was shut down between reading it and submitting (a reload resized it, or
+            # the broker is stopping). Nothing ran: give back the key and the slot, or the grant
+            # would count as busy, and so be skipped, for ever; try again through the heap.
+            self._busy.discard(key)
+            slots.release()
+            if not self._stopping:
+                self.log.error(f"refresh of {key} could not be queued ({type(err).__name__}: {err}); "
+                               f"trying again in {RESUBMIT_DELAY:g}s")
+                self._push(self.clock() + RESUBMIT_DELAY, key)
 
     def run(self):
         while not self._stopping:

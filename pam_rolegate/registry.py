@@ -108,6 +108,11 @@ class ShellLimit(Exception):
     pass
 
 
+class _RulesChanged(Exception):
+    """Credentials came back from STS after a reload took the rule they were asked under (or
+    revoked their grant): they were dropped unwritten. The caller's login gets nothing."""
+
+
 class _Flight:
     """One STS call in progress for a grant; followers wait for the leader's result."""
 
@@ -152,6 +157,10 @@ class Registry:
         self._inflight = {}  # grant id -> _Flight
         self._pending = {}  # grant id -> opens/refreshes in progress (keeps the grant from release)
         self._revoked = set()  # revoked while held: released without linger when let go
+        # Bumped by every reconfigure. A decision carries the generation it was made under, so
+        # what it obtains outside the lock (an STS call) is checked against the rules in force
+        # when it comes back: recheck cannot see a grant whose first AssumeRole is still out.
+        self._generation = 0
         self._host = None
 
     # -- small helpers -----------------------------------------------------------------------
@@ -214,6 +223,26 @@ class Registry:
     def _still_usable(self, grant):
         return grant is not None and grant.credentials.seconds_left(self.now_dt()) > USABLE_LEFT
 
+    def _rules(self):
+        """(config, generation) in force, read together: what a decision is made under."""
+        with self._lock:
+            return self.cfg, self._generation
+
+    def _still_given(self, ident, rule, decided):
+        """Whether the rules in force still give `ident` the role `rule` (chosen under generation
+        `decided`) gave it. Pure: the identity was resolved before; lock held."""
+        if decided == self._generation:
+            return True
+        now = mapping.decide(self.cfg, ident).rule
+        return now is not None and now.role == rule.role
+
+    def _unmapped_midway(self, ident, service):
+        """The one `denied` line for a login (or IMDS request) the rules stopped mapping while it
+        was under way; the Opened a login gets."""
+        self.log.decision("denied", principal=ident.principal, target=ident.target, service=service,
+                          reason="the rules changed during the login")
+        return Opened(False, "the rules no longer map this login (a reload changed them during it)")
+
     def _hold(self, key):
         self._pending[key] = self._pending.get(key, 0) + 1
 
@@ -267,9 +296,11 @@ class Registry:
 
     # -- obtaining credentials (single flight) ------------------------------------------------
 
-    def _obtain(self, ident, rule, rhost, budget=None, force=False, write=True):
+    def _obtain(self, ident, rule, rhost, decided, budget=None, force=False, write=True, again=False):
         """The grant for (ident, rule): reused while fresh, else one AssumeRole however many ask.
-        New credentials go to the grant's files when it has sessions, or `write` asks (a login)."""
+        New credentials go to the grant's files when it has sessions, or `write` asks (a login).
+        `decided` is the generation `rule` was chosen under: credentials that come back after a
+        reload took that rule, or revoked the grant, are dropped unwritten (raises _RulesChanged)."""
         key = grant_id(ident.target_uid, ident.principal, rule.role)
         with self._lock:
             current = self._grants.get(key)
@@ -280,8 +311,15 @@ class Registry:
             if leader:
                 flight = self._inflight[key] = _Flight()
         if not leader:
+            waited = time.monotonic()
             if not flight.done.wait(budget if budget is not None else self.cfg.sts_timeout + 1):
                 raise StsError("waited too long for another login's STS call for the same grant")
+            if isinstance(flight.error, _RulesChanged) and not again:
+                # The reload took the leader's rule, not necessarily this caller's (another
+                # service, or decided under the new rules): it asks STS itself, once, within
+                # what is left of its budget.
+                left = None if budget is None else budget - (time.monotonic() - waited)
+                return self._obtain(ident, rule, rhost, decided, left, force, write, again=True)
             if flight.error is not None:
                 raise flight.error
             return flight.grant
@@ -305,6 +343,8 @@ class Registry:
                 role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds),
                 token=current.token if current is not None and current.token else secrets.token_urlsafe(32))
             with self._lock:
+                if key in self._revoked or not self._still_given(ident, rule, decided):
+                    raise _RulesChanged(key)
                 # A lingering grant has no files until a session revives it; a background
                 # grant (IMDS) has none unless logins share it.
                 files = key not in self._lingering and (write or bool(self._by_grant.get(key)))
@@ -332,7 +372,8 @@ class Registry:
         except mapping.UnknownUser as err:
             self.log.decision("denied", user=facts.user, service=facts.service, reason=str(err))
             raise
-        decision = mapping.decide(self.cfg, ident)
+        cfg, decided = self._rules()
+        decision = mapping.decide(cfg, ident)
         if decision.rule is None:
             self.log.decision("denied", principal=ident.principal, target=ident.target, service=facts.service,
                               reason="no rule matches")
@@ -344,15 +385,16 @@ class Registry:
             if kind == "shell" and existing is None:
                 self._make_room_for_shell(ident.target_uid)
             self._hold(key)
+        linger = True
         try:
-            grant = self._obtain(ident, rule, facts.rhost, budget=budget)
+            grant = self._obtain(ident, rule, facts.rhost, decided, budget=budget)
             with self._lock:
-                if key in self._revoked:
-                    # A reload unmapped this login while it was under way: no session, and the
-                    # release below (this login was the last holder) removes the grant's files.
-                    self.log.decision("denied", principal=ident.principal, target=ident.target,
-                                      service=facts.service, reason="the rules changed during the login")
-                    return Opened(False, "the rules no longer map this login (a reload changed them during it)")
+                if key in self._revoked or not self._still_given(ident, rule, decided):
+                    # A reload unmapped this login while it was under way (the grant may have
+                    # been fresh, so no STS call checked): no session, and the release below
+                    # (when this login was the last holder) removes the grant, without linger.
+                    linger = False
+                    return self._unmapped_midway(ident, facts.service)
                 if self._lingering.pop(key, None) is not None:
                     self._write_files(self._grants[key])  # revived: the files were removed at release
                 if existing is not None and existing.grant_id == key:
@@ -364,13 +406,16 @@ class Registry:
                     self._pop_session(existing.id)
                     self._release_if_unused(existing.grant_id, "released")
                 self._put_session(session)
+        except _RulesChanged:
+            linger = False
+            return self._unmapped_midway(ident, facts.service)
         except Exception as err:
             self._failed(ident, rule, facts.service, err)
             raise
         finally:
             with self._lock:
                 self._unhold(key)
-                self._release_if_unused(key, "released")
+                self._release_if_unused(key, "released", linger=linger)
         self.log.decision("granted", principal=ident.principal, target=ident.target, role=rule.role,
                           service=facts.service, session=session.id, grant=key, rule=rule.index,
                           key=grant.credentials.masked_key, expires=iso(grant.credentials.expiration),
@@ -392,32 +437,40 @@ class Registry:
         session, no files; between requests it lingers like a released grant. None when no rule
         maps the caller. What it returns has at least `min_left` seconds of validity."""
         ident = mapping.resolve(facts)
-        rule = mapping.decide(self.cfg, ident).rule
+        cfg, decided = self._rules()
+        rule = mapping.decide(cfg, ident).rule
         if rule is None:
             return None
         key = grant_id(ident.target_uid, ident.principal, rule.role)
         with self._lock:
             before = self._grants.get(key)
             self._hold(key)
+        linger = True
         try:
-            grant = self._obtain(ident, rule, facts.rhost, write=False)
+            grant = self._obtain(ident, rule, facts.rhost, decided, write=False)
             if grant.credentials.seconds_left(self.now_dt()) < min_left:
-                grant = self._obtain(ident, rule, facts.rhost, force=True, write=False)
+                grant = self._obtain(ident, rule, facts.rhost, decided, force=True, write=False)
             with self._lock:
-                if key in self._revoked:
+                if key in self._revoked or not self._still_given(ident, rule, decided):
+                    linger = False
+                    self._unmapped_midway(ident, facts.service)
                     return None
                 if not self._by_grant.get(key):  # nobody logged in holds it: keep it in memory only
                     hold = max(self.cfg.session.linger, BACKGROUND_MIN_HOLD)
                     until = max(self.clock() + hold, self._lingering.get(key, 0))
                     self._lingering[key] = min(until, grant.next_refresh)
                     self._tell("grant_lingering", grant, self._lingering[key])
+        except _RulesChanged:
+            linger = False
+            self._unmapped_midway(ident, facts.service)
+            return None
         except Exception as err:
             self._failed(ident, rule, facts.service, err)
             raise
         finally:
             with self._lock:
                 self._unhold(key)
-                self._release_if_unused(key, "released")
+                self._release_if_unused(key, "released", linger=linger)
         if before is None or before.credentials != grant.credentials:
             self.log.decision("granted", principal=ident.principal, target=ident.target, role=rule.role,
                               service=facts.service, grant=key, rule=rule.index, key=grant.credentials.masked_key,
@@ -447,9 +500,9 @@ class Registry:
         return len(ids)
 
     def live_grant(self, key):
-        """The grant with files in place (not lingering), or None."""
+        """The grant with files in place (not lingering, not revoked), or None."""
         with self._lock:
-            if key in self._lingering:
+            if key in self._lingering or key in self._revoked:
                 return None
             return self._grants.get(key)
 
@@ -460,7 +513,9 @@ class Registry:
             return None
         if grant.credentials.seconds_left(self.now_dt()) <= SDK_MIN_LEFT + 60 \
                 and grant.request.duration > SDK_MIN_LEFT + 120 and grant.next_refresh <= self.clock():
-            grant = self.refresh(key) or grant
+            # A refresh that failed leaves the old credentials to serve; one that found the grant
+            # revoked leaves nothing.
+            grant = self.refresh(key) or self.live_grant(key)
         return grant
 
     def snapshot(self, uid=None):
@@ -555,14 +610,20 @@ class Registry:
                 return None
             self._hold(key)
         try:
-            rule, ident = self._current_rule(grant)
+            rule, ident, decided = self._current_rule(grant)
             if rule is None or rule.role != grant.role:
                 self.revoke(key, "the rules no longer map this login to this role")
                 return None
-            new = self._obtain(ident, rule, grant.rhost, force=True)
+            new = self._obtain(ident, rule, grant.rhost, decided, force=True)
             self.log.decision("refreshed", grant=key, principal=grant.principal, role=grant.role,
                               key=new.credentials.masked_key, expires=iso(new.credentials.expiration))
             return new
+        except _RulesChanged:
+            # STS answered after a reload took this grant's rule: the new credentials were dropped.
+            # Revoke it now (a no-op when the reload's recheck did already): left alone it would
+            # never be refreshed again, this refresh being its only entry in lifecycle's schedule.
+            self.revoke(key, "the rules no longer map this login to this role")
+            return None
         except Exception as err:  # STS, IMDS, NSS, a full tmpfs: one grant's trouble stays its own
             with self._lock:
                 current = self._grants.get(key)
@@ -581,31 +642,34 @@ class Registry:
                 self._release_if_unused(key, "released")
 
     def _current_rule(self, grant):
-        """(rule, identity) the current rules give this grant's login. A user NSS cannot resolve now
-        (LDAP/SSSD down) raises: that is a failed refresh, not a revocation."""
+        """(rule, identity, generation) the current rules give this grant's login. A user NSS cannot
+        resolve now (LDAP/SSSD down) raises: that is a failed refresh, not a revocation."""
         facts = mapping.LoginFacts(user=grant.target, service=grant.service,
                                    ruser=grant.principal if grant.principal != grant.target else None,
                                    rhost=grant.rhost)
+        cfg, decided = self._rules()
         ident = mapping.resolve(facts)
-        return mapping.decide(self.cfg, ident).rule, ident
+        return mapping.decide(cfg, ident).rule, ident, decided
 
     def revoke(self, key, reason):
         """The rules no longer give this grant: end its sessions and remove it now, lingering or not."""
         with self._lock:
             grant = self._grants.get(key)
-            if grant is None:
-                return False
+            if grant is None or key in self._revoked:
+                return False  # gone, or revoked already and waiting for its holder to let go
             self.log.decision("released", grant=key, principal=grant.principal, role=grant.role, reason=reason)
             for sid in list(self._by_grant.get(key, ())):
                 self._pop_session(sid)
             self._lingering.pop(key, None)
-            if self._pending.get(key):
-                self._revoked.add(key)  # the open or refresh holding it releases it, without linger
-                return True
             try:
                 self.store.remove(key)
             except OSError as err:
                 self.log.error(f"could not remove grant {key}: {err}")
+            if self._pending.get(key):
+                # The open or refresh holding it drops it when it lets go, without linger; what it
+                # obtains meanwhile is neither written nor kept (_obtain refuses a revoked grant).
+                self._revoked.add(key)
+                return True
             self._pop_grant(key)
             return True
 
@@ -617,7 +681,7 @@ class Registry:
         revoked = 0
         for grant in grants:
             try:
-                rule, _ident = self._current_rule(grant)
+                rule, _ident, _decided = self._current_rule(grant)
             except mapping.UnknownUser:
                 continue  # NSS trouble is no revocation; the next refresh asks again
             if rule is None or rule.role != grant.role:
@@ -658,9 +722,12 @@ class Registry:
         return kept, reaped
 
     def reconfigure(self, cfg, engine):
-        """A reloaded config: a changed refresh_before reschedules every live grant by the new rule."""
+        """A reloaded config: a changed refresh_before reschedules every live grant by the new rule.
+        A new generation: logins and refreshes decided before it are judged again by the new rules
+        when their STS call returns (recheck() sees only the grants that exist already)."""
         with self._lock:
             old, self.cfg, self.engine = self.cfg, cfg, engine
+            self._generation += 1
             if cfg.session.refresh_before != old.session.refresh_before:
                 for grant in list(self._grants.values()):
                     if grant.id not in self._lingering and not grant.failures:

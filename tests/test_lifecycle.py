@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
 
@@ -226,3 +228,91 @@ def test_lifecycle__process_delivery_long_running_client_follows_rotations(host)
         host.write_config(FAST.format(delivery="file"))
         host.stop_broker()
         host.start_broker()
+
+
+# -- the refresh pool alone, over a stand-in registry -----------------------------------------------
+
+
+class AlwaysDue:
+    """What lifecycle asks of the registry, for grants that are always due: counts refreshes."""
+
+    def __init__(self, workers=2, rate=50.0):
+        self.cfg = refresh_config(workers, rate)
+        self.refreshed = threading.Event()
+
+    def next_due(self, key):
+        return 0.0
+
+    def expire(self, key):
+        return False
+
+    def refresh(self, key):
+        self.refreshed.set()
+
+
+class ErrorLog:
+    def __init__(self):
+        self.errors = []
+
+    def error(self, text):
+        self.errors.append(text)
+
+
+def refresh_config(workers, rate):
+    """All of a config that lifecycle reads."""
+    return types.SimpleNamespace(refresh=types.SimpleNamespace(workers=workers, rate=rate), reap_interval=2.0)
+
+
+class RefusesOnce:
+    """A pool whose first submit fails the way a pool shut down by a reload does."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.refused = False
+
+    def submit(self, fn):
+        if not self.refused:
+            self.refused = True
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return self.pool.submit(fn)
+
+    def shutdown(self, wait=True):
+        self.pool.shutdown(wait=wait)
+
+
+def test_lifecycle__a_refresh_the_pool_refused_is_logged_and_tried_again():
+    # The scheduler read the pool just before a reload shut it down: that grant must still be
+    # refreshed, not stay marked busy (and so skipped) for ever.
+    from pam_rolegate.lifecycle import Lifecycle
+
+    registry, log = AlwaysDue(), ErrorLog()
+    life = Lifecycle(registry, None, log)
+    life._pool = refusing = RefusesOnce(life._pool)
+    life.grant_saved(types.SimpleNamespace(id="g1", next_refresh=0.0))
+    life.start()
+    try:
+        assert registry.refreshed.wait(10), f"the refused refresh was never tried again; log: {log.errors}"
+    finally:
+        life.stop()
+    assert refusing.refused, "the stand-in pool never refused: the test did not test the race"
+    assert any("g1" in e and "again" in e for e in log.errors), f"the refused submit was not logged: {log.errors}"
+
+
+def test_lifecycle__a_rules_change_leaves_the_refresh_pool_and_rate_alone():
+    # configure() runs on every rules change (each fleet update). Rebuilding each time raced the
+    # scheduler's submit and handed the rate limit a fresh burst; only refresh.* changes may.
+    from pam_rolegate.lifecycle import Lifecycle
+
+    life = Lifecycle(AlwaysDue(workers=2, rate=5.0), None, ErrorLog())
+    try:
+        pool, limit = life._pool, life._limit
+        life.configure(refresh_config(2, 5.0))
+        assert life._pool is pool, "new rules with the same refresh.workers rebuilt the refresh pool"
+        assert life._limit is limit, "new rules with the same refresh.rate reset the rate limit"
+        life.configure(refresh_config(2, 8.0))
+        assert life._pool is pool and life._limit is not limit, "a new refresh.rate should change the rate only"
+        life.configure(refresh_config(3, 8.0))
+        assert life._pool is not pool, "a new refresh.workers did not resize the pool"
+        assert life._pool._max_workers == 3, f"the new pool has {life._pool._max_workers} workers, not 3"
+    finally:
+        life.stop()

@@ -523,12 +523,14 @@ class MemoryStore:
 
     def __init__(self):
         self.files = {}
+        self.writes = []  # every grant id written, in order: a file that came and went still counts
 
     def path(self, grant_id, name="credentials"):
         return f"/run/rolegate/grants/{grant_id}/{name}"
 
     def write(self, grant_id, name, content, uid, gid):
         self.files[grant_id] = content
+        self.writes.append(grant_id)
 
     def remove(self, grant_id):
         return self.files.pop(grant_id, None) is not None
@@ -548,20 +550,24 @@ class DecisionLog:
         self.lines.append(("error", {"text": text}))
 
 
-
-
-def make_registry(tmp_path, linger, listeners=()):
-    """A real Registry over fakes: a rule for root (NSS always knows it), a fake clock and STS."""
+def root_config(tmp_path, linger, match="{user: root}"):
+    """A config whose one rule gives root's logins matching `match` a role."""
     from pam_rolegate import config as config_mod
-    from pam_rolegate.registry import Registry
 
     path = tmp_path / "rolegate.yaml"
     path.write_text(f"version: 1\nregion: us-east-1\nsource: profile:test\nsession:\n  duration: 900\n"
-                    f"  linger: {linger}\nroles:\n  - match: {{user: root}}\n"
+                    f"  linger: {linger}\nroles:\n  - match: {match}\n"
                     f"    role: arn:aws:iam::{ACCOUNT}:role/root-role\n")
+    return config_mod.load(str(path))
+
+
+def make_registry(tmp_path, linger, listeners=(), engine_type=FakeEngine):
+    """A real Registry over fakes: a rule for root (NSS always knows it), a fake clock and STS."""
+    from pam_rolegate.registry import Registry
+
     clock = FakeClock(2_000_000_000.0)
-    engine, store = FakeEngine(clock), MemoryStore()
-    reg = Registry(config_mod.load(str(path)), engine, store, DecisionLog(), clock=clock, listeners=listeners)
+    engine, store = engine_type(clock), MemoryStore()
+    reg = Registry(root_config(tmp_path, linger), engine, store, DecisionLog(), clock=clock, listeners=listeners)
     return reg, clock, engine, store
 
 
@@ -638,6 +644,105 @@ def test_registry__a_reload_that_unmaps_a_login_under_way_leaves_it_no_credentia
     grants, sessions, _lingering = reg.snapshot()
     assert not grants and not sessions, f"the revoked grant or a session on it is still live: {grants} {sessions}"
     assert reg.counts()["lingering"] == 0, "the revoked grant lingers"
+
+
+class BlockingEngine(FakeEngine):
+    """FakeEngine whose next AssumeRole, once asked for, stays out until the test releases it."""
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._block = False
+
+    def block_next(self):
+        self._block = True
+
+    def assume(self, request, budget=None):
+        if self._block:
+            self._block = False
+            self.entered.set()
+            assert self.release.wait(10), "the test never released the STS call it held"
+        return super().assume(request, budget)
+
+
+def reload_without_root(reg, tmp_path, match="{user: nobody-else}"):
+    """What the broker does when new rules come into force (SIGHUP, fleet): returns recheck's count."""
+    reg.reconfigure(root_config(tmp_path, "1h", match=match), reg.engine)
+    return reg.recheck()
+
+
+def denied_midway(reg):
+    return [f for event, f in reg.log.lines if event == "denied" and "rules changed" in f.get("reason", "")]
+
+
+@pytest.mark.parametrize("entry", ["login", "imds"])
+def test_registry__rules_removed_while_the_first_sts_call_is_out_keep_nothing(tmp_path, entry):
+    # The rule is decided under the old rules and the grant's first AssumeRole is still out when
+    # the reload removes the rule: recheck has no grant to visit yet, so the credentials that come
+    # back must give no session, no file, nothing in memory.
+    reg, _clock, engine, store = make_registry(tmp_path, "1h", engine_type=BlockingEngine)
+    engine.block_next()
+    with ThreadPoolExecutor(1) as pool:
+        if entry == "login":
+            result = pool.submit(reg.open, root_login(), "pam", os.getpid(), None)
+        else:
+            result = pool.submit(reg.background, root_login(), 0)
+        assert engine.entered.wait(10), f"the {entry} never reached STS"
+        assert reload_without_root(reg, tmp_path) == 0, "recheck found a grant while its first STS call was out"
+        engine.release.set()
+        result = result.result(10)
+    if entry == "login":
+        assert not result.granted, "a login whose rule a reload removed mid-STS-call was granted"
+    else:
+        assert result is None, "an IMDS request whose rule a reload removed mid-STS-call got credentials"
+    assert not store.writes, f"credentials of a removed rule were written: {store.writes}"
+    assert reg.snapshot() == ([], [], set()), f"the removed rule's grant is kept: {reg.snapshot()}"
+    assert denied_midway(reg), f"no `denied` line says the rules changed during it: {reg.log.lines}"
+
+
+def test_registry__a_refresh_answered_after_a_reload_revoked_its_grant_brings_nothing_back(tmp_path):
+    reg, clock, engine, store = make_registry(tmp_path, "1h", engine_type=BlockingEngine)
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key = opened.grant.id
+    store.writes.clear()
+    clock.now = opened.grant.next_refresh
+    engine.block_next()
+    with ThreadPoolExecutor(1) as pool:
+        refreshed = pool.submit(reg.refresh, key)
+        assert engine.entered.wait(10), "the refresh never reached STS"
+        assert reload_without_root(reg, tmp_path) == 1, "the reload did not revoke the grant under refresh"
+        assert key not in store.files, "the revoked grant's file stayed while its refresh was out"
+        assert reg.live_grant(key) is None, "the revoked grant is still served while its refresh is out"
+        engine.release.set()
+        assert refreshed.result(10) is None, "the refresh of a revoked grant returned a grant"
+    assert not store.writes, "the refresh that came back after the revocation wrote the grant's file again"
+    assert reg.snapshot() == ([], [], set()), f"the revoked grant came back: {reg.snapshot()}"
+    assert not [f for event, f in reg.log.lines if event == "refreshed"], "a revoked grant was logged refreshed"
+    assert reload_without_root(reg, tmp_path) == 0, "a second reload found the revoked grant again"
+
+
+def test_registry__a_login_the_new_rules_still_map_is_granted_though_the_sts_call_it_shared_was_not(tmp_path):
+    # sshd's login asks STS; su's login of the same grant waits for that call. The reload keeps
+    # the role for su only: sshd's login is refused, su's asks STS itself and is granted.
+    from pam_rolegate import mapping
+
+    reg, _clock, engine, store = make_registry(tmp_path, "1h", engine_type=BlockingEngine)
+    engine.block_next()
+    with ThreadPoolExecutor(2) as pool:
+        sshd = pool.submit(reg.open, root_login(), "pam", os.getpid(), None)
+        assert engine.entered.wait(10), "sshd's login never reached STS"
+        su = pool.submit(reg.open, mapping.LoginFacts(user="root", service="su"), "pam", os.getpid(), None)
+        wait_for(lambda: sum(reg._pending.values()) == 2, 10, "su's login to join the grant's STS call")
+        time.sleep(0.2)  # su's login from its hold to waiting on sshd's call: no lock or I/O between
+        assert reload_without_root(reg, tmp_path, match="{user: root, service: su}") == 0, "recheck found a grant"
+        engine.release.set()
+        sshd, su = sshd.result(10), su.result(10)
+    assert not sshd.granted, "sshd's login was granted though the reload took its rule while STS answered"
+    assert su.granted, f"su's login, which the new rules map, was refused: {su.reason}"
+    assert list(store.files) == [su.grant.id] and su.grant.service == "su", \
+        f"su's grant and file should be the only ones: {store.files} {su.grant}"
+    assert engine.calls == 2, f"su's login should have asked STS itself once: {engine.calls} calls in all"
 
 
 def test_refresh__reload_while_every_worker_is_busy_does_not_stop_refreshing(host, sleepers):
