@@ -491,12 +491,15 @@ def _first_line(err):
 
 
 def caller_identity(creds, region, timeout=3.0, client_factory=default_client_factory, endpoint=None):
-    """GetCallerIdentity with the given (assumed) credentials: which role really arrived."""
+    """GetCallerIdentity with the given (assumed) credentials: which role really arrived. With
+    `creds` None, whatever the SDK's default chain finds (session_identity)."""
     import botocore.exceptions as bex
     from botocore.parsers import ResponseParserError
 
     try:
         reply = client_factory(creds, region, timeout, endpoint).get_caller_identity()
+    except bex.NoCredentialsError:
+        raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
     except bex.ClientError as err:
         if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
             raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
@@ -513,18 +516,4 @@ def caller_identity(creds, region, timeout=3.0, client_factory=default_client_fa
 def session_identity(region, endpoint=None, timeout=5.0):
     """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has.
     `endpoint`: the config's sts_endpoint, when the caller could read the config."""
-    import botocore.exceptions as bex
-    from botocore.parsers import ResponseParserError
-
-    try:
-        return default_client_factory(None, region, timeout, endpoint).get_caller_identity()
-    except bex.NoCredentialsError:
-        raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
-    except bex.ClientError as err:
-        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
-            raise StsUnavailable(f"GetCallerIdentity: the STS endpoint failed: {err}") from None
-        raise AccessDenied(f"GetCallerIdentity failed: {err}") from None
-    except (bex.EndpointConnectionError, bex.ConnectionError, bex.HTTPClientError) as err:
-        raise StsUnavailable(f"GetCallerIdentity: STS did not answer ({err})") from None
-    except (ResponseParserError, KeyError, ValueError, bex.BotoCoreError) as err:  # a proxy's page, cut-off XML
-        raise StsUnavailable(f"GetCallerIdentity: could not parse the reply ({_first_line(err)})") from None
+    return caller_identity(None, region, timeout, endpoint=endpoint)
