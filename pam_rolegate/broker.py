@@ -125,7 +125,7 @@ class Broker:
         with self._lock:
             if fleet is not self.fleet:
                 return  # a reload replaced that parameter meanwhile
-            cfg = config_mod.parse_rules(doc.text, doc.where, self.cfg)
+            cfg = doc.rules_for(self.cfg)
             self._put_in_force(cfg, **self._rules_fields(doc))
             fleet.accept(doc)
 

@@ -61,7 +61,7 @@ def _load_rules(args, deps):
     if doc is None:
         raise RolegateError(f"the rules come from {cfg.rules_from} and {why}; pass --rules FILE (the rules "
                             f"document), or run this as root where rolegated has read the parameter")
-    return config.parse_rules(doc.text, doc.where, cfg)
+    return doc.rules_for(cfg)
 
 
 def _engine(cfg, deps):

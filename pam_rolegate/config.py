@@ -459,8 +459,8 @@ class _Reader:
         if levels > SSM_LEVELS_MAX:
             self.fail(node, f"rules_from: the parameter name has {levels} levels; SSM allows {SSM_LEVELS_MAX}")
         if name[1:4].lower() in ("aws", "ssm"):
-            self.fail(node, f"rules_from: names beginning with 'aws' or 'ssm' are reserved by AWS; choose "
-                            f"another, such as /rolegate/rules")
+            self.fail(node, "rules_from: names beginning with 'aws' or 'ssm' are reserved by AWS; choose "
+                            "another, such as /rolegate/rules")
         return text
 
     def absolute_file(self, node, what, example):

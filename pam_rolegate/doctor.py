@@ -351,7 +351,7 @@ def check_gatekeeper(ctx):
 def check_fleet_rules(ctx):
     """rules_from: the parameter read now with the gatekeeper credentials and checked, and the
     last good copy on disk (present, which version, how old)."""
-    from . import config, fleet, sts
+    from . import fleet, sts
     from .errors import ConfigError, ParameterError, StoreError
 
     cfg = ctx.get("config")
@@ -360,7 +360,7 @@ def check_fleet_rules(ctx):
     out = []
     try:
         doc = fleet.fetch(cfg, sts.StsEngine.from_config(cfg))
-        rules = config.parse_rules(doc.text, doc.where, cfg).roles
+        rules = doc.rules_for(cfg).roles
         out.append(Result("fleet-rules", PASS, f"{cfg.rules_from} version {doc.version}: {len(rules)} valid "
                                                f"rule{'s' if len(rules) != 1 else ''}"))
     except ParameterError as err:

@@ -47,6 +47,10 @@ class Document:
     def age(self, now):
         return max(now - self.fetched, 0)
 
+    def rules_for(self, cfg):
+        """`cfg` with this document's rules, checked against it (raises ConfigError located here)."""
+        return config_mod.parse_rules(self.text, self.where, cfg)
+
 
 def age_text(seconds):
     seconds = int(seconds)
@@ -150,7 +154,7 @@ class FleetRules:
         """
         try:
             doc = fetch(cfg, self.engine(), self.clock)
-            new = config_mod.parse_rules(doc.text, doc.where, cfg)
+            new = doc.rules_for(cfg)
             self._observe("changed")
             return new, doc
         except ParameterError as err:
@@ -163,7 +167,7 @@ class FleetRules:
         try:
             cached = read_cache(cfg)
             if cached is not None:
-                new = config_mod.parse_rules(cached.text, cached.where, cfg)
+                new = cached.rules_for(cfg)
                 age = age_text(cached.age(self.clock()))
                 self._failed(reason, code, f"the last good copy {cfg.rules_cache} (version {cached.version}, "
                                            f"fetched {age} ago) serves until the parameter can be read")
@@ -182,7 +186,7 @@ class FleetRules:
         doc = self.current
         if doc is None:
             return replace(cfg, roles=())
-        return config_mod.parse_rules(doc.text, doc.where, cfg)
+        return doc.rules_for(cfg)
 
     def accept(self, doc):
         """`doc`'s rules are now in force (called under the broker's lock); keep a fresh one on disk."""
