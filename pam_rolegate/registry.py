@@ -228,13 +228,16 @@ class Registry:
         with self._lock:
             return self.cfg, self._generation
 
-    def _still_given(self, ident, rule, decided):
-        """Whether the rules in force still give `ident` the role `rule` (chosen under generation
-        `decided`) gave it. Pure: the identity was resolved before; lock held."""
-        if decided == self._generation:
-            return True
-        now = mapping.decide(self.cfg, ident).rule
-        return now is not None and now.role == rule.role
+    def _check_still_given(self, key, ident, rule, decided):
+        """Raise _RulesChanged unless grant `key` stands and the rules in force still give `ident`
+        the role `rule` (chosen under generation `decided`) gave it. Pure: the identity was
+        resolved before; lock held."""
+        if key in self._revoked:
+            raise _RulesChanged(key)
+        if decided != self._generation:
+            now = mapping.decide(self.cfg, ident).rule
+            if now is None or now.role != rule.role:
+                raise _RulesChanged(key)
 
     def _unmapped_midway(self, ident, service):
         """The one `denied` line for a login (or IMDS request) the rules stopped mapping while it
@@ -343,8 +346,7 @@ class Registry:
                 role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds),
                 token=current.token if current is not None and current.token else secrets.token_urlsafe(32))
             with self._lock:
-                if key in self._revoked or not self._still_given(ident, rule, decided):
-                    raise _RulesChanged(key)
+                self._check_still_given(key, ident, rule, decided)
                 # A lingering grant has no files until a session revives it; a background
                 # grant (IMDS) has none unless logins share it.
                 files = key not in self._lingering and (write or bool(self._by_grant.get(key)))
@@ -389,12 +391,10 @@ class Registry:
         try:
             grant = self._obtain(ident, rule, facts.rhost, decided, budget=budget)
             with self._lock:
-                if key in self._revoked or not self._still_given(ident, rule, decided):
-                    # A reload unmapped this login while it was under way (the grant may have
-                    # been fresh, so no STS call checked): no session, and the release below
-                    # (when this login was the last holder) removes the grant, without linger.
-                    linger = False
-                    return self._unmapped_midway(ident, facts.service)
+                # A reload may have unmapped this login while it was under way (the grant may
+                # have been fresh, so no STS call checked): then no session, and the release
+                # below (when this login was the last holder) removes the grant, without linger.
+                self._check_still_given(key, ident, rule, decided)
                 if self._lingering.pop(key, None) is not None:
                     self._write_files(self._grants[key])  # revived: the files were removed at release
                 if existing is not None and existing.grant_id == key:
@@ -451,10 +451,7 @@ class Registry:
             if grant.credentials.seconds_left(self.now_dt()) < min_left:
                 grant = self._obtain(ident, rule, facts.rhost, decided, force=True, write=False)
             with self._lock:
-                if key in self._revoked or not self._still_given(ident, rule, decided):
-                    linger = False
-                    self._unmapped_midway(ident, facts.service)
-                    return None
+                self._check_still_given(key, ident, rule, decided)
                 if not self._by_grant.get(key):  # nobody logged in holds it: keep it in memory only
                     hold = max(self.cfg.session.linger, BACKGROUND_MIN_HOLD)
                     until = max(self.clock() + hold, self._lingering.get(key, 0))
