@@ -36,6 +36,10 @@ def site():
     while run(ns + ["python3", "-c", f"import socket; socket.create_connection(('{firewall.IMDS_V4}', 80), 1)"],
               check=False).returncode != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
+    # install writes its example config only where none exists: a config an earlier module of this
+    # run left in the sandbox's /etc (other rules, other durations) would otherwise be the one tested.
+    if os.path.exists("/etc/rolegate/rolegate.yaml"):
+        os.unlink("/etc/rolegate/rolegate.yaml")
     assert run(ns + ["rolegate", "install"], check=False, env=env).returncode == 0, "install failed"
     broker = {}
 
