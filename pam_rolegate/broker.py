@@ -10,17 +10,18 @@ import resource
 import signal
 import threading
 
-from . import config as config_mod
-from . import protocol, store
-from .doors import MAX_CONNECTIONS_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog
+from .rules import config as config_mod
+from .hookside import protocol
+from .backends import store
+from .doors.sockets import MAX_CONNECTIONS_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog
 from .errors import ConfigError, StoreError
-from .fleet import FleetRules
-from .lifecycle import Lifecycle
-from .log import Log
-from .metrics import Metrics
-from .records import Journal
-from .registry import Registry
-from .sts import StsEngine
+from .backends.fleet import FleetRules
+from .core.lifecycle import Lifecycle
+from .hookside.log import Log
+from .backends.metrics import Metrics
+from .core.records import Journal
+from .core.registry import Registry
+from .backends.sts import StsEngine
 
 PAM_DIR = os.path.dirname(protocol.PAM_SOCKET)
 
@@ -45,11 +46,11 @@ class Broker:
                               per_uid_working=MAX_WORKING_PER_UID)
         self.imds_door = self.container_door = None
         if cfg.delivery == "container":
-            from .container import ContainerDoor
+            from .doors.container import ContainerDoor
 
             self.container_door = ContainerDoor(self.registry, self.log, refusals)
         if cfg.imds.mode == "emulate":
-            from .imds import ImdsDoor, metadata_fetcher
+            from .doors.imds import ImdsDoor, metadata_fetcher
 
             self.imds_door = ImdsDoor(self.registry, self.log, refusals,
                                       metadata=metadata_fetcher(self.registry.engine))

@@ -1,5 +1,5 @@
 """pam_python entry points for rolegate: load the package from this file's folder, hand each call
-to pam_rolegate.hook. Standard library only.
+to pam_rolegate.hookside.hook. Standard library only.
 
 PAM line (behind the service allow-list guard, see README "The PATH hazard"):
 
@@ -7,7 +7,7 @@ PAM line (behind the service allow-list guard, see README "The PATH hazard"):
 
 pam_python executes this file in Debian's /usr/bin/python3, in isolated mode and without this
 folder on sys.path, compiling it from source at every login: so it stays this small, and the
-glue lives in hook.py (options, the broker call, log lines). Nothing here may raise: pam_python
+glue lives in hookside/hook.py (options, the broker call, log lines). Nothing here may raise: pam_python
 turns an exception into PAM_SERVICE_ERR, which would abort sudo.
 """
 
@@ -20,7 +20,7 @@ _session = None  # the broker's id for the session this PAM handle opened (pam_p
 
 
 def _package():
-    """pam_rolegate.hook, imported from this file's own folder, wherever it is installed.
+    """pam_rolegate.hookside.hook, imported from this file's own folder, wherever it is installed.
 
     The folder must be root's and not writable by others: code loaded here runs as root.
     The loader is the interpreter's own frozen bootstrap (always loaded already), because
@@ -41,7 +41,7 @@ def _package():
         pkg = bootstrap.module_from_spec(spec)
         sys.modules["pam_rolegate"] = pkg
         spec.loader.exec_module(pkg)
-    from pam_rolegate import hook
+    from pam_rolegate.hookside import hook
 
     return hook
 

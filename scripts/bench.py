@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, make_host, run  # noqa: E402
 
-from pam_rolegate import client, protocol  # noqa: E402
+from pam_rolegate.hookside import client, protocol  # noqa: E402
 
 EMPTY_HOOK = """
 def pam_sm_open_session(pamh, flags, argv):
@@ -211,7 +211,7 @@ def burst_table(h, holder, sizes):
 
 ENV_TIMER = """
 import json, sys, time
-from pam_rolegate import client, protocol
+from pam_rolegate.hookside import client, protocol
 samples = []
 for _ in range(int(sys.argv[1])):
     start = time.perf_counter()

@@ -148,7 +148,7 @@ class Host:
     def install_pam(self, options="debug"):
         """rolegate's pam-auth-update profile, enabled the Debian way (into the sandbox's /etc)."""
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from pam_rolegate import install
+        from pam_rolegate.admin import install
 
         hook = os.path.join(VENV, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
                             "site-packages", "pam_rolegate", "pam_hook.py")

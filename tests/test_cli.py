@@ -3,7 +3,7 @@
 import io
 import json
 
-from pam_rolegate import cli
+from pam_rolegate.admin import cli
 
 CONFIG = """version: 1
 region: us-east-1

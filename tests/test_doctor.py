@@ -14,7 +14,7 @@ import pytest
 import imds_standin
 from conftest import require_sandbox
 from harness import make_host, run
-from pam_rolegate import firewall
+from pam_rolegate.backends import firewall
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import imds_standin
 from conftest import require_sandbox
 from harness import make_host, run
-from pam_rolegate import firewall
+from pam_rolegate.backends import firewall
 
 PROBE = """
 import sys, time, urllib.request
@@ -111,7 +111,7 @@ def test_firewall__root_gets_instance_profile_credentials_after_apply(netns, tmp
     config.write_text("version: 1\nregion: us-east-1\n")
     assert nft_in(ns, "apply", config=str(config)).returncode == 0
     try:
-        code = ("from pam_rolegate import sts\n"
+        code = ("from pam_rolegate.backends import sts\n"
                 f"print(sts.ImdsSource({urls['v4']!r}).get().access_key_id)")
         done = run(ns + [sys.executable, "-c", code], check=False)
         assert done.returncode == 0 and done.stdout.strip(), f"root could not get the instance role: {done.stderr}"

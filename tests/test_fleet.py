@@ -17,7 +17,9 @@ import pytest
 
 from conftest import free_port, require_sandbox
 from harness import ACCOUNT, CONFIG_PATH, Held, run, sandbox_host
-from pam_rolegate import cli, config, doctor, fleet
+from pam_rolegate.admin import cli, doctor
+from pam_rolegate.rules import config
+from pam_rolegate.backends import fleet
 from pam_rolegate.errors import ConfigError, StoreError
 
 PARAM = "/rolegate/fleet-test/rules"
@@ -443,7 +445,7 @@ def test_fleet__metrics_count_fetches_and_show_the_rules_version_and_age():
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pam_rolegate import metrics
+    from pam_rolegate.backends import metrics
 
     state = {"rules": None}
     m = metrics.Metrics(lambda: {"grants": 0, "lingering": 0, "sessions": 0}, rules=lambda: state["rules"])

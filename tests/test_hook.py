@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, require_sandbox
 from harness import make_host, run
-from pam_rolegate import hook
+from pam_rolegate.hookside import hook
 
 
 @pytest.mark.parametrize("args,expect,problems", [
@@ -29,37 +29,55 @@ def test_hook__options_table(args, expect, problems):
     assert len(found) == problems, f"{args}: expected {problems} problems, got {found}"
 
 
-def _module_files(start):
-    """The package modules the hook imports, transitively (relative and pam_rolegate imports)."""
-    pkg = os.path.join(REPO, "pam_rolegate")
-    seen, todo = set(), [start]
-    imports = []
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(open(path).read())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level or (node.module or "").startswith("pam_rolegate"):
-                    mods = [node.module.split(".")[-1]] if node.module and node.module != "pam_rolegate" \
-                        else [a.name for a in node.names]
-                    todo += [os.path.join(pkg, m + ".py") for m in mods if os.path.exists(os.path.join(pkg, m + ".py"))]
-                    continue
-                names = [node.module]
+# What the hook may load: its own folder, and the few top-level files it shares with the rest.
+HOOK_SIDE = ("pam_rolegate/hookside", "pam_rolegate/pam_hook.py", "pam_rolegate/__init__.py",
+             "pam_rolegate/errors.py")
+
+
+def _hook_side_files():
+    files = []
+    for entry in HOOK_SIDE:
+        path = os.path.join(REPO, entry)
+        if os.path.isdir(path):
+            files += [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".py")]
+        else:
+            files.append(path)
+    return files
+
+
+def _package_imports(path):
+    """Each import in a module, lazy ones included, as (absolute module name or None, names)."""
+    here = os.path.relpath(os.path.dirname(path), REPO).replace(os.sep, ".")
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here.split(".")[:len(here.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
             else:
-                continue
-            imports += [(os.path.basename(path), n) for n in names]
-    return seen, imports
+                module = node.module
+            yield module, [a.name for a in node.names]
 
 
-def test_hook__imports_only_the_standard_library():
-    files, imports = _module_files(os.path.join(REPO, "pam_rolegate", "pam_hook.py"))
-    bad = [(f, n) for f, n in imports if n.split(".")[0] not in sys.stdlib_module_names]
-    assert not bad, f"the hook (via {sorted(os.path.basename(f) for f in files)}) imports non-stdlib modules: {bad}"
-    assert len(files) >= 4, f"the import walk found too few modules to be real: {files}"
+def test_hook__its_side_of_the_tree_imports_only_the_standard_library_and_itself():
+    """The folder rule the layout promises: nothing under hookside/ (nor the files it shares) reaches
+    the broker's side, and nothing outside the standard library — lazy imports included."""
+    files = _hook_side_files()
+    allowed = {"pam_rolegate", "pam_rolegate.errors", "pam_rolegate.hookside"}
+    allowed |= {"pam_rolegate.hookside." + os.path.basename(f)[:-3] for f in files if "/hookside/" in f}
+    bad = []
+    for path in files:
+        for module, names in _package_imports(path):
+            if module.split(".")[0] == "pam_rolegate":
+                targets = [module] if module != "pam_rolegate" and module != "pam_rolegate.hookside" \
+                    else [f"{module}.{n}" for n in names]
+                bad += [(os.path.relpath(path, REPO), t) for t in targets if t not in allowed]
+            elif module.split(".")[0] not in sys.stdlib_module_names:
+                bad.append((os.path.relpath(path, REPO), module))
+    assert len(files) >= 7, f"the hook side's files were not found where the layout puts them: {files}"
+    assert not bad, f"the hook's side imports what sshd must never load (non-stdlib or broker side): {bad}"
 
 
 PROBE = '''
@@ -102,7 +120,10 @@ def test_hook__real_pam_python_run_loads_no_third_party_module(pam_host):
     lines = open(out).read().splitlines()
     assert lines[0] == "code=0", f"the hook should return PAM_SUCCESS with on_error=allow: {lines[0]}"
     mods = lines[1:]  # the modules the hook itself added to the interpreter
-    assert "pam_rolegate.client" in mods, f"the hook did not load its client module: {mods}"
+    assert "pam_rolegate.hookside.client" in mods, f"the hook did not load its client module: {mods}"
+    broker_side = [m for m in mods if m.startswith("pam_rolegate.") and m != "pam_rolegate.errors"
+                   and not m.startswith("pam_rolegate.hookside")]
+    assert not broker_side, f"the hook loaded modules from outside its side of the tree: {broker_side}"
     foreign = sorted({m.split(".")[0] for m in mods} - set(sys.stdlib_module_names) - {"pam_rolegate"})
     assert not foreign, f"the hook loaded non-stdlib modules under real pam_python: {foreign}"
     assert "boto3" not in mods and "yaml" not in mods, "boto3/yaml must never load inside sshd"

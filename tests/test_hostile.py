@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import ACCOUNT, PAM_SOCKET, ROLEGATED, SOCKET, sandbox_host, run
-from pam_rolegate import client, protocol
+from pam_rolegate.hookside import client, protocol
 from pam_rolegate.errors import ProtocolError
 
 CONFIG = f"""

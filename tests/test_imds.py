@@ -22,7 +22,8 @@ import pytest
 
 from conftest import require_sandbox
 from harness import ACCOUNT, RUNTIME_DIR, VENV, make_host, run, wait_gone
-from pam_rolegate import client, firewall, protocol
+from pam_rolegate.hookside import client, protocol
+from pam_rolegate.backends import firewall
 
 IMDS_PORT = 254
 CONTAINER_PORT = 255
@@ -732,7 +733,7 @@ sys.stdin.read()
 
 def test_imds__a_user_hoarding_connections_gets_a_bounded_share_and_logins_go_on(lab):
     lab.configure()
-    from pam_rolegate.http_door import HttpDoor
+    from pam_rolegate.doors.web import HttpDoor
 
     cap = HttpDoor.max_connections
     soft = ["prlimit", f"--nofile={cap + 400}:{cap + 400}"]

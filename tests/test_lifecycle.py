@@ -66,7 +66,7 @@ def wait_for(predicate, timeout, what):
 
 
 def whoami_with_file(host, path):
-    code = ("from pam_rolegate import sts\nimport configparser\n"
+    code = ("from pam_rolegate.backends import sts\nimport configparser\n"
             f"c = configparser.ConfigParser(); c.read({path!r}); d = c['default']\n"
             "print(sts.caller_identity(sts.Credentials(d['aws_access_key_id'], d['aws_secret_access_key'], "
             "d['aws_session_token'], None), 'us-east-1')['Arn'])")
@@ -127,7 +127,7 @@ def test_lifecycle__killed_pam_process_is_reaped(host):
 
 
 def test_lifecycle__reused_pid_does_not_keep_a_dead_session_alive():
-    from pam_rolegate import procs
+    from pam_rolegate.hookside import procs
     me = os.getpid()
     started = procs.start_time(me)
     assert procs.alive(me, started), "this very process should count as alive"
@@ -283,7 +283,7 @@ class RefusesOnce:
 def test_lifecycle__a_refresh_the_pool_refused_is_logged_and_tried_again():
     # The scheduler read the pool just before a reload shut it down: that grant must still be
     # refreshed, not stay marked busy (and so skipped) for ever.
-    from pam_rolegate.lifecycle import Lifecycle
+    from pam_rolegate.core.lifecycle import Lifecycle
 
     registry, log = AlwaysDue(), ErrorLog()
     life = Lifecycle(registry, None, log)
@@ -301,7 +301,7 @@ def test_lifecycle__a_refresh_the_pool_refused_is_logged_and_tried_again():
 def test_lifecycle__a_rules_change_leaves_the_refresh_pool_and_rate_alone():
     # configure() runs on every rules change (each fleet update). Rebuilding each time raced the
     # scheduler's submit and handed the rate limit a fresh burst; only refresh.* changes may.
-    from pam_rolegate.lifecycle import Lifecycle
+    from pam_rolegate.core.lifecycle import Lifecycle
 
     life = Lifecycle(AlwaysDue(workers=2, rate=5.0), None, ErrorLog())
     try:

@@ -480,7 +480,7 @@ def test_storm__200_concurrent_ssh_sessions_over_20_users_all_get_whole_credenti
 # returns outcome counts. Run in this process for root, and as source in a subprocess for a user.
 PING_MANY = r"""
 import threading
-from pam_rolegate import client, protocol
+from pam_rolegate.hookside import client, protocol
 from pam_rolegate.errors import BrokerUnavailable
 
 def ping_many(path, n, timeout):

@@ -143,7 +143,7 @@ def _as_user(user, code):
 def test_trust__non_root_client_cannot_open_sessions_or_claim_a_service(host):
     mark = host.log_mark()
     code = f"""
-from pam_rolegate import client, protocol
+from pam_rolegate.hookside import client, protocol
 from pam_rolegate.errors import BrokerUnavailable
 try:
     client.call(protocol.OpenSession(user="alice", service="sshd", pid=1), path={PAM_SOCKET!r}, timeout=1)

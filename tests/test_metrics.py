@@ -13,7 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import ACCOUNT, sandbox_host, run
-from pam_rolegate import config, errors, log, mapping, metrics, sts
+from pam_rolegate.rules import config, mapping
+from pam_rolegate import errors
+from pam_rolegate.hookside import log
+from pam_rolegate.backends import metrics, sts
 
 # -- helpers ------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pam_rolegate import names
+from pam_rolegate.rules import names
 from pam_rolegate.errors import InvalidRequest, StsError
 
 # AWS's own rule for RoleSessionName / SourceIdentity, with ASCII \w as STS means it.

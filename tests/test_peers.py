@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO, require_sandbox
 from harness import make_host, run
-from pam_rolegate import firewall, peers
+from pam_rolegate.backends import firewall
+from pam_rolegate.doors import peers
 
 USERS = ("rgpeera", "rgpeerb")
 LINE_TIMEOUT = 20  # seconds to wait for a child's line; generous for a shared 2-core machine
@@ -45,7 +46,7 @@ with urllib.request.urlopen(sys.argv[1], timeout=10) as resp:
 # up before reading anything, prints what it found and answers it as JSON.
 SERVER = """
 import json, select, socket, sys
-from pam_rolegate import peers
+from pam_rolegate.doors import peers
 listeners = []
 for family, host, port in ((socket.AF_INET, "127.0.0.1", int(sys.argv[1])),
                            (socket.AF_INET6, "::1", int(sys.argv[1])),

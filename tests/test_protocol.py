@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pam_rolegate import protocol
+from pam_rolegate.hookside import protocol
 from pam_rolegate.errors import ProtocolError
 
 json_values = st.recursive(

@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from pam_rolegate import cli, config
+from pam_rolegate.admin import cli
+from pam_rolegate.rules import config
 from pam_rolegate.errors import ConfigError
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, sandbox_host, run
-from pam_rolegate import client, protocol
+from pam_rolegate.hookside import client, protocol
 from pam_rolegate.errors import BrokerUnavailable
 
 GRANTS_DIR = os.path.join(RUNTIME_DIR, "grants")
@@ -434,7 +434,7 @@ class FakeClock:
 
 
 def test_ratelimit__burst_then_rate_never_more_than_burst_plus_rate_per_second():
-    from pam_rolegate.lifecycle import RateLimit
+    from pam_rolegate.core.lifecycle import RateLimit
 
     clock = FakeClock()
     limit = RateLimit(5, burst=4, clock=clock)
@@ -476,8 +476,8 @@ class ListLog:
 
 
 def test_records__replay_skips_a_torn_last_line_silently_and_reports_a_bad_middle_line():
-    from pam_rolegate.records import Journal, _line
-    from pam_rolegate.registry import Session
+    from pam_rolegate.core.records import Journal, _line
+    from pam_rolegate.core.registry import Session
 
     def s(sid):
         return {"s": dataclasses.asdict(Session(id=sid, grant_id="g1", kind="pam", pid=1, started=5,
@@ -506,14 +506,14 @@ class FakeEngine:
     def assume(self, request, budget=None):
         from datetime import datetime, timezone
 
-        from pam_rolegate.sts import Credentials
+        from pam_rolegate.backends.sts import Credentials
 
         self.calls += 1
         expiry = datetime.fromtimestamp(int(self.clock()) + request.duration, timezone.utc)
         return Credentials(f"ASIAFAKE{self.calls:012d}", "secret", "token", expiry)
 
     def host_facts(self):
-        from pam_rolegate.sts import HostFacts
+        from pam_rolegate.backends.sts import HostFacts
 
         return HostFacts("testhost", "i-0123456789abcdef0")
 
@@ -552,7 +552,7 @@ class DecisionLog:
 
 def root_config(tmp_path, linger, match="{user: root}"):
     """A config whose one rule gives root's logins matching `match` a role."""
-    from pam_rolegate import config as config_mod
+    from pam_rolegate.rules import config as config_mod
 
     path = tmp_path / "rolegate.yaml"
     path.write_text(f"version: 1\nregion: us-east-1\nsource: profile:test\nsession:\n  duration: 900\n"
@@ -563,7 +563,7 @@ def root_config(tmp_path, linger, match="{user: root}"):
 
 def make_registry(tmp_path, linger, listeners=(), engine_type=FakeEngine):
     """A real Registry over fakes: a rule for root (NSS always knows it), a fake clock and STS."""
-    from pam_rolegate.registry import Registry
+    from pam_rolegate.core.registry import Registry
 
     clock = FakeClock(2_000_000_000.0)
     engine, store = engine_type(clock), MemoryStore()
@@ -572,13 +572,13 @@ def make_registry(tmp_path, linger, listeners=(), engine_type=FakeEngine):
 
 
 def root_login():
-    from pam_rolegate import mapping
+    from pam_rolegate.rules import mapping
 
     return mapping.LoginFacts(user="root", service="sshd")
 
 
 def test_registry__linger_never_outlasts_the_grants_refresh_time(tmp_path):
-    from pam_rolegate.registry import Listener
+    from pam_rolegate.core.registry import Listener
 
     seen = []
 
@@ -725,7 +725,7 @@ def test_registry__a_refresh_answered_after_a_reload_revoked_its_grant_brings_no
 def test_registry__a_login_the_new_rules_still_map_is_granted_though_the_sts_call_it_shared_was_not(tmp_path):
     # sshd's login asks STS; su's login of the same grant waits for that call. The reload keeps
     # the role for su only: sshd's login is refused, su's asks STS itself and is granted.
-    from pam_rolegate import mapping
+    from pam_rolegate.rules import mapping
 
     reg, _clock, engine, store = make_registry(tmp_path, "1h", engine_type=BlockingEngine)
     engine.block_next()

@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 import pytest
 
 from conftest import require_sandbox
-from pam_rolegate import store
+from pam_rolegate.backends import store
 from pam_rolegate.errors import StoreError
-from pam_rolegate.sts import Credentials
+from pam_rolegate.backends.sts import Credentials
 
 NOBODY = 65534
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import free_port
-from pam_rolegate import config, mapping, names, sts
+from pam_rolegate.rules import config, mapping, names
+from pam_rolegate.backends import sts
 from pam_rolegate.errors import AccessDenied, SourceCredentialsError, StsUnavailable, Throttled
 
 CONFIG = """

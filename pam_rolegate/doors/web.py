@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from . import peers
-from .doors import loop_thread
-from .errors import RolegateError
+from .sockets import loop_thread
+from ..errors import RolegateError
 
 
 def text(body, status=200):

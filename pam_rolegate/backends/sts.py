@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional, Tuple
 
-from . import names
-from .errors import AccessDenied, InvalidRequest, ParameterError, SourceCredentialsError, StsUnavailable, Throttled
+from ..rules import names
+from ..errors import AccessDenied, InvalidRequest, ParameterError, SourceCredentialsError, StsUnavailable, Throttled
 
 IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 IMDS_DEFAULT = "http://169.254.169.254"

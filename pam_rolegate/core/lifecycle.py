@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import procs
+from ..hookside import procs
 from .registry import Listener
 
 # Leave this many descriptors for sockets, files and the pool; the rest may watch processes.

@@ -96,7 +96,7 @@ except ImportError:  # another Python: the ordinary module does the same job, a 
     def loads(text):
         return _stdjson.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 VERSION = 2
 MAX_FRAME = 64 * 1024

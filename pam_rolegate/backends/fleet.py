@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from . import config as config_mod
+from ..rules import config as config_mod
 from . import store, sts
-from .errors import ConfigError, ParameterError, StoreError
+from ..errors import ConfigError, ParameterError, StoreError
 
 # A fleet must not hit Parameter Store in lockstep: each wait is drawn from this share of
 # rules_poll (never longer, so a change is always picked up within rules_poll).

@@ -13,8 +13,8 @@ word, the grant's user (or root): a leaked token alone is useless to another acc
 import hmac
 import json
 
-from .http_door import HttpDoor, text
-from .registry import CONTAINER_PATH, iso
+from .web import HttpDoor, text
+from ..core.registry import CONTAINER_PATH, iso
 
 
 class ContainerDoor(HttpDoor):

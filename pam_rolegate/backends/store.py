@@ -22,7 +22,7 @@ import secrets
 import stat
 import subprocess
 
-from .errors import StoreError
+from ..errors import StoreError
 
 GRANTS = "grants"
 STATE = "state"

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
-from . import mapping, names, procs, store
-from .errors import StsError
-from .protocol import CONTAINER_TOKEN_VAR, CONTAINER_URI_VAR
-from .sts import AssumeRequest, Credentials, build_request
+from ..rules import mapping, names
+from ..hookside import procs
+from ..backends import store
+from ..errors import StsError
+from ..hookside.protocol import CONTAINER_TOKEN_VAR, CONTAINER_URI_VAR
+from ..backends.sts import AssumeRequest, Credentials, build_request
 
 # credential_process callers need more than this left, or SDKs call again on every request.
 SDK_MIN_LEFT = 15 * 60

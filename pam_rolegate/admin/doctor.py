@@ -74,8 +74,8 @@ def hook_runs_for(service, pam_dir=PAM_DIR):
 
 
 def check_config(ctx):
-    from . import config
-    from .errors import ConfigError
+    from ..rules import config
+    from ..errors import ConfigError
 
     try:
         ctx["config"] = config.load(ctx["config_path"])
@@ -130,7 +130,7 @@ def check_profile(ctx):
 
 
 def check_runtime_dir(ctx):
-    from . import store
+    from ..backends import store
 
     cfg = ctx.get("config")
     path = cfg.runtime_dir if cfg else "/run/rolegate"
@@ -155,8 +155,8 @@ def check_runtime_dir(ctx):
 
 def check_broker(ctx):
     """Both doors answer: the user door (anyone) and the root-only PAM door the hook uses."""
-    from . import client, protocol
-    from .errors import BrokerUnavailable
+    from ..hookside import client, protocol
+    from ..errors import BrokerUnavailable
 
     cfg = ctx.get("config")
     runtime_dir = cfg.runtime_dir if cfg else client.DEFAULT_RUNTIME_DIR
@@ -266,7 +266,7 @@ def _connect_as(uid, family, addr, timeout=2.0, loopback_port=None):
 
 
 def check_imds(ctx):
-    from . import firewall
+    from ..backends import firewall
 
     cfg = ctx.get("config")
     emulate = cfg is not None and cfg.imds.mode == "emulate"
@@ -321,8 +321,8 @@ def check_imds(ctx):
 
 
 def check_gatekeeper(ctx):
-    from . import sts
-    from .errors import StsError
+    from ..backends import sts
+    from ..errors import StsError
 
     cfg = ctx.get("config")
     if cfg is None:
@@ -334,7 +334,7 @@ def check_gatekeeper(ctx):
     out = [Result("gatekeeper", PASS, f"{cfg.source} credentials {creds.masked_key}"
                   + (" (IMDSv2 token flow)" if cfg.source.kind == "instance-profile" else ""))]
     if ctx.get("assume"):
-        from . import mapping
+        from ..rules import mapping
 
         engine = sts.StsEngine.from_config(cfg)
         for rule in cfg.roles:
@@ -351,8 +351,8 @@ def check_gatekeeper(ctx):
 def check_fleet_rules(ctx):
     """rules_from: the parameter read now with the gatekeeper credentials and checked, and the
     last good copy on disk (present, which version, how old)."""
-    from . import fleet, sts
-    from .errors import ConfigError, ParameterError, StoreError
+    from ..backends import fleet, sts
+    from ..errors import ConfigError, ParameterError, StoreError
 
     cfg = ctx.get("config")
     if cfg is None or cfg.rules_from is None:

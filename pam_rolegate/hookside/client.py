@@ -15,7 +15,7 @@ import time
 import _socket
 
 from . import protocol
-from .errors import BrokerUnavailable, ProtocolError
+from ..errors import BrokerUnavailable, ProtocolError
 
 DEFAULT_RUNTIME_DIR = "/run/rolegate"
 DEFAULT_SOCKET = DEFAULT_RUNTIME_DIR + "/" + protocol.USER_SOCKET

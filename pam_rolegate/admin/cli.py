@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, TextIO
 
-from .errors import ConfigError, RolegateError
+from ..errors import ConfigError, RolegateError
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -33,7 +33,7 @@ class Deps:
 
 
 def _load_config(args, deps):
-    from . import config
+    from ..rules import config
 
     return config.load(config.config_path(getattr(args, "config", None), deps.environ))
 
@@ -41,7 +41,8 @@ def _load_config(args, deps):
 def _load_rules(args, deps):
     """The config with its rules. With rules_from they are the parameter's: from `--rules FILE` (a
     copy of the rules document), else the broker's last good copy (readable by root only)."""
-    from . import config, fleet
+    from ..rules import config
+    from ..backends import fleet
 
     cfg = _load_config(args, deps)
     if cfg.rules_from is None:
@@ -67,7 +68,7 @@ def _load_rules(args, deps):
 def _engine(cfg, deps):
     if deps.engine_factory is not None:
         return deps.engine_factory(cfg)
-    from . import sts
+    from ..backends import sts
 
     return sts.StsEngine.from_config(cfg)
 
@@ -76,7 +77,7 @@ def _engine(cfg, deps):
 
 
 def run_check_config(args, deps):
-    from . import config
+    from ..rules import config
 
     path = args.path or config.config_path(args.config, deps.environ)
     try:
@@ -90,7 +91,7 @@ def run_check_config(args, deps):
 
 
 def run_check_user(args, deps):
-    from . import mapping
+    from ..rules import mapping
 
     cfg = _load_rules(args, deps)
     facts = mapping.LoginFacts(user=args.target or args.user, service=args.service,
@@ -105,7 +106,7 @@ def run_check_user(args, deps):
         deps.say(line)
     if decision.rule is None:
         return EXIT_FAIL
-    from . import sts
+    from ..backends import sts
 
     engine = _engine(cfg, deps) if args.assume else None
     request = sts.build_request(cfg, decision.rule, ident, host=engine.host_facts() if engine else None)
@@ -162,7 +163,7 @@ def run_policy(args, deps):
 
 
 def _broker_call(request, deps, timeout=5.0):
-    from . import client, protocol
+    from ..hookside import client, protocol
 
     reply = client.call(request, path=client.socket_path(environ=deps.environ), timeout=timeout)
     if isinstance(reply, protocol.ErrorReply):
@@ -194,7 +195,7 @@ def shell_lines(env, unset, shell):
 
 
 def run_env(args, deps):
-    from . import protocol
+    from ..hookside import protocol
 
     reply = _broker_call(protocol.Env(), deps)
     env = reply.get("env") or {}
@@ -213,7 +214,7 @@ def run_env(args, deps):
 
 
 def run_credentials(args, deps):
-    from . import protocol
+    from ..hookside import protocol
 
     reply = _broker_call(protocol.GetCredentials(grant=args.grant), deps)
     deps.say(json.dumps({k: reply.get(k) for k in
@@ -222,7 +223,7 @@ def run_credentials(args, deps):
 
 
 def run_status(args, deps):
-    from . import protocol
+    from ..hookside import protocol
 
     reply = _broker_call(protocol.Status(), deps, timeout=30.0)
     grants = reply.get("grants") or []
@@ -251,7 +252,7 @@ def run_status(args, deps):
 
 
 def run_whoami(args, deps):
-    from . import sts
+    from ..backends import sts
 
     region = deps.environ.get("AWS_REGION") or deps.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     try:  # the host's sts_endpoint, when this user may read the config (it holds no secrets)
@@ -264,7 +265,7 @@ def run_whoami(args, deps):
 
 
 def run_firewall(args, deps):
-    from . import firewall
+    from ..backends import firewall
 
     if args.action == "show":
         table = firewall.show()
@@ -311,7 +312,8 @@ def run_uninstall(args, deps):
 
 
 def run_doctor(args, deps):
-    from . import config, doctor
+    from ..rules import config
+    from . import doctor
 
     if os.geteuid() != 0:
         deps.warn("doctor needs root (it probes IMDS as another uid and reads root-only files)")
@@ -328,7 +330,8 @@ def run_doctor(args, deps):
 
 
 def run_daemon(args, deps):
-    from . import broker, config
+    from .. import broker
+    from ..rules import config
 
     if os.geteuid() != 0:
         deps.warn("rolegated must run as root (it reads the gatekeeper credentials and chowns files)")

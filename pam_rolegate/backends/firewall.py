@@ -10,7 +10,7 @@ import pwd
 import shutil
 import subprocess
 
-from .errors import RolegateError
+from ..errors import RolegateError
 
 TABLE = "rolegate"
 IMDS_V4 = "169.254.169.254"

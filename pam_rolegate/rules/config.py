@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import yaml
 
 from . import names
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_PATH = "/etc/rolegate/rolegate.yaml"
 CONFIG_ENV = "ROLEGATE_CONFIG"

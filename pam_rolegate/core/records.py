@@ -18,7 +18,7 @@ import threading
 from datetime import datetime, timezone
 
 from .registry import Grant, Listener, Session, iso
-from .sts import AssumeRequest, Credentials
+from ..backends.sts import AssumeRequest, Credentials
 
 JOURNAL = "journal"
 JOURNAL_NEW = "journal.new"

@@ -11,7 +11,7 @@ import re
 import string
 import unicodedata
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 NAME_MIN, NAME_MAX = 2, 64
 TAG_KEY_MAX, TAG_VALUE_MAX, TAGS_MAX = 128, 256, 50

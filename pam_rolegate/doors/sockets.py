@@ -16,10 +16,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import mapping, procs, protocol
-from .client import peer_credentials
-from .errors import ProtocolError, StoreError, StsError
-from .registry import ShellLimit, epoch_to_dt, iso
+from ..rules import mapping
+from ..hookside import procs, protocol
+from ..hookside.client import peer_credentials
+from ..errors import ProtocolError, StoreError, StsError
+from ..core.registry import ShellLimit, epoch_to_dt, iso
 
 # Capacity, each number with its reason (see README "Capacity and fairness").
 BACKLOG = 4096  # net.core.somaxconn's default cap: a storm of logins waits in the kernel queue

@@ -30,10 +30,10 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from . import config, mapping
-from .errors import RolegateError
-from .http_door import HttpDoor, text
-from .registry import iso
+from ..rules import config, mapping
+from ..errors import RolegateError
+from .web import HttpDoor, text
+from ..core.registry import iso
 
 SERVICE = config.IMDS_SERVICE
 TOKEN_TTL_MAX = 21600  # what the real IMDS allows

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from .errors import RolegateError
+from ..errors import RolegateError
 
 # Services whose PATH the user does not control: the only ones that may run the hook (README,
 # "The PATH hazard"). su and su-l are deliberately absent: they get credentials via profile.d.
@@ -20,9 +20,13 @@ TEMPLATES = {
 }
 
 
+# The package's folder: the hook file sits at its top, where installed PAM lines point.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def hook_path():
     """The hook file of this installation (pam_python's first argument)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "pam_hook.py")
+    return os.path.join(PACKAGE_DIR, "pam_hook.py")
 
 
 def bin_path(name):
@@ -35,7 +39,7 @@ def template(name):
     (building the Debian package must use the tree's templates, not an installed copy's), else
     from the installed data files."""
     folder, filename = TEMPLATES[name]
-    candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", folder, filename),
+    candidates = [os.path.join(os.path.dirname(PACKAGE_DIR), "etc", folder, filename),
                   os.path.join(sys.prefix, "share", "rolegate", folder, filename)]
     for path in candidates:
         if os.path.exists(path):
@@ -229,7 +233,8 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
         say(f"config: {CONFIG} kept as it is")
     _write_new(UNIT, systemd_unit(runtime_dir=runtime_dir), record)
     if firewall:
-        from . import config as config_mod, firewall as fw
+        from ..rules import config as config_mod
+        from ..backends import firewall as fw
 
         cfg = config_mod.load(CONFIG)
         fw.apply(fw.allowed_uids(cfg.imds_allow_users), cfg.imds.mode, cfg.imds.port)
@@ -256,7 +261,7 @@ def uninstall(say=print):
     if os.path.isdir("/run/systemd/system") and UNIT in record.get("files", {}):
         subprocess.run(["systemctl", "disable", "--now", "rolegated.service"], capture_output=True)
     if record.get("firewall"):
-        from . import firewall as fw
+        from ..backends import firewall as fw
 
         fw.remove()
     if record.get("pam") == "pam-auth-update":

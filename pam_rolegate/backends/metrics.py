@@ -16,7 +16,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import errors
+from .. import errors
 
 try:
     from prometheus_client import disable_created_metrics

@@ -1,0 +1,1 @@
+"""The admin commands: the `rolegate` CLI, install/uninstall, doctor."""
