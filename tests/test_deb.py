@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import REPO, Moto, free_port, require_sandbox
-from harness import Host, diff, run, snapshot
+from harness import Held, Host, diff, run, snapshot, wait_gone
 
 # Debian's programs first: dpkg and the maintainer scripts need /usr/sbin, and the packaged
 # commands must run on Debian's python3, never a pyenv or venv one found earlier on PATH.
@@ -81,6 +81,32 @@ def deb():
     print(f"\nbuild-deb: {time.monotonic() - start:.1f} s, {os.path.getsize(path) // 1024} KiB")
     with open(os.path.join(out, "lintian.txt")) as fh:
         return path, fh.read()
+
+
+# The release hosts run before this one: the upgrade test builds its package from this commit (0.1.0,
+# the last with the flat module layout), so `dpkg -i` of this tree's package is tried over it.
+PREVIOUS_RELEASE = "f0e1e6d2c88e80aa2772560c8cc117b84981060a"
+
+
+@pytest.fixture(scope="module")
+def previous_deb():
+    """The previous release's package, built by its own scripts/build-deb from `git archive`."""
+    require_sandbox()
+    if not os.path.isdir(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout: the previous release's source is not here to build")
+    have = run(["git", "-C", REPO, "cat-file", "-e", PREVIOUS_RELEASE + "^{commit}"], check=False)
+    assert have.returncode == 0, f"commit {PREVIOUS_RELEASE} (rolegate 0.1.0) is missing from this clone; " \
+                                 "fetch the full history (git fetch --unshallow) to test upgrades"
+    src = os.path.join(workdir(), "previous")
+    os.mkdir(src)
+    archive = subprocess.run(["git", "-C", REPO, "archive", PREVIOUS_RELEASE], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+    out = os.path.join(src, "dist")
+    done = run([os.path.join(src, "scripts", "build-deb"), "--out", out], timeout=BUILD_TIMEOUT, check=False)
+    debs = [f for f in os.listdir(out) if f.endswith("_all.deb")] if os.path.isdir(out) else []
+    assert done.returncode == 0 and len(debs) == 1, \
+        f"the previous release's package did not build:\n{done.stdout}\n{done.stderr}"
+    return os.path.join(out, debs[0])
 
 
 def workdir():
@@ -159,6 +185,44 @@ def unix_listening(path):
         return False
 
 
+def start_moto(space, host, log):
+    """moto inside the namespace's own network: the only STS (and IMDS) the packaged broker can reach."""
+    port = free_port(privileged=True)  # sts_endpoint takes plain http only below 1024
+    moto_exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    moto = space.start([moto_exe, "-H", "127.0.0.1", "-p", str(port)], log)
+    url = f"http://127.0.0.1:{port}"
+    probe = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{url}/moto-api/data.json', timeout=1)"]
+    wait_for("moto_server", lambda: space.run(probe, check=False).returncode == 0, proc=moto, log=log)
+    host.moto = Moto(url, moto)  # host.stop() ends it with the rest
+    return url
+
+
+def forget_rolegate(space):
+    """A host that never had rolegate: earlier test modules of this run may have left their config in
+    the sandbox's /etc, which the overlay starts from (dpkg would adopt it as the conffile, and purge
+    rightly remove it)."""
+    space.run(["rm", "-rf", "/etc/rolegate", "/etc/profile.d/rolegate.sh", "/usr/share/pam-configs/rolegate"])
+
+
+def configure(space, url):
+    """The test's config in place, and what the unit's ExecStartPre does (the IMDS firewall)."""
+    with open(space.root + "/etc/rolegate/rolegate.yaml", "w") as fh:
+        fh.write(CONFIG.format(sts=url, metrics=METRICS, user=USER, role=ROLE))
+    checked = space.run(["rolegate", "check-config"], check=False)
+    assert checked.returncode == 0, f"the test's config is refused: {checked.stdout}"
+    space.run(["rolegate", "firewall", "apply"])
+
+
+def start_broker(space, url, log):
+    """The packaged broker, as the unit starts it. IMDS is moto (the SDKs' standard variable); STS is
+    reached only through sts_endpoint: Debian's botocore would otherwise call sts.us-east-1.amazonaws.com,
+    unreachable here."""
+    broker = space.start(["/usr/bin/rolegated"], log, env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": url})
+    wait_for("the packaged rolegated", lambda: unix_listening(space.root + "/run/rolegate/pam/pam.sock"),
+             proc=broker, log=log)
+    return broker
+
+
 def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
     path, _ = deb
     host = Host(workdir())
@@ -168,19 +232,8 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
     moto = broker = None
     logs = {name: os.path.join(host.workdir, f"{name}.log") for name in ("moto", "rolegated")}
     try:
-        # moto inside the namespace's own network: the only STS (and IMDS) the packaged broker can reach.
-        port = free_port(privileged=True)  # sts_endpoint takes plain http only below 1024
-        moto_exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        moto = space.start([moto_exe, "-H", "127.0.0.1", "-p", str(port)], logs["moto"])
-        url = f"http://127.0.0.1:{port}"
-        probe = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{url}/moto-api/data.json', timeout=1)"]
-        wait_for("moto_server", lambda: space.run(probe, check=False).returncode == 0, proc=moto, log=logs["moto"])
-        host.moto = Moto(url, moto)  # host.stop() ends it with the rest
-
-        # A host that never had rolegate: earlier test modules of this run may have left their
-        # config in the sandbox's /etc, which the overlay starts from (dpkg would adopt it as the
-        # conffile, and purge rightly remove it).
-        space.run(["rm", "-rf", "/etc/rolegate", "/etc/profile.d/rolegate.sh", "/usr/share/pam-configs/rolegate"])
+        url = start_moto(space, host, logs["moto"])
+        forget_rolegate(space)
         before = snapshot("/etc", space.root)
 
         # A host set up with `rolegate install` is refused before anything is unpacked.
@@ -234,18 +287,8 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
             f"`rolegate install` should refuse on a packaged host:\n{mixed.stdout}\n{mixed.stderr}"
         assert diff(etc_installed, snapshot("/etc", space.root)) == [], "the refused `rolegate install` changed /etc"
 
-        with open(space.root + "/etc/rolegate/rolegate.yaml", "w") as fh:
-            fh.write(CONFIG.format(sts=url, metrics=METRICS, user=USER, role=ROLE))
-        checked = space.run(["rolegate", "check-config"], check=False)
-        assert checked.returncode == 0, f"the test's config is refused: {checked.stdout}"
-        # What the unit's ExecStartPre does, here in the namespace's own network.
-        space.run(["rolegate", "firewall", "apply"])
-
-        # IMDS is moto (the SDKs' standard variable); STS is reached only through sts_endpoint:
-        # Debian's botocore would otherwise call sts.us-east-1.amazonaws.com, unreachable here.
-        broker = space.start(["/usr/bin/rolegated"], logs["rolegated"], env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": url})
-        wait_for("the packaged rolegated", lambda: unix_listening(space.root + "/run/rolegate/pam/pam.sock"),
-                 proc=broker, log=logs["rolegated"])
+        configure(space, url)
+        broker = start_broker(space, url, logs["rolegated"])
         host.start_sshd(ns=space.ns)
         script = 'echo "FILE=$AWS_SHARED_CREDENTIALS_FILE"; echo "ARN=$(/usr/bin/rolegate whoami 2>&1 | tail -n 1)"'
         start = time.monotonic()
@@ -278,6 +321,62 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
                      "/usr/bin/rolegated"):
             assert not os.path.exists(space.root + left), f"purge left {left}"
     finally:
+        stop(broker)
+        host.stop()
+        space.close()
+
+
+def test_deb__upgrade_from_the_previous_release_keeps_a_live_sessions_credentials(deb, previous_deb):
+    """`dpkg -i` of this package over the previous release while a user is logged in: the PAM line
+    still points at the same hook file, the new broker recovers the session from the old one's
+    records, the session's credentials file stays, and it goes when that session ends."""
+    path, _ = deb
+    host = Host(workdir())
+    host.add_user(USER)
+    space = Namespace(host.workdir)
+    broker = held = None
+    logs = {name: os.path.join(host.workdir, f"{name}.log") for name in ("moto", "rolegated")}
+    try:
+        url = start_moto(space, host, logs["moto"])
+        forget_rolegate(space)
+        space.run(["dpkg", "-i", previous_deb])
+        configure(space, url)
+        broker = start_broker(space, url, logs["rolegated"])
+        host.start_sshd(ns=space.ns)
+        held = Held(host, USER)
+        creds = space.root + held.info["FILE"]
+        with open(creds) as fh:
+            issued = fh.read()
+        with open(space.root + "/etc/pam.d/common-session") as fh:
+            stack = fh.read()
+
+        # What systemd does around an upgrade: the old broker stops (its files and records stay),
+        # the new package is unpacked and configured, the new broker starts.
+        stop(broker)
+        start = time.monotonic()
+        upgraded = space.run(["dpkg", "-i", path], check=False)
+        print(f"dpkg -i over {os.path.basename(previous_deb)}: {time.monotonic() - start:.1f} s")
+        assert upgraded.returncode == 0, f"the upgrade failed:\n{upgraded.stdout}\n{upgraded.stderr}"
+        with open(space.root + "/etc/pam.d/common-session") as fh:
+            assert fh.read() == stack, "the upgrade changed the PAM stack (the hook file must stay where it was)"
+        package = space.root + "/usr/lib/python3/dist-packages/pam_rolegate"
+        assert os.path.exists(package + "/hookside/hook.py") and not os.path.exists(package + "/hook.py"), \
+            f"the upgrade did not replace the old release's modules: {sorted(os.listdir(package))}"
+        broker = start_broker(space, url, logs["rolegated"])
+        with open(creds) as fh:
+            assert fh.read() == issued, "the live session's credentials file changed or went across the upgrade"
+        status = space.run(["rolegate", "status", "--json"], check=False)
+        assert status.returncode == 0 and USER in status.stdout, \
+            f"the new broker does not know the session the old one recorded:\n{status.stdout}\n{status.stderr}\n" \
+            f"broker log:\n{open(logs['rolegated']).read()}"
+
+        held.release()
+        held = None
+        assert wait_gone(creds), "the credentials file outlived its session after the upgrade: the new broker " \
+                                 f"did not take over the session\nbroker log:\n{open(logs['rolegated']).read()}"
+    finally:
+        if held is not None:
+            held.proc.kill()
         stop(broker)
         host.stop()
         space.close()
