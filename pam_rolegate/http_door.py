@@ -1,6 +1,18 @@
 """What the broker's loopback HTTP doors (IMDS, container credentials) share: a thread with its own
 asyncio loop serving an aiohttp application on 127.0.0.1 and ::1, a bounded worker pool for the
-blocking work behind a request, and the caller's uid from the kernel (peers.py) on every request.
+blocking work behind a request, and the caller's uid from the kernel (peers.py), found once as
+each connection is accepted and held for every request on it.
+
+Fairness is per uid, decided at accept: before a connection counts against anything others
+need (the door's connection cap, the broker's descriptors, a request slot), its caller is known
+by one exact kernel lookup, and a uid past its share of open connections is closed at once and
+logged (at most once per interval per uid). We chose this over a per-uid connection meter in
+nftables (`meta skuid ... ct count over N`): it holds for both doors whatever the firewall mode
+and for direct connects to the loopback ports as for DNAT'd ones, it needs no conntrack, it
+logs like the socket doors through the same RefusalLog, and its one lookup is the same one that
+names the caller for its requests. What it does not do is keep a flood out of the kernel's
+accept queue; connections past a share cost a lookup and a close each (tens of microseconds),
+and the test in tests/test_imds.py measures another user's answer time during such a flood.
 
 aiohttp, a well-kept HTTP server, parses HTTP; the doors only decide.
 """
@@ -12,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from . import peers
-from .doors import loop_thread
+from .doors import MAX_CONNECTIONS_PER_UID, loop_thread
 from .errors import RolegateError
 
 
@@ -30,11 +42,15 @@ class HttpDoor:
     name = "http"
     workers = 8  # NSS lookups and STS calls behind requests, in parallel
     per_uid = 4  # one uid's requests in the workers at once: a flood costs its sender
-    lookup_workers = 2  # socket-table reads (who is calling) at once: each is a pass over /proc/net/tcp
     # Each open connection holds one of the broker's descriptors, which the PAM door needs too:
     # at most this many at once (more are closed at once), and none open longer than the lifetime
     # below, idle or not (aiohttp by itself would wait forever for a first request).
     max_connections = 1024
+    # One uid's open connections to this door. An SDK opens one per request and keeps at most a
+    # few alive (botocore's IMDS fetcher: one), so 64 covers `xargs -P 64` of SDK processes at
+    # once, the same share the user door gives (doors.MAX_CONNECTIONS_PER_UID); 16 uids at their
+    # full share would be needed to reach max_connections. Past it: closed at once, logged.
+    per_uid_connections = MAX_CONNECTIONS_PER_UID
     connection_lifetime = 60.0
 
     def __init__(self, log, refusals, port):
@@ -42,8 +58,9 @@ class HttpDoor:
         self.refusals = refusals
         self.port = port
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"{self.name}-door")
-        self.lookups = ThreadPoolExecutor(max_workers=self.lookup_workers, thread_name_prefix=f"{self.name}-peers")
         self.counts = {}  # outcome -> requests
+        self._callers = {}  # aiohttp's handler of each admitted connection -> its caller's uid (None: unknown)
+        self._held = {}  # uid -> admitted connections open now
         self._gates = {}  # uid -> asyncio.Semaphore
         self._loop = None
         self._runner = None
@@ -58,15 +75,10 @@ class HttpDoor:
 
     @web.middleware
     async def _identify(self, request, handler):
-        """Every request: the caller's uid from its socket's exact tuple, or 403."""
-        sock = request.transport.get_extra_info("socket") if request.transport else None
-        # Reading the kernel's socket table costs milliseconds on a busy host: off the loop.
-        uid = None
-        if sock is not None:
-            uid = await asyncio.get_running_loop().run_in_executor(self.lookups, peers.caller_uid, sock)
+        """Every request: its connection's caller, as the kernel named it at accept, or 403."""
+        uid = self._callers.get(request.protocol)
         if uid is None:
             self.count("unidentified")
-            self.refusals.refused(-1, None, door=self.name, reason="no socket owns this connection's tuple")
             return text("Forbidden", 403)
         request["uid"] = uid
         return await handler(request)
@@ -107,20 +119,56 @@ class HttpDoor:
         except Exception as err:
             raise RolegateError(f"the {self.name} door cannot listen on port {self.port}: {err}") from None
 
+    def _admit(self, transport):
+        """The accepted connection's caller uid (None: the kernel names nobody), or False when the
+        connection must be closed now: its uid is past its share, or the door is full."""
+        sock = transport.get_extra_info("socket")
+        # One exact kernel lookup (peers.py), microseconds: on the loop, before the connection
+        # counts against anything, and while the client is certainly connected (its socket is
+        # ESTABLISHED before ours is accepted).
+        uid = peers.caller_uid(sock) if sock is not None else None
+        held = self._held.get(uid, 0)
+        if held >= self.per_uid_connections:
+            self.count("over_share")
+            self.refusals.refused(-1 if uid is None else uid, None, door=self.name, reason="too many connections",
+                                  share=self.per_uid_connections)
+            return False
+        if len(self._callers) >= self.max_connections:
+            self.count("over_capacity")
+            self.refusals.refused(-1 if uid is None else uid, None, door=self.name, reason="door full",
+                                  cap=self.max_connections)
+            return False
+        if uid is None:
+            # Refused at its first request (403), so an HTTP client is told; logged here, once.
+            self.refusals.refused(-1, None, door=self.name, reason="no socket owns this connection's tuple")
+        return uid
+
     def _bound_connections(self, server):
-        """Cap and time-limit connections through aiohttp's own per-connection hook on its server."""
-        made = server.connection_made
+        """Admit by uid, cap and time-limit connections through aiohttp's own per-connection hooks
+        on its server (connection_made / connection_lost, in aiohttp 3.8 as in 3.14)."""
+        made, lost = server.connection_made, server.connection_lost
         loop = asyncio.get_running_loop()
 
         def connection_made(handler, transport):
             made(handler, transport)
-            if len(server.connections) > self.max_connections:
-                self.count("over_capacity")
+            uid = self._admit(transport)
+            if uid is False:
                 transport.close()
-            else:
-                loop.call_later(self.connection_lifetime, transport.close)
+                return
+            self._callers[handler] = uid
+            self._held[uid] = self._held.get(uid, 0) + 1
+            loop.call_later(self.connection_lifetime, transport.close)
+
+        def connection_lost(handler, exc=None):
+            lost(handler, exc)
+            if handler in self._callers:
+                uid = self._callers.pop(handler)
+                self._held[uid] -= 1
+                if not self._held[uid]:
+                    del self._held[uid]
 
         server.connection_made = connection_made
+        server.connection_lost = connection_lost
 
     async def _listen(self, host, retrying=False):
         """Listen on host:port; when another process holds the port, log it and try again every
@@ -156,4 +204,3 @@ class HttpDoor:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self.pool.shutdown(wait=False)
-        self.lookups.shutdown(wait=False)
