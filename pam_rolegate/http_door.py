@@ -19,6 +19,7 @@ aiohttp, a well-kept HTTP server, parses HTTP; the doors only decide.
 
 import asyncio
 import errno
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -46,6 +47,7 @@ class HttpDoor:
     # at most this many at once (more are closed at once), and none open longer than the lifetime
     # below, idle or not (aiohttp by itself would wait forever for a first request).
     max_connections = 1024
+    backlog = 1024  # connections the kernel queues for us; also the most one readiness event accepts
     # One uid's open connections to this door. An SDK opens one per request and keeps at most a
     # few alive (botocore's IMDS fetcher: one), so 64 covers `xargs -P 64` of SDK processes at
     # once, the same share the user door gives (doors.MAX_CONNECTIONS_PER_UID); 16 uids at their
@@ -66,6 +68,7 @@ class HttpDoor:
         self._runner = None
         self._thread = None
         self._retries = []  # tasks waiting for a taken port
+        self._listeners = []  # our listening sockets (we accept ourselves, see _accept)
 
     def routes(self, app):
         raise NotImplementedError
@@ -119,21 +122,20 @@ class HttpDoor:
         except Exception as err:
             raise RolegateError(f"the {self.name} door cannot listen on port {self.port}: {err}") from None
 
-    def _admit(self, transport):
-        """The accepted connection's caller uid (None: the kernel names nobody), or False when the
-        connection must be closed now: its uid is past its share, or the door is full."""
-        sock = transport.get_extra_info("socket")
-        # One exact kernel lookup (peers.py), microseconds: on the loop, before the connection
-        # counts against anything, and while the client is certainly connected (its socket is
-        # ESTABLISHED before ours is accepted).
-        uid = peers.caller_uid(sock) if sock is not None else None
+    def _admit(self, sock):
+        """The accepted socket's caller uid (None: the kernel names nobody), counted against its
+        share; or False when it must be closed now: its uid is past its share, or the door is full."""
+        # One exact kernel lookup (peers.py), microseconds: before the connection counts against
+        # anything, and while the client is certainly connected (its socket is ESTABLISHED before
+        # ours is accepted).
+        uid = peers.caller_uid(sock)
         held = self._held.get(uid, 0)
         if held >= self.per_uid_connections:
             self.count("over_share")
             self.refusals.refused(-1 if uid is None else uid, None, door=self.name, reason="too many connections",
                                   share=self.per_uid_connections)
             return False
-        if len(self._callers) >= self.max_connections:
+        if sum(self._held.values()) >= self.max_connections:
             self.count("over_capacity")
             self.refusals.refused(-1 if uid is None else uid, None, door=self.name, reason="door full",
                                   cap=self.max_connections)
@@ -141,31 +143,70 @@ class HttpDoor:
         if uid is None:
             # Refused at its first request (403), so an HTTP client is told; logged here, once.
             self.refusals.refused(-1, None, door=self.name, reason="no socket owns this connection's tuple")
+        self._held[uid] = held + 1
         return uid
 
+    def _release(self, uid):
+        self._held[uid] -= 1
+        if not self._held[uid]:
+            del self._held[uid]
+
+    def _accept(self, listener):
+        """Readable listener: accept what waits, refuse what is past a share at once, hand the rest
+        to aiohttp. Our own accept rather than aiohttp's site, so that a refused connection costs a
+        lookup and a close (tens of microseconds), never an HTTP handler and a transport: a user
+        re-opening thousands of connections cannot slow the door for others."""
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        for _ in range(self.backlog):
+            try:
+                conn, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # EMFILE and the like: what waits stays in the kernel's queue
+                self.count("accept_failed")
+                self.log.error(f"{self.name} door: accept: {err}")
+                return
+            uid = self._admit(conn)
+            if uid is False:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            made = []  # the handler aiohttp makes for this connection, once it has
+
+            def handler(uid=uid, made=made):
+                made.append(server())  # aiohttp's RequestHandler for this connection
+                self._callers[made[0]] = uid
+                return made[0]
+
+            task = loop.create_task(loop.connect_accepted_socket(handler, conn))
+            task.add_done_callback(lambda t, uid=uid, conn=conn, made=made: self._not_connected(t, uid, conn, made))
+
+    def _not_connected(self, task, uid, conn, made):
+        """If connect_accepted_socket failed, give the connection's place back (once: connection_lost
+        may have given it back already, and then its handler is no longer in _callers)."""
+        if not task.cancelled() and task.exception() is None:
+            return
+        conn.close()
+        if not made:
+            self._release(uid)
+        elif self._callers.pop(made[0], self) is not self:
+            self._release(uid)
+
     def _bound_connections(self, server):
-        """Admit by uid, cap and time-limit connections through aiohttp's own per-connection hooks
-        on its server (connection_made / connection_lost, in aiohttp 3.8 as in 3.14)."""
+        """Time-limit connections and give a closed one's place back, through aiohttp's own
+        per-connection hooks on its server (connection_made / connection_lost, in aiohttp 3.8 as in 3.14)."""
         made, lost = server.connection_made, server.connection_lost
         loop = asyncio.get_running_loop()
 
         def connection_made(handler, transport):
             made(handler, transport)
-            uid = self._admit(transport)
-            if uid is False:
-                transport.close()
-                return
-            self._callers[handler] = uid
-            self._held[uid] = self._held.get(uid, 0) + 1
             loop.call_later(self.connection_lifetime, transport.close)
 
         def connection_lost(handler, exc=None):
             lost(handler, exc)
             if handler in self._callers:
-                uid = self._callers.pop(handler)
-                self._held[uid] -= 1
-                if not self._held[uid]:
-                    del self._held[uid]
+                self._release(self._callers.pop(handler))
 
         server.connection_made = connection_made
         server.connection_lost = connection_lost
@@ -173,16 +214,20 @@ class HttpDoor:
     async def _listen(self, host, retrying=False):
         """Listen on host:port; when another process holds the port, log it and try again every
         BIND_RETRY s in a task of the loop's own (the door serves whatever address it has meanwhile)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         while True:
             if retrying:
                 await asyncio.sleep(BIND_RETRY)
+            listener = socket.socket(family, socket.SOCK_STREAM)
             try:
-                site = web.TCPSite(self._runner, host, self.port, backlog=1024, reuse_address=True)
-                await site.start()
-                if retrying:
-                    self.log.decision("started", door=self.name, address=f"{host}:{self.port}", note="port free again")
-                return
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind((host, self.port))
+                listener.listen(self.backlog)
+                listener.setblocking(False)
             except OSError as err:
+                listener.close()
                 if err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     self.log.error(f"{self.name} door: no listener on {host}:{self.port}: {err}")
                     return  # no such address here (a kernel without IPv6): nothing to wait for
@@ -191,12 +236,25 @@ class HttpDoor:
                                       note=f"another process holds the port; trying again every {BIND_RETRY:g}s")
                     self._retries.append(asyncio.get_running_loop().create_task(self._listen(host, retrying=True)))
                     return
+                continue
+            self._listeners.append(listener)
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+            if retrying:
+                self.log.decision("started", door=self.name, address=f"{host}:{self.port}", note="port free again")
+            return
 
     def stop(self):
         if self._loop is None or self._runner is None:
             return
         for task in self._retries:
             self._loop.call_soon_threadsafe(task.cancel)
+
+        def unlisten():
+            for listener in self._listeners:
+                self._loop.remove_reader(listener.fileno())
+                listener.close()
+
+        self._loop.call_soon_threadsafe(unlisten)
         try:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
         except Exception:
