@@ -37,6 +37,9 @@ def text(body, status=200):
 # listener answer nobody). A door whose port is taken must not keep the broker, and so every login,
 # from starting: it is logged and tried again this often, while the other doors serve.
 BIND_RETRY = 5.0
+# When accept itself fails (the broker is out of descriptors), the door stops accepting for this
+# long, as asyncio's servers do, rather than spin on a listener that stays readable.
+ACCEPT_RETRY = 1.0
 
 
 class HttpDoor:
@@ -163,9 +166,15 @@ class HttpDoor:
                 conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as err:  # EMFILE and the like: what waits stays in the kernel's queue
+            except ConnectionAbortedError:
+                continue  # the client left before we took it: nothing to serve
+            except OSError as err:
+                # EMFILE and the like: what waits stays in the kernel's queue. Stop listening for a
+                # while, as asyncio's own servers do, or the still-readable listener spins the loop.
                 self.count("accept_failed")
-                self.log.error(f"{self.name} door: accept: {err}")
+                self.log.error(f"{self.name} door: accept: {err}; accepting again in {ACCEPT_RETRY:g}s")
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_RETRY, self._resume, listener)
                 return
             uid = self._admit(conn)
             if uid is False:
@@ -181,6 +190,10 @@ class HttpDoor:
 
             task = loop.create_task(loop.connect_accepted_socket(handler, conn))
             task.add_done_callback(lambda t, uid=uid, conn=conn, made=made: self._not_connected(t, uid, conn, made))
+
+    def _resume(self, listener):
+        if listener.fileno() != -1:  # not closed by stop() meanwhile
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
 
     def _not_connected(self, task, uid, conn, made):
         """If connect_accepted_socket failed, give the connection's place back (once: connection_lost
