@@ -15,7 +15,11 @@ not /proc/net/tcp{,6} as before:
     is not. /proc/net/tcp is formatted a page per read(), and each read re-finds its place in
     the hash by bucket and offset; sockets opened and closed meanwhile move that place, so a
     read is not a snapshot (and it walks every socket of every namespace, since they share
-    one hash: ~10 ms on an idle test machine, 40-160 ms under churn, measured).
+    one hash: ~10 ms on an idle test machine, 40-160 ms under churn, measured). Measured with
+    tests/test_imds.py's churn test: while another process opened and closed 2,000 loopback
+    connections at a time, the /proc read found no socket for 373 of 400 live IMDS callers,
+    who were told 403 within ~0.2 s (so well inside botocore's 1 s timeout: their sockets were
+    alive and missed, not gone); the exact lookup found all 400.
   - It costs microseconds, so the doors run it on their loop at accept time, with no thread
     pool between a caller and its answer.
 Why our own codec (below, ~40 lines of struct) rather than pyroute2, the field's library:
