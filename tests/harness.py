@@ -28,6 +28,30 @@ PAM_SOCKET = RUNTIME_DIR + "/pam/pam.sock"  # the root-only PAM door
 CONFIG_PATH = "/etc/rolegate/rolegate.yaml"
 
 ACCOUNT = "123456789012"
+
+# Opens argv[1] loopback connections to a listener of its own and closes them, over and over, until
+# its stdin closes or argv[2] seconds pass; prints how many connections it made.
+CHURN = """
+import socket, sys, threading, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(4096)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+until, made = time.monotonic() + float(sys.argv[2]), 0
+print("CHURNING", flush=True)
+while not stop.is_set() and time.monotonic() < until:
+    pairs = []
+    for _ in range(int(sys.argv[1])):
+        c = socket.create_connection(listener.getsockname())
+        pairs.append((c, listener.accept()[0]))
+    made += len(pairs)
+    for c, a in pairs:
+        c.close()
+        a.close()
+print(made, flush=True)
+"""
+
 E2E_CONFIG = f"""
 version: 1
 region: us-east-1

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import require_sandbox
-from harness import ACCOUNT, RUNTIME_DIR, VENV, make_host, run, wait_gone
+from harness import ACCOUNT, CHURN, RUNTIME_DIR, VENV, make_host, run, wait_gone
 from pam_rolegate.hookside import client, protocol
 from pam_rolegate.backends import firewall
 
@@ -755,3 +755,230 @@ def test_imds__a_user_hoarding_connections_gets_a_bounded_share_and_logins_go_on
     finally:
         hoarder.kill()
         hoarder.wait(10)
+
+
+# -- 10: per-user shares on the HTTP doors, and callers known under churn ------------------------------
+
+# A user trying to hold argv[3] connections to each of argv[1:3] (host:port): it opens them, then
+# for argv[4] seconds re-opens every one the broker closes, as fast as it can. Prints, as JSON: how
+# many were alive at the end (1.5 s after it stopped re-opening) per address, how many connects it made, and how soon after its connect
+# the broker closed the ones it refused (the longest and the median).
+FLOOD = """
+import json, selectors, socket, sys, time
+targets = [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in sys.argv[1:3]]
+want, until = int(sys.argv[3]), time.monotonic() + float(sys.argv[4])
+sel = selectors.DefaultSelector()
+opened, closed_after, failed = {t: 0 for t in targets}, [], 0
+def connect(target):
+    global failed
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(target)
+    except OSError:
+        failed += 1
+        s.close()
+        return
+    s.setblocking(False)
+    opened[target] += 1
+    sel.register(s, selectors.EVENT_READ, (target, time.monotonic()))
+for target in targets:
+    for _ in range(want):
+        connect(target)
+print(json.dumps({"ready": True}), flush=True)
+while time.monotonic() < until:
+    for key, _ in sel.select(timeout=0.05):
+        target, at = key.data
+        sel.unregister(key.fileobj)
+        key.fileobj.close()
+        closed_after.append(time.monotonic() - at)
+        connect(target)
+drain = time.monotonic() + 1.5  # no more re-opening: let the broker close what it refuses, then count
+while time.monotonic() < drain:
+    for key, _ in sel.select(timeout=0.05):
+        sel.unregister(key.fileobj)
+        key.fileobj.close()
+        closed_after.append(time.monotonic() - key.data[1])
+alive = {f"{h}:{p}": 0 for h, p in targets}
+for key in list(sel.get_map().values()):
+    alive["%s:%d" % key.data[0]] += 1
+closed_after.sort()
+print(json.dumps({"alive": alive, "connects": sum(opened.values()), "failed": failed, "refused": len(closed_after),
+                  "closed_max": closed_after[-1] if closed_after else None,
+                  "closed_median": closed_after[len(closed_after) // 2] if closed_after else None}), flush=True)
+"""
+
+# argv[3] new connections to each of argv[1:3] (host:port), one at a time: the seconds from its
+# connect until the broker closed it (None: still open after 5 s).
+REFUSED_AFTER = """
+import json, socket, sys, time
+out = []
+for _ in range(int(sys.argv[3])):
+    for address in sys.argv[1:3]:
+        host, port = address.rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=5)
+        t = time.monotonic()
+        try:
+            out.append(time.monotonic() - t if s.recv(1) == b"" else None)
+        except socket.timeout:
+            out.append(None)
+        except ConnectionResetError:
+            out.append(time.monotonic() - t)
+        s.close()
+print(json.dumps(out))
+"""
+
+# argv[2] fresh SDK sessions, one after another, each resolving credentials through the default
+# chain (IMDS); one JSON line each: the access key or the error, and the seconds it took. Then,
+# once per distinct key, the ARN STS says it belongs to (argv[1] is STS's URL).
+TIMED_ROUNDS = """
+import json, sys, time, boto3
+seen = {}
+for i in range(int(sys.argv[2])):
+    session = boto3.session.Session()
+    t = time.monotonic()
+    try:
+        creds = session.get_credentials()
+        frozen = creds.get_frozen_credentials() if creds is not None else None
+        line = {"key": frozen.access_key, "method": creds.method} if frozen else {"error": "no credentials"}
+    except Exception as err:
+        frozen, line = None, {"error": f"{type(err).__name__}: {err}"}
+    line.update(seconds=time.monotonic() - t, start=time.time())
+    if frozen is not None and frozen.access_key not in seen:
+        seen[frozen.access_key] = frozen
+    print(json.dumps(line), flush=True)
+for key, frozen in seen.items():
+    arn = boto3.client("sts", region_name="us-east-1", endpoint_url=sys.argv[1], aws_access_key_id=key,
+                       aws_secret_access_key=frozen.secret_key, aws_session_token=frozen.token
+                       ).get_caller_identity()["Arn"]
+    print(json.dumps({"arn_of": key, "arn": arn}), flush=True)
+"""
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))] if values else None
+
+
+def test_imds__a_user_holding_thousands_of_connections_keeps_nobody_else_from_credentials(lab):
+    lab.configure(delivery="container")
+    from pam_rolegate.http_door import HttpDoor
+
+    share, per_port, tries = HttpDoor.per_uid_connections, 2000, 10
+    mark = lab.h.log_mark()
+    flooder = subprocess.Popen(["prlimit", f"--nofile={2 * per_port + 500}:{2 * per_port + 500}"] +
+                               lab.cmd("bob", [sys.executable, "-c", FLOOD, f"{firewall.IMDS_V4}:80",
+                                               f"127.0.0.1:{CONTAINER_PORT}", str(per_port), "40"]),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line, _ = read_line(flooder, "bob's flood of both HTTP doors", timeout=60)
+        assert json.loads(line).get("ready"), f"bob's flood did not start: {line}"
+        # Alice, meanwhile: 10 fresh SDK sessions through IMDS, and 10 requests to the container door.
+        done = lab.py("alice", TIMED_ROUNDS, lab.sts_url, tries, timeout=120)
+        assert done.returncode == 0, f"alice's SDK sessions failed during bob's flood: {done.stderr[-3000:]}"
+        lines = [json.loads(l) for l in done.stdout.splitlines()]
+        rounds = [l for l in lines if "seconds" in l]
+        arns = {l["arn_of"]: l["arn"] for l in lines if "arn_of" in l}
+        container = lab.http("alice", [{"url": f"http://127.0.0.1:{CONTAINER_PORT}/rolegate/credentials/none"}] * tries)
+        probe = lab.json_of(lab.py("bob", REFUSED_AFTER, f"{firewall.IMDS_V4}:80", f"127.0.0.1:{CONTAINER_PORT}",
+                                   tries), "bob's connections past his share")
+        root = lab.whoami("root")
+        t = time.monotonic()
+        reply = client.call(protocol.OpenSession(user="carol", service="sshd", pid=os.getpid()),
+                            path=os.path.join(RUNTIME_DIR, protocol.PAM_SOCKET), timeout=10)
+        pam_seconds = time.monotonic() - t
+        out, err = flooder.communicate(timeout=90)
+    finally:
+        flooder.kill()
+        flooder.wait(10)
+    assert flooder.returncode == 0, f"bob's flood failed: {err[-3000:]}"
+    flood = json.loads(out.strip().splitlines()[-1])
+    seconds = [r["seconds"] for r in rounds]
+    print(f"\nbob held {flood['alive']} (share {share}) of {per_port} per door; {flood['connects']} connects, "
+          f"{flood['refused']} closed by the broker (median {flood['closed_median'] * 1000:.1f} ms, longest "
+          f"{flood['closed_max'] * 1000:.0f} ms after connect), {flood['failed']} connects failed")
+    print(f"alice meanwhile: {sum('key' in r for r in rounds)}/{tries} IMDS credentials, p50 "
+          f"{percentile(seconds, .5) * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms; container door answered "
+          f"{[s['status'] for s in container['steps']].count(403)}/{tries}, max "
+          f"{max(s['seconds'] for s in container['steps']) * 1000:.0f} ms; root's PAM login {pam_seconds * 1000:.0f} ms")
+    print(f"bob's own new connections past his share, connect to close: max {max(p or 99 for p in probe) * 1000:.1f} ms "
+          f"over {len(probe)}")
+    assert len(rounds) == tries and all("key" in r for r in rounds), \
+        f"alice's SDK found no credentials in some of {tries} tries while bob flooded: {rounds}"
+    assert all(a.startswith(role_arn_prefix("alice-role")) for a in arns.values()) and arns, \
+        f"alice's SDK got keys that are not her role's: {arns}"
+    assert max(seconds) < 1.0, f"alice waited {max(seconds):.2f}s for credentials while bob flooded (bound 1 s)"
+    assert all(s["status"] == 403 and s["seconds"] < 1.0 for s in container["steps"]), \
+        f"the container door did not answer alice at once ('no live grant') while bob flooded: {container}"
+    for address, alive in flood["alive"].items():
+        assert alive <= share, f"bob held {alive} connections to {address}, over his share of {share}"
+    assert flood["refused"] >= 2 * (per_port - share), \
+        f"the broker closed only {flood['refused']} of bob's connections past his share"
+    assert all(p is not None and p < 1.0 for p in probe), \
+        f"bob's connections past his share were not closed at once (seconds from connect to close): {probe}"
+    assert root.get("key") == "test-key", f"root's instance credentials failed during bob's flood: {root}"
+    assert isinstance(reply, protocol.Reply) and reply.get("granted"), \
+        f"a login through the PAM door failed while bob flooded the HTTP doors: {reply}"
+    client.call(protocol.CloseSession(session=reply.get("session")),
+                path=os.path.join(RUNTIME_DIR, protocol.PAM_SOCKET), timeout=10)
+    bob = pwd.getpwnam("bob").pw_uid
+    refused = [l for l in lab.h.log_since(mark).splitlines() if "refused:" in l and f"uid={bob}" in l]
+    assert refused and any("too many connections" in l for l in refused), \
+        f"bob's connections past his share were not logged as refused: {lab.h.log_since(mark)[-2000:]}"
+    # One line per uid per interval (doors.REFUSED_LOG_INTERVAL, 10 s) for the ~40 s of the flood.
+    assert len(refused) <= 8, f"bob's refusals filled the log: {len(refused)} lines:\n" + "\n".join(refused[:10])
+
+
+def test_imds__two_users_interleaving_during_connection_churn_are_all_answered_with_their_own_role(lab):
+    lab.configure()
+    rounds_each = 200
+    mark = lab.h.log_mark()
+    churn = subprocess.Popen(["prlimit", "--nofile=5000:5000"] + lab.cmd("bob", [sys.executable, "-c", CHURN,
+                                                                                  "2000", "300"]),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line, _ = read_line(churn, "bob's connection churn")
+        assert line == "CHURNING", f"bob's churn did not start: {line}"
+        procs = {user: subprocess.Popen(lab.cmd(user, [sys.executable, "-c", TIMED_ROUNDS, lab.sts_url,
+                                                       str(rounds_each)]),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for user in ("alice", "carol")}
+        outs = {}
+        for user, proc in procs.items():
+            try:
+                outs[user] = proc.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                for p in procs.values():
+                    p.kill()
+                raise AssertionError(f"{user}'s {rounds_each} rounds did not finish within 240 s")
+            assert proc.returncode == 0, f"{user}'s rounds failed: {outs[user][1][-3000:]}"
+        churn.stdin.close()
+        churned = int(churn.stdout.read().strip() or 0)
+    finally:
+        churn.kill()
+        churn.wait(10)
+    results, arns = {}, {}
+    for user, (out, _err) in outs.items():
+        lines = [json.loads(l) for l in out.splitlines()]
+        results[user] = [l for l in lines if "seconds" in l]
+        arns.update({l["arn_of"]: l["arn"] for l in lines if "arn_of" in l})
+    everything = [r for rs in results.values() for r in rs]
+    seconds = [r["seconds"] for r in everything]
+    answered = {u: [r for r in rs if "key" in r] for u, rs in results.items()}
+    refused = [(u, r) for u, rs in results.items() for r in rs if "key" not in r]
+    crossed = [(u, r) for u, rs in answered.items() for r in rs
+               if not arns.get(r["key"], "").startswith(role_arn_prefix(ROLES[u]))]
+    merged = sorted([(r["start"], u) for u, rs in results.items() for r in rs])
+    switches = sum(1 for a, b in zip(merged, merged[1:]) if a[1] != b[1])
+    print(f"\n{sum(map(len, answered.values()))}/{len(everything)} answered, {len(refused)} refused, "
+          f"{len(crossed)} crossed; credentials p50 {percentile(seconds, .5) * 1000:.0f} ms, p99 "
+          f"{percentile(seconds, .99) * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms; {switches} switches "
+          f"between users; bob churned {churned} loopback connections meanwhile")
+    unidentified = [l for l in lab.h.log_since(mark).splitlines() if "no socket owns" in l]
+    assert len(everything) == 2 * rounds_each, f"{len(everything)} of {2 * rounds_each} rounds reported"
+    assert not refused, f"{len(refused)} live callers found no credentials: {refused[:5]}\n" + "\n".join(unidentified[:5])
+    assert not crossed, f"{len(crossed)} callers got another user's role: {crossed[:5]} ({arns})"
+    assert not unidentified, "the broker failed to name live callers:\n" + "\n".join(unidentified[:5])
+    assert all(r.get("method") == "iam-role" for r in everything), "some credentials did not come through IMDS"
+    assert percentile(seconds, .99) < 1.0, f"p99 of credential resolution was {percentile(seconds, .99):.2f}s (bound 1 s)"
+    assert churned >= 2000, f"bob churned only {churned} connections: the test proved nothing about churn"
+    assert switches >= 20, f"the two users' requests did not interleave (only {switches} switches)"

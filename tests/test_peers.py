@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, require_sandbox
-from harness import make_host, run
+from harness import CHURN, make_host, run
 from pam_rolegate.backends import firewall
 from pam_rolegate.doors import peers
 
@@ -350,8 +350,55 @@ def test_peers__lookups_stay_exact_among_thousands_of_connections(host, crowd):
                 assert got == uid_of(user), f"among {rows} sockets, {user}'s connection was attributed to uid {got}"
             conn.close()
         timings.sort()
-        print(f"\ncaller_uid with {rows} sockets in /proc/net/tcp: median {timings[len(timings) // 2] * 1e3:.2f} ms, "
+        print(f"\ncaller_uid (sock_diag exact lookup) with {rows} sockets in /proc/net/tcp: median {timings[len(timings) // 2] * 1e3:.2f} ms, "
               f"max {timings[-1] * 1e3:.2f} ms over {len(timings)} lookups")
         assert timings[-1] < 5, f"one lookup took {timings[-1]:.2f}s with {rows} sockets: something hangs"
     finally:
         stop([proc for proc, _port in clients.values()])
+
+
+CHURN_SECONDS = 8  # of lookups while another process opens and closes connections
+
+
+def test_peers__live_callers_are_always_found_while_other_connections_churn(host):
+    """The lookup is one probe of the kernel's hash, not a read of a table that changes under it:
+    a caller whose socket is alive is found every time, whatever else opens and closes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    listener = listen("127.0.0.1")
+    port = listener.getsockname()[1]
+    clients = {user: start_client(user, "127.0.0.1", port) for user in USERS}
+    churn = subprocess.Popen(as_user(USERS[0], ["prlimit", "--nofile=5000:5000", sys.executable, "-c", CHURN,
+                                                "2000", "60"]),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        conns = accept_all(listener, clients)
+        assert read_line(churn, "the churning process") == "CHURNING", "the churn did not start"
+
+        def look(user):
+            wrong, timings = [], []
+            until = time.monotonic() + CHURN_SECONDS
+            while time.monotonic() < until:
+                start = time.perf_counter()
+                got = peers.caller_uid(conns[user])
+                timings.append(time.perf_counter() - start)
+                if got != uid_of(user):
+                    wrong.append(got)
+            return wrong, timings
+
+        with ThreadPoolExecutor(4) as pool:  # two lookups of each caller at once, as doors would
+            results = list(pool.map(look, USERS * 2))
+        churn.stdin.close()
+        churned = int(read_line(churn, "the churning process's count", timeout=60))
+    finally:
+        churn.kill()
+        churn.wait(10)
+        stop([proc for proc, _port in clients.values()])
+        listener.close()
+    wrong = [w for ws, _t in results for w in ws]
+    timings = sorted(t for _w, ts in results for t in ts)
+    print(f"\n{len(timings)} lookups of live callers while {churned} other connections opened and closed: "
+          f"{len(wrong)} wrong or missed; median {timings[len(timings) // 2] * 1e6:.0f} us, "
+          f"p99 {timings[int(len(timings) * .99)] * 1e6:.0f} us, max {timings[-1] * 1e3:.1f} ms")
+    assert churned >= 2000, f"only {churned} connections churned: the test proved nothing"
+    assert not wrong, f"{len(wrong)} of {len(timings)} lookups of a live caller gave another answer: {wrong[:10]}"
