@@ -391,6 +391,59 @@ def test_fleet__a_reload_that_moves_region_and_parameter_reads_the_new_one_in_th
     assert ":assumed-role/fleet-b/" in arn, f"after the reload {USER} should get us-west-2's fleet-b, got {arn!r}:\n{log}"
 
 
+def _copy():
+    """The last good copy's bytes and inode (an atomic rewrite changes the inode even for the same bytes)."""
+    with open(CACHE, "rb") as fh:
+        return fh.read(), os.fstat(fh.fileno()).st_ino
+
+
+def _wait_copy_version(version, timeout):
+    """Seconds until the copy's first line names `version`; fails showing what it says."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if f" version {version}, fetched " in _copy()[0].decode().splitlines()[0]:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"the last good copy still says {_copy()[0].decode().splitlines()[0]!r} {timeout}s after "
+                         f"version {version} was put")
+
+
+def _fetched(data):
+    return data.decode().splitlines()[0].rsplit("fetched ", 1)[1]
+
+
+def test_fleet__the_copy_follows_a_re_put_document_and_never_a_refused_one(host, ssm):
+    text = document("fleet-a")
+    put(ssm, text)
+    host.write_config(fleet_config(host.moto.url))
+    host.start_broker()
+    first, _ = _copy()
+    time.sleep(1.1)  # the copy's fetch time has whole seconds: a later confirmation must show
+    # The same text as a new version: the copy takes its version and fetch time, through the poll...
+    assert put(ssm, text) == 2
+    took = _wait_copy_version(2, POLL + 5)
+    print(f"\nfleet copy: an identical document's version 2 reached the copy {took:.1f}s after put (poll)")
+    assert _fetched(_copy()[0]) > _fetched(first), f"the copy's fetch time stayed behind: {_copy()[0][:120]!r}"
+    # ... and through SIGHUP.
+    assert put(ssm, text) == 3
+    host.broker.send_signal(signal.SIGHUP)
+    took = _wait_copy_version(3, 5)
+    print(f"fleet copy: an identical document's version 3 reached the copy {took:.1f}s after put + SIGHUP")
+    good = _copy()
+    # A refused document leaves the copy byte for byte (and file for file), through SIGHUP...
+    mark = host.log_mark()
+    put(ssm, document("fleet-b", bad_line=True))
+    host.broker.send_signal(signal.SIGHUP)
+    wait_log(host, mark, "failed: action=rules", 5)
+    assert "reloaded: path=" in host.log_since(mark), f"the config itself reloads:\n{host.log_since(mark)}"
+    assert _copy() == good, "a SIGHUP that fetched a refused document rewrote the last good copy"
+    # ... and through the poll.
+    mark = host.log_mark()
+    wait_log(host, mark, "failed: action=rules", POLL + 5)
+    assert _copy() == good, "a poll that fetched a refused document rewrote the last good copy"
+    assert ":assumed-role/fleet-a/" in login_arn(host), f"the good rules still grant:\n{host.log_since(mark)}"
+
+
 # -- policy and doctor -----------------------------------------------------------------------------
 
 
