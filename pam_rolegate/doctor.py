@@ -141,7 +141,6 @@ def check_profile(ctx):
 
 def check_runtime_dir(ctx):
     from . import store
-
     from .errors import StoreError
 
     cfg = ctx.get("config")

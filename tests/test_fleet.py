@@ -7,6 +7,7 @@ rules and a clear line when there is none — with real logins through sshd and 
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -442,6 +443,30 @@ def test_fleet__the_copy_follows_a_re_put_document_and_never_a_refused_one(host,
     wait_log(host, mark, "failed: action=rules", POLL + 5)
     assert _copy() == good, "a poll that fetched a refused document rewrote the last good copy"
     assert ":assumed-role/fleet-a/" in login_arn(host), f"the good rules still grant:\n{host.log_since(mark)}"
+
+
+def test_fleet__a_reload_to_an_unsafe_rules_cache_is_refused_as_check_config_refuses_it(host, ssm):
+    put(ssm, document("fleet-a"))
+    host.write_config(fleet_config(host.moto.url))
+    host.start_broker()
+    good = _copy()
+    unsafe = f"/run/rolegate-fleet-open-{os.getpid()}"
+    os.makedirs(unsafe, exist_ok=True)
+    os.chmod(unsafe, 0o777)
+    try:
+        host.write_config(fleet_config(host.moto.url).replace(f"rules_cache: {CACHE}", f"rules_cache: {unsafe}/r.yaml"))
+        checked = run(["rolegate", "check-config", CONFIG_PATH], check=False)
+        mark = host.log_mark()
+        host.broker.send_signal(signal.SIGHUP)
+        wait_log(host, mark, "failed: action=reload", 5)
+        line = next(l for l in host.log_since(mark).splitlines() if "failed: action=reload" in l)
+        located = f"{CONFIG_PATH}:7:14: rules_cache"
+        assert checked.returncode != 0 and located in checked.stdout, f"check-config should refuse it: {checked}"
+        assert located in line and "writable by group or others" in line and 'kept="previous config"' in line, \
+            f"the reload must be refused at the key, as check-config refuses it: {line}"
+        assert _copy() == good and not os.path.exists(f"{unsafe}/r.yaml"), "the refused reload touched a copy"
+    finally:
+        shutil.rmtree(unsafe, ignore_errors=True)
 
 
 # -- policy and doctor -----------------------------------------------------------------------------
