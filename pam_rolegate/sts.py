@@ -286,8 +286,8 @@ def _status_named_parsers():
                 except ResponseParserError:
                     if response.get("status_code") != _THROTTLE_STATUS:
                         raise
-                    return {"Error": {"Code": str(_THROTTLE_STATUS), "Message": http.client.responses[_THROTTLE_STATUS]},
-                            "ResponseMetadata": {"HTTPStatusCode": _THROTTLE_STATUS}}
+                    error = {"Code": str(_THROTTLE_STATUS), "Message": http.client.responses[_THROTTLE_STATUS]}
+                    return {"Error": error, "ResponseMetadata": {"HTTPStatusCode": _THROTTLE_STATUS}}
 
             parser.parse = parse_or_name
             return parser

@@ -596,7 +596,7 @@ def test_config__generated_durations_parse_to_their_seconds(duration):
 
 def test_config__refresh_before_leaving_5s_between_refreshes_is_refused():
     err = refused(HEAD + "session:\n  duration: 1h\n  refresh_before: 59m55s\n")
-    assert_located(err, 5, 19, f"leaves 5s between refreshes")
+    assert_located(err, 5, 19, "leaves 5s between refreshes")
     assert str(config.MIN_REFRESH_INTERVAL) + "s" in err.message, err.message
     err = refused(HEAD + f"session: {{refresh_before: 20m}}\nroles:\n  - match: {{user: a}}\n    role: {ARN}\n"
                          f"    duration: 1205s\n")
