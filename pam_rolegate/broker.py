@@ -147,6 +147,7 @@ class Broker:
     def _reload(self, path):
         try:
             cfg = config_mod.load(path)
+            config_mod.check_paths(cfg)  # what a start would refuse, a reload refuses too (check-config's check)
         except ConfigError as err:
             self.log.decision("failed", action="reload", reason=str(err), kept="previous config")
             return False
@@ -218,6 +219,8 @@ def serve(config_path, engine=None, log=None, ready=None):
     log = log or Log("rolegated")
     try:
         cfg = config_mod.load(config_path)
+        # check-config's filesystem checks, located in the file; start() walks again as it creates.
+        config_mod.check_paths(cfg)
     except ConfigError as err:
         log.error(f"not starting: {err}")
         return 1

@@ -589,3 +589,186 @@ def test_config__generated_durations_parse_to_their_seconds(duration):
     got = config.parse_duration(written)
     assert got == seconds, f"parse_duration({written!r}) should be {seconds}, got {got}"
     assert names.DURATION_MIN <= got <= names.DURATION_MAX, f"generator produced out-of-range {written!r}"
+
+
+# -- one validation: check-config refuses what the broker refuses at start, and nothing else --------
+
+
+def test_config__refresh_before_leaving_5s_between_refreshes_is_refused():
+    err = refused(HEAD + "session:\n  duration: 1h\n  refresh_before: 59m55s\n")
+    assert_located(err, 5, 19, "leaves 5s between refreshes")
+    assert str(config.MIN_REFRESH_INTERVAL) + "s" in err.message, err.message
+    err = refused(HEAD + f"session: {{refresh_before: 20m}}\nroles:\n  - match: {{user: a}}\n    role: {ARN}\n"
+                         f"    duration: 1205s\n")
+    assert_located(err, 7, 15, "leaves 5s between refreshes")
+    cfg = config.parse(HEAD + f"session:\n  duration: 900\n  refresh_before: {900 - config.MIN_REFRESH_INTERVAL}\n",
+                       PATH)
+    assert cfg.session.duration - cfg.session.refresh_before == config.MIN_REFRESH_INTERVAL, \
+        "exactly the least interval must be accepted"
+
+
+def _cases(base):
+    """(name, config lines, expected (key, line) of the refusal or None) with the files each needs,
+    made under `base` (a root-owned 0755 directory on /run's tmpfs). Line numbers count from the
+    config's first line (HEAD is lines 1-2)."""
+    def d(name, mode=0o755, uid=0):
+        path = os.path.join(base, name)
+        os.makedirs(path, exist_ok=True)
+        os.chown(path, uid, 0)
+        os.chmod(path, mode)
+        return path
+
+    nobody = 65534
+    fleet = f"rules_from: ssm:/rolegate/check\n"
+    cases = [
+        ("valid, runtime_dir not there yet", f"runtime_dir: {base}/fresh/rt\n", None),
+        ("valid, runtime_dir there", f"runtime_dir: {d('rt-ok')}\n", None),
+        ("valid, fleet rules_cache not there yet", f"runtime_dir: {base}/rt-f\n{fleet}"
+                                                   f"rules_cache: {base}/cache-new/rules.yaml\n", None),
+        ("5 s between refreshes", f"runtime_dir: {base}/rt-5s\nsession: {{duration: 1h, refresh_before: 59m55s}}\n",
+         ("refresh_before", 4)),
+        ("unknown key", f"runtime_dir: {base}/rt-u\nruntime_dri: /run/x\n", ("unknown key", 4)),
+        ("runtime_dir below a user's directory", f"runtime_dir: {d('mine', uid=nobody)}/rt\n", ("runtime_dir", 3)),
+        ("runtime_dir below a world-writable directory", f"runtime_dir: {d('open', 0o777)}/rt\n",
+         ("runtime_dir", 3)),
+        ("runtime_dir below sticky /tmp", f"runtime_dir: /tmp/rolegate-check-{os.getpid()}\n", ("runtime_dir", 3)),
+        ("runtime_dir a user's own directory", f"runtime_dir: {d('users-rt', 0o755, nobody)}\n", ("runtime_dir", 3)),
+        ("runtime_dir group-writable", f"runtime_dir: {d('gw-rt', 0o775)}\n", ("runtime_dir", 3)),
+        ("runtime_dir a symbolic link", f"runtime_dir: {base}/link-rt\n", ("runtime_dir", 3)),
+        ("runtime_dir below a symbolic link", f"runtime_dir: {base}/link-rt/below\n", ("runtime_dir", 3)),
+        ("runtime_dir a file", f"runtime_dir: {base}/a-file\n", ("runtime_dir", 3)),
+        ("rules_cache below a user's directory", f"runtime_dir: {base}/rt-c1\n{fleet}"
+                                                 f"rules_cache: {d('users-cache', 0o700, nobody)}/rules.yaml\n",
+         ("rules_cache", 5)),
+        ("rules_cache below a world-writable directory", f"runtime_dir: {base}/rt-c2\n{fleet}"
+                                                         f"rules_cache: {d('open-cache', 0o777)}/x/rules.yaml\n",
+         ("rules_cache", 5)),
+        ("rules_cache in a symbolic link", f"runtime_dir: {base}/rt-c3\n{fleet}"
+                                           f"rules_cache: {base}/link-rt/rules.yaml\n", ("rules_cache", 5)),
+        ("default rules_cache is fine", f"runtime_dir: {base}/rt-c4\n{fleet}", None),
+    ]
+    os.symlink(d("target"), os.path.join(base, "link-rt"))
+    with open(os.path.join(base, "a-file"), "w"):
+        pass
+    return cases
+
+
+def _broker_start(config_path, timeout=30):
+    """Start a real rolegated on `config_path`: (refused?, its output). A broker that starts is
+    stopped with SIGTERM once it says `started:`."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    exe = os.path.join(os.path.dirname(sys.executable), "rolegated")
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([exe], env=dict(os.environ, ROLEGATE_CONFIG=config_path), stdout=log,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+        def output():
+            log.seek(0)
+            return log.read()
+
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return proc.returncode != 0, output()
+                if "started:" in output():
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(15)
+                    return False, output()
+                time.sleep(0.05)
+            raise AssertionError(f"rolegated neither started nor refused within {timeout}s:\n{output()}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_config__check_config_and_a_real_broker_refuse_the_same_configs(moto, tmp_path):
+    """One table through `rolegate check-config` and a real rolegated start: each refuses exactly
+    what the other does, located at the same FILE:LINE:COL."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import require_sandbox
+
+    require_sandbox()
+    base = f"/run/rolegate-checks-{os.getpid()}"
+    os.makedirs(base, mode=0o755)
+    os.chmod(base, 0o755)
+    rolegate = os.path.join(os.path.dirname(sys.executable), "rolegate")
+    try:
+        cases = _cases(base)
+        mismatches = []
+        for i, (name, lines, expected) in enumerate(cases):
+            text = HEAD + lines
+            if "rules_from" in lines:  # the parameter is not there: the broker starts with no rules
+                text += f"ssm_endpoint: {moto.url}\n"
+            path = str(tmp_path / f"case{i}.yaml")
+            with open(path, "w") as fh:
+                fh.write(text)
+            checked = subprocess.run([rolegate, "check-config", path], capture_output=True, text=True, timeout=60)
+            cc_refused, cc_out = checked.returncode != 0, checked.stdout + checked.stderr
+            b_refused, b_out = _broker_start(path)
+            print(f"{name}: check-config {'refuses' if cc_refused else 'accepts'}, "
+                  f"rolegated {'refuses' if b_refused else 'starts'}")
+            want_refused = expected is not None
+            if (cc_refused, b_refused) != (want_refused, want_refused):
+                mismatches.append(f"{name}: expected {'refusal' if want_refused else 'acceptance'}; check-config "
+                                  f"{'refused' if cc_refused else 'accepted'} ({cc_out.strip()}), rolegated "
+                                  f"{'refused' if b_refused else 'started'}:\n{b_out}")
+                continue
+            if want_refused:
+                word, line = expected
+                located = f"{path}:{line}:"
+                refusal = next((l for l in b_out.splitlines() if "not starting" in l), "")
+                if not (located in cc_out and word in cc_out and located in refusal and word in refusal):
+                    mismatches.append(f"{name}: both should locate the refusal at {located} ({word}):\n"
+                                      f"check-config: {cc_out}\nrolegated: {b_out}")
+        assert not mismatches, "check-config and the broker disagree:\n" + "\n\n".join(mismatches)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(f"/tmp/rolegate-check-{os.getpid()}", ignore_errors=True)
+
+
+def test_config__unprivileged_check_config_says_what_it_could_not_check():
+    """check-config as a user: what it can see is judged as root would; below a directory it may
+    not search it says so (and does not refuse)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import require_sandbox
+
+    require_sandbox()
+    base = f"/run/rolegate-checks-u{os.getpid()}"
+    os.makedirs(base + "/closed/rt")
+    os.chmod(base, 0o755)
+    os.chmod(base + "/closed", 0o700)
+    os.makedirs(base + "/open", mode=0o777)
+    os.chmod(base + "/open", 0o777)
+    rolegate = os.path.join(os.path.dirname(sys.executable), "rolegate")
+
+    def check_as_nobody(runtime_dir):
+        path = base + "/rolegate.yaml"  # readable by nobody, unlike pytest's tmp_path
+        with open(path, "w") as fh:
+            fh.write(HEAD + f"runtime_dir: {runtime_dir}\n")
+        os.chmod(path, 0o644)
+        done = subprocess.run([rolegate, "check-config", path], capture_output=True, text=True, timeout=60,
+                              user=65534, group=65534, extra_groups=[])
+        return done.returncode, done.stdout + done.stderr
+
+    try:
+        code, out = check_as_nobody(base + "/closed/rt")
+        assert code == 0 and "not checked: runtime_dir" in out and f"{base}/closed/rt cannot be checked" in out, \
+            f"an unprivileged check-config must say it could not look below {base}/closed ({code}):\n{out}"
+        code, out = check_as_nobody(base + "/open/rt")
+        assert code != 0 and f"{base}/rolegate.yaml:3:14: runtime_dir" in out and "writable by group" in out, \
+            f"an unprivileged check-config must still refuse a world-writable parent ({code}):\n{out}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -171,3 +171,32 @@ def test_doctor__emulate_mode_passes_with_the_emulator_up_and_names_it_when_down
     code, results = doctor()
     assert code == 0, f"back in reject mode doctor should pass: " \
                       f"{ {n: r['detail'] for n, r in results.items() if r['verdict'] == 'FAIL'} }"
+
+
+def test_doctor__config_and_runtime_dir_walk_the_parents_as_the_broker_does(tmp_path):
+    """doctor's config check is check-config's (runtime_dir's parents, located at the key), and its
+    runtime-dir check looks at the parents too, not only at runtime_dir itself."""
+    import shutil
+
+    from pam_rolegate import config, doctor
+
+    require_sandbox()
+    base = f"/run/rg-doc-walk-{os.getpid()}"
+    os.makedirs(base + "/open/rt")
+    os.chmod(base, 0o755)
+    os.chmod(base + "/open", 0o777)
+    os.chmod(base + "/open/rt", 0o755)
+    path = str(tmp_path / "rolegate.yaml")
+    text = f"version: 1\nregion: us-east-1\nruntime_dir: {base}/open/rt\n"
+    with open(path, "w") as fh:
+        fh.write(text)
+    try:
+        [result] = doctor.check_config({"config_path": path})
+        assert result.verdict == doctor.FAIL and f"{path}:3:14: runtime_dir" in result.detail \
+               and f"{base}/open is writable by group or others" in result.detail, \
+            f"doctor's config check must refuse the world-writable parent, located: {result}"
+        [result] = doctor.check_runtime_dir({"config": config.parse(text, path)})
+        assert result.verdict == doctor.FAIL and f"{base}/open is writable by group or others" in result.detail, \
+            f"doctor's runtime-dir check must look at runtime_dir's parents: {result}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

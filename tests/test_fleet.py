@@ -7,6 +7,7 @@ rules and a clear line when there is none — with real logins through sshd and 
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -391,6 +392,83 @@ def test_fleet__a_reload_that_moves_region_and_parameter_reads_the_new_one_in_th
     assert "failed: action=rules" not in log, f"the new parameter was asked of the old region:\n{log}"
     arn = login_arn(host)
     assert ":assumed-role/fleet-b/" in arn, f"after the reload {USER} should get us-west-2's fleet-b, got {arn!r}:\n{log}"
+
+
+def _copy():
+    """The last good copy's bytes and inode (an atomic rewrite changes the inode even for the same bytes)."""
+    with open(CACHE, "rb") as fh:
+        return fh.read(), os.fstat(fh.fileno()).st_ino
+
+
+def _wait_copy_version(version, timeout):
+    """Seconds until the copy's first line names `version`; fails showing what it says."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if f" version {version}, fetched " in _copy()[0].decode().splitlines()[0]:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"the last good copy still says {_copy()[0].decode().splitlines()[0]!r} {timeout}s after "
+                         f"version {version} was put")
+
+
+def _fetched(data):
+    return data.decode().splitlines()[0].rsplit("fetched ", 1)[1]
+
+
+def test_fleet__the_copy_follows_a_re_put_document_and_never_a_refused_one(host, ssm):
+    text = document("fleet-a")
+    put(ssm, text)
+    host.write_config(fleet_config(host.moto.url))
+    host.start_broker()
+    first, _ = _copy()
+    time.sleep(1.1)  # the copy's fetch time has whole seconds: a later confirmation must show
+    # The same text as a new version: the copy takes its version and fetch time, through the poll...
+    assert put(ssm, text) == 2
+    took = _wait_copy_version(2, POLL + 5)
+    print(f"\nfleet copy: an identical document's version 2 reached the copy {took:.1f}s after put (poll)")
+    assert _fetched(_copy()[0]) > _fetched(first), f"the copy's fetch time stayed behind: {_copy()[0][:120]!r}"
+    # ... and through SIGHUP.
+    assert put(ssm, text) == 3
+    host.broker.send_signal(signal.SIGHUP)
+    took = _wait_copy_version(3, 5)
+    print(f"fleet copy: an identical document's version 3 reached the copy {took:.1f}s after put + SIGHUP")
+    good = _copy()
+    # A refused document leaves the copy byte for byte (and file for file), through SIGHUP...
+    mark = host.log_mark()
+    put(ssm, document("fleet-b", bad_line=True))
+    host.broker.send_signal(signal.SIGHUP)
+    wait_log(host, mark, "failed: action=rules", 5)
+    assert "reloaded: path=" in host.log_since(mark), f"the config itself reloads:\n{host.log_since(mark)}"
+    assert _copy() == good, "a SIGHUP that fetched a refused document rewrote the last good copy"
+    # ... and through the poll.
+    mark = host.log_mark()
+    wait_log(host, mark, "failed: action=rules", POLL + 5)
+    assert _copy() == good, "a poll that fetched a refused document rewrote the last good copy"
+    assert ":assumed-role/fleet-a/" in login_arn(host), f"the good rules still grant:\n{host.log_since(mark)}"
+
+
+def test_fleet__a_reload_to_an_unsafe_rules_cache_is_refused_as_check_config_refuses_it(host, ssm):
+    put(ssm, document("fleet-a"))
+    host.write_config(fleet_config(host.moto.url))
+    host.start_broker()
+    good = _copy()
+    unsafe = f"/run/rolegate-fleet-open-{os.getpid()}"
+    os.makedirs(unsafe, exist_ok=True)
+    os.chmod(unsafe, 0o777)
+    try:
+        host.write_config(fleet_config(host.moto.url).replace(f"rules_cache: {CACHE}", f"rules_cache: {unsafe}/r.yaml"))
+        checked = run(["rolegate", "check-config", CONFIG_PATH], check=False)
+        mark = host.log_mark()
+        host.broker.send_signal(signal.SIGHUP)
+        wait_log(host, mark, "failed: action=reload", 5)
+        line = next(l for l in host.log_since(mark).splitlines() if "failed: action=reload" in l)
+        located = f"{CONFIG_PATH}:7:14: rules_cache"
+        assert checked.returncode != 0 and located in checked.stdout, f"check-config should refuse it: {checked}"
+        assert located in line and "writable by group or others" in line and 'kept="previous config"' in line, \
+            f"the reload must be refused at the key, as check-config refuses it: {line}"
+        assert _copy() == good and not os.path.exists(f"{unsafe}/r.yaml"), "the refused reload touched a copy"
+    finally:
+        shutil.rmtree(unsafe, ignore_errors=True)
 
 
 # -- policy and doctor -----------------------------------------------------------------------------

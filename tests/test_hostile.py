@@ -530,7 +530,8 @@ def test_status__two_thousand_grants_and_ten_thousand_sessions_all_listed(host):
 
 # -- 3. an STS that answers garbage ----------------------------------------------------------------
 
-STS_CONFIG = CONFIG.replace("refresh_before: 20m", "refresh_before: 899s").replace("duration: 1h", "duration: 15m")
+# The least refresh interval config allows (MIN_REFRESH_INTERVAL, 10 s): a grant is due soon after login.
+STS_CONFIG = CONFIG.replace("refresh_before: 20m", "refresh_before: 890s").replace("duration: 1h", "duration: 15m")
 
 
 class StsSwitch:
@@ -645,7 +646,7 @@ def test_sts__a_valid_grant_keeps_being_served_while_sts_answers_garbage(host, s
         path = held.get("env")["AWS_SHARED_CREDENTIALS_FILE"]
         mark = host.log_mark()
         sts_switch.answer = GARBAGE_200
-        # With refresh_before 899 s of a 15 m session the grant is due at once: the refresher
+        # With refresh_before 890 s of a 15 m session the grant is due within 10 s: the refresher
         # meets the garbage, and the old credentials (still ~15 minutes valid) must stay.
         line = _wait_for_log(host, mark, ("failed:", f"grant={held.get('grant')}", "action=refresh",
                                           "code=sts_unavailable"), 30)

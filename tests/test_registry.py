@@ -336,6 +336,94 @@ def test_recovery__sigkill_mid_burst_restart_keeps_exactly_the_live_sessions(hos
           f"{len(burst.close_in_doubt & found.keys())})")
 
 
+# -- recovery after SIGKILL during a journal compaction ---------------------------------------------
+
+JOURNAL_NEW = os.path.join(RUNTIME_DIR, "state", "journal.new")  # exists only while a compaction writes
+COMPACTION_SESSIONS = 1000  # the live state compacted: its rewrite takes long enough to be caught
+COMPACTION_ROUNDS = 6  # churn-until-compaction rounds at most (each kills the broker once)
+COMPACTION_HITS = 2  # kills inside the window wanted; the test stops early once it has them
+ROUND_TIMEOUT = 120  # seconds of churn for one compaction (records.COMPACT_MIN of journal lines)
+
+
+def _check_recovery(host, burst, mark):
+    """After a SIGKILL and restart: every acknowledged, unclosed session back, none that was closed,
+    no session nobody asked for beyond the opens in flight, no grant without sessions or files."""
+    grants = status()
+    found = {s["id"]: s["pid"] for g in grants for s in g.get("session_list", [])}
+    must_live = {sid for sid in burst.opened if sid not in burst.closed and sid not in burst.close_in_doubt}
+    missing = must_live - found.keys()
+    assert not missing, f"{len(missing)} acknowledged, unclosed sessions were lost, e.g. {sorted(missing)[:5]}"
+    resurrected = burst.closed & found.keys()
+    assert not resurrected, f"{len(resurrected)} acknowledged closes came back, e.g. {sorted(resurrected)[:5]}"
+    unknown = {sid: pid for sid, pid in found.items() if sid not in burst.opened}
+    assert len(unknown) <= len(burst.open_in_doubt) and set(unknown.values()) <= set(burst.open_in_doubt), \
+        f"{len(unknown)} sessions nobody was told about, but only {len(burst.open_in_doubt)} opens were in flight"
+    live_grants = {g["grant"] for g in grants}
+    assert all(g["sessions"] > 0 for g in grants), "a grant without sessions is live after the restart"
+    on_disk = set(os.listdir(GRANTS_DIR))
+    assert on_disk == live_grants, f"stray grant directories {sorted(on_disk - live_grants)}, or live grants " \
+                                   f"{sorted(live_grants - on_disk)} without one"
+    assert f"recovered: sessions={len(found)} " in host.log_since(mark), \
+        f"the recovery line does not count the {len(found)} kept sessions:\n{host.log_since(mark)[-2000:]}"
+    return found
+
+
+def test_recovery__sigkill_during_compaction_restart_keeps_exactly_the_acknowledged_sessions(host, sleepers):
+    """The journal is rewritten once COMPACT_MIN bytes of changes piled up past the live state. A
+    churn of opens and closes drives it there; the moment journal.new appears (the compaction is
+    writing) the broker is SIGKILLed. journal.new still there after its death proves the kill
+    landed inside the window; each restart must recover exactly the acknowledged sessions."""
+    import sys
+
+    restart(host, config(BURST_USERS))
+    pids = sleepers.start(COMPACTION_SESSIONS // SESSIONS_PER_PID + 20)
+    jobs = [(BURST_USERS[i % len(BURST_USERS)], pids[i // SESSIONS_PER_PID]) for i in range(COMPACTION_SESSIONS)]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda job: (job[1], open_session(*job)), jobs))
+    assert all(isinstance(r, protocol.Reply) and r.get("granted") for _pid, r in replies), "the fill was refused"
+    live = {r.get("session"): pid for pid, r in replies}
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # the watcher below must not wait 5 ms for the churn threads' GIL
+    hits, rounds, took = 0, [], []
+    try:
+        while hits < COMPACTION_HITS and len(rounds) < COMPACTION_ROUNDS:
+            assert not os.path.exists(JOURNAL_NEW), "the restarted broker left journal.new behind"
+            burst = Burst(live, pids)
+            threads = [threading.Thread(target=burst.worker, args=(seed + 10 * len(rounds),))
+                       for seed in range(BURST_THREADS)]
+            t0 = time.monotonic()
+            for t in threads:
+                t.start()
+            seen = False
+            while time.monotonic() - t0 < ROUND_TIMEOUT:
+                if os.path.exists(JOURNAL_NEW):
+                    os.kill(host.broker.pid, signal.SIGKILL)
+                    seen = True
+                    break
+                time.sleep(0.0002)
+            if not seen:
+                os.kill(host.broker.pid, signal.SIGKILL)
+            host.broker.wait(15)
+            burst.stop.set()
+            for t in threads:
+                t.join(CALL_TIMEOUT + 10)
+            assert not any(t.is_alive() for t in threads), "a churn thread did not finish after the broker died"
+            assert not burst.errors, f"the live broker refused churn requests: {burst.errors[:5]}"
+            assert seen, f"no compaction began within {ROUND_TIMEOUT}s of churn ({burst.acks} acknowledged requests)"
+            hit = os.path.exists(JOURNAL_NEW)
+            hits += hit
+            rounds.append("in the window" if hit else "just after the rename")
+            took.append(time.monotonic() - t0)
+            mark = host.log_mark()
+            host.start_broker()
+            live = _check_recovery(host, burst, mark)
+    finally:
+        sys.setswitchinterval(switch)
+    print(f"\ncompaction kills: {len(rounds)} rounds ({', '.join(rounds)}); churn to each compaction "
+          f"{', '.join(f'{t:.1f}s' for t in took)}; {len(live)} sessions live at the end")
+    assert hits, f"no SIGKILL landed inside a compaction in {len(rounds)} rounds: {rounds}"
+
+
 # -- the refresh pool's rate limit ------------------------------------------------------------------
 
 RATE, WORKERS = 5, 4

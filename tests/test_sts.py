@@ -273,6 +273,32 @@ def test_sts__caller_identity_calls_an_unreadable_reply_an_outage(moto, monkeypa
         server.shutdown()
 
 
+# nginx's own limit_req page: what a proxy in front of STS answers when it rate-limits us.
+NGINX_429 = (b"<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n<center><h1>429 Too Many "
+             b"Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+
+
+@pytest.mark.parametrize("content_type,body", [
+    ("text/html", NGINX_429), ("text/plain", b"Too Many Requests"), ("application/json", b'{"message":"slow down"}'),
+], ids=["nginx-html", "plain-text", "json"])
+def test_sts__a_proxys_429_is_throttling_retried_within_the_budget(moto, monkeypatch, content_type, body):
+    server, hits = _stand_in(429, body, content_type)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:%d" % server.server_address[1])
+        cfg = config.parse(CONFIG.replace("region: us-east-1", "region: us-east-1\nsts_timeout: 2"), "t.yaml")
+        start = time.monotonic()
+        with pytest.raises(Throttled) as err:
+            assume_for(cfg, ident("alice"))
+        elapsed = time.monotonic() - start
+        print(f"\nsts: a proxy's HTTP 429 was asked {len(hits)} times within the 2 s budget ({elapsed:.2f}s): {err.value}")
+        assert err.value.code == "throttled", f"a 429 must carry the code throttled, got {err.value.code}"
+        assert "HTTP 429" in str(err.value), f"the error should name the status: {err.value}"
+        assert len(hits) > 1, f"throttling is retried within the budget; the proxy saw {len(hits)} call"
+        assert elapsed < 3.0, f"the engine took {elapsed:.2f}s on a 429 stand-in (budget 2 s)"
+    finally:
+        server.shutdown()
+
+
 def test_sts__credentials_repr_masks_the_key():
     creds = sts.Credentials("ASIAEXAMPLEKEY123456", "supersecret", "token", None)
     text = repr(creds) + creds.masked_key

@@ -82,9 +82,14 @@ def run_check_config(args, deps):
     path = args.path or config.config_path(args.config, deps.environ)
     try:
         cfg = config.load(path)
+        # What the broker would refuse at start, by the same functions; a user who may not search
+        # some directory on the way is told what stayed unchecked (root's check-config sees all).
+        unchecked = config.check_paths(cfg)
     except ConfigError as err:
         deps.say(str(err))
         return EXIT_FAIL
+    for note in unchecked:
+        deps.say(f"{path}: not checked: {note}")
     deps.say(f"{path}: OK ({len(cfg.roles)} rule{'s' if len(cfg.roles) != 1 else ''}, "
              f"source {cfg.source}, delivery {cfg.delivery}, region {cfg.region})")
     return EXIT_OK

@@ -78,10 +78,20 @@ def check_config(ctx):
     from ..errors import ConfigError
 
     try:
-        ctx["config"] = config.load(ctx["config_path"])
-        return [Result("config", PASS, f"{ctx['config_path']} is valid")]
+        cfg = config.load(ctx["config_path"])
     except ConfigError as err:
         return [Result("config", FAIL, str(err), "fix the file at that position; `rolegate check-config`")]
+    ctx["config"] = cfg
+    try:
+        # The broker's start checks (runtime_dir, rules_cache and their parents), located in the file.
+        unchecked = config.check_paths(cfg)
+    except ConfigError as err:
+        return [Result("config", FAIL, str(err), "fix the file at that position, or the directory it names; "
+                                                 "`rolegate check-config`")]
+    if unchecked:
+        return [Result("config", WARN, f"{ctx['config_path']} is valid, but " + "; ".join(unchecked),
+                       "run rolegate doctor as root")]
+    return [Result("config", PASS, f"{ctx['config_path']} is valid")]
 
 
 def check_pam_python(ctx):
@@ -131,6 +141,7 @@ def check_profile(ctx):
 
 def check_runtime_dir(ctx):
     from ..backends import store
+    from ..errors import StoreError
 
     cfg = ctx.get("config")
     path = cfg.runtime_dir if cfg else "/run/rolegate"
@@ -138,6 +149,11 @@ def check_runtime_dir(ctx):
         st = os.lstat(path)
     except FileNotFoundError:
         return [Result("runtime-dir", FAIL, f"{path} does not exist", "start rolegated; it creates it")]
+    try:  # its parents too, by the broker's own walk
+        store.probe_safe_dir(os.path.dirname(path), "runtime_dir", "choose a directory under /run")
+    except StoreError as err:
+        return [Result("runtime-dir", FAIL, str(err), "fix that directory (root-owned, not writable by others), "
+                                                      "or move runtime_dir; restart rolegated")]
     problems = []
     if not stat.S_ISDIR(st.st_mode):
         problems.append("is not a directory")

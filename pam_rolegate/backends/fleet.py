@@ -125,6 +125,11 @@ class FleetRules:
         self.rng = rng
         self.current = None  # the Document in force (set by accept(), under the broker's lock)
         self.failures = 0  # fetches failed in a row
+        # (rules_cache, version, fetched) the copy on disk holds, as this broker last wrote it: the
+        # copy is written only for a document from the store it does not hold yet, so nothing
+        # else (a reload, a refused fetch) rewrites it. The lock: the poller and a reload both keep.
+        self._kept = None
+        self._keep_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
@@ -191,13 +196,23 @@ class FleetRules:
     def accept(self, doc):
         """`doc`'s rules are now in force (called under the broker's lock); keep a fresh one on disk."""
         self.current = doc
+        self._keep(doc)
+
+    def _keep(self, doc):
+        """The last good copy follows `doc` (a document from the store now in force or confirmed):
+        written when its version or fetch time is not what the copy holds, else left untouched."""
         if doc is None or doc.where != doc.source:
             return  # nothing, or the cache itself
-        try:
-            write_cache(self.cfg, doc)
-        except (StoreError, OSError) as err:
-            self.log.decision("failed", action="rules-cache", source=self.source, reason=str(err),
-                              kept="the rules in force; the copy on disk is older")
+        with self._keep_lock:
+            held = (self.cfg.rules_cache, doc.version, doc.fetched)
+            if held == self._kept:
+                return
+            try:
+                write_cache(self.cfg, doc)
+                self._kept = held
+            except (StoreError, OSError) as err:
+                self.log.decision("failed", action="rules-cache", source=self.source, reason=str(err),
+                                  kept="the rules in force; the copy on disk is older")
 
     # -- polling -------------------------------------------------------------------------------------
 
@@ -215,6 +230,7 @@ class FleetRules:
         if current is not None and current.text == doc.text:  # a new version of the same text changes nothing
             self._observe("unchanged")
             self.current = doc  # confirmed now (and from the store, if the copy on disk was serving)
+            self._keep(doc)  # a new version of the same text: the copy says so (version, fetch time)
             if was_failing:
                 self.log.decision("reloaded", source=self.source, version=doc.version,
                                   note="the parameter is readable again; rules unchanged")

@@ -277,7 +277,7 @@ class CredentialStore:
             os.close(grants)
 
 
-def open_safe_dir(path, what, hint, create=True, mode=0o755):
+def open_safe_dir(path, what, hint, create=True, mode=0o755, probe=False):
     """An fd on directory `path`, reached from / one component at a time without following links.
 
     Every ancestor must be as safe as the directory itself: whoever can write to a parent can
@@ -285,20 +285,31 @@ def open_safe_dir(path, what, hint, create=True, mode=0o755):
     Missing trailing components are created (the last one with `mode`, the others 0755), but only
     below a parent that passed the check. `what` names the setting in messages, `hint` says
     where a safe one would be. runtime_dir and rules_cache's directory are both reached this way.
+
+    With `probe` nothing is created or changed and no read permission is needed (O_PATH): the
+    walk stops at the first missing component (the broker would create the rest below a parent
+    that passed) and returns None; it raises NotVisible where this user may not search a
+    directory, so that what lies below it cannot be judged. See probe_safe_dir.
     """
     if not path.startswith("/"):
         raise StoreError(f"{what} {path!r} must be an absolute path; {hint}")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise StoreError(f"{what} {path!r} must not contain '..'; write it out in full")
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open("/", (os.O_PATH if probe else os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
     where = "/"
     try:
         _check_ancestor(fd, where, what, hint)
         for i, name in enumerate(parts):
             where = "/" + "/".join(parts[:i + 1])
             last = i == len(parts) - 1
-            child = _open_component(fd, name, where, create, what, hint, mode if last else 0o755)
+            if probe:
+                child = _probe_component(fd, name, where, what, hint)
+                if child is None:
+                    os.close(fd)
+                    return None
+            else:
+                child = _open_component(fd, name, where, create, what, hint, mode if last else 0o755)
             os.close(fd)
             fd = child
             if last:
@@ -311,6 +322,43 @@ def open_safe_dir(path, what, hint, create=True, mode=0o755):
     return fd
 
 
+class NotVisible(StoreError):
+    """A directory on the way this user may not search: what lies below it cannot be checked."""
+
+
+def probe_safe_dir(path, what, hint):
+    """Refuse (StoreError) what open_safe_dir(path, ...) would refuse, changing nothing: the walk
+    from / without following links, each parent root-owned and not writable by group or others,
+    the directory itself too when it exists. Any user may run it; NotVisible where that user
+    cannot search a directory (root sees all). A path whose tail is missing passes: the broker
+    creates it below a parent that passed. check-config, the broker and doctor share this."""
+    fd = open_safe_dir(path, what, hint, create=False, probe=True)
+    if fd is not None:
+        os.close(fd)
+
+
+def _probe_component(parent_fd, name, where, what, hint):
+    """open_safe_dir's step without creating or reading: an O_PATH fd on `name`, None if missing."""
+    try:
+        return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise NotVisible(f"{where} cannot be checked as uid {os.geteuid()}: its parent is not searchable "
+                         f"by this user (root's check-config sees it)") from None
+    except OSError as err:
+        if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+    _refuse_non_directory(parent_fd, name, where, what, hint)
+
+
+def _refuse_non_directory(parent_fd, name, where, what, hint):
+    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    raise StoreError(f"{where} is {kind}; {what} and each of its parents must be real root-owned "
+                     f"directories not writable by others; {hint}")
+
+
 def _open_component(parent_fd, name, where, create, what, hint, mode):
     """Open one path component below an already-checked parent; symlinks are refused, not followed."""
     try:
@@ -321,10 +369,7 @@ def _open_component(parent_fd, name, where, create, what, hint, mode):
     except OSError as err:
         if err.errno not in (errno.ENOTDIR, errno.ELOOP):
             raise
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
-        raise StoreError(f"{where} is {kind}; {what} and each of its parents must be real root-owned "
-                         f"directories not writable by others; {hint}") from None
+        _refuse_non_directory(parent_fd, name, where, what, hint)
     try:
         os.mkdir(name, mode, dir_fd=parent_fd)
     except FileExistsError:

@@ -27,6 +27,9 @@ KEYRING_SERVICE = "rolegate"
 SOURCE_MARGIN = timedelta(minutes=5)
 
 _THROTTLE_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+# HTTP 429 Too Many Requests is throttling whoever says it: a proxy or gateway in front of STS
+# answers it with a body of its own (an HTML page), which botocore names by no STS error code.
+_THROTTLE_STATUS = 429
 _DENIED_CODES = {"AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch",
                  "UnrecognizedClientException"}
 _INVALID_CODES = {"ValidationError", "InvalidParameterValue", "MalformedPolicyDocument",
@@ -255,11 +258,41 @@ def aws_client(service, creds, region, timeout, endpoint=None):
     # endpoint's private DNS (regional names only) does not cover.
     core = botocore.session.Session()
     core.set_config_variable("sts_regional_endpoints", "regional")
+    core.register_component("response_parser_factory", _status_named_parsers())
     keys = {} if creds is None else {"aws_access_key_id": creds.access_key_id,
                                      "aws_secret_access_key": creds.secret_access_key,
                                      "aws_session_token": creds.session_token}
     return boto3.session.Session(botocore_session=core).client(
         service, region_name=region, config=cfg, endpoint_url=endpoint or None, **keys)
+
+
+def _status_named_parsers():
+    """botocore's response parsers, except that a 429 whose body they cannot read (a proxy's HTML
+    page, its plain text) becomes an error named by its status, as botocore names 5xx pages,
+    rather than a parser error with no status: _call then counts it as throttling.
+    (botocore's hook for this, the before-parse event, is newer than Debian 12's 1.29.)"""
+    import http.client
+
+    from botocore.parsers import ResponseParserError, ResponseParserFactory
+
+    class Factory(ResponseParserFactory):
+        def create_parser(self, protocol_name):
+            parser = super().create_parser(protocol_name)
+            parse = parser.parse
+
+            def parse_or_name(response, shape):
+                try:
+                    return parse(response, shape)
+                except ResponseParserError:
+                    if response.get("status_code") != _THROTTLE_STATUS:
+                        raise
+                    error = {"Code": str(_THROTTLE_STATUS), "Message": http.client.responses[_THROTTLE_STATUS]}
+                    return {"Error": error, "ResponseMetadata": {"HTTPStatusCode": _THROTTLE_STATUS}}
+
+            parser.parse = parse_or_name
+            return parser
+
+    return Factory()
 
 
 def _user_agent():
@@ -352,8 +385,9 @@ class StsEngine:
                 code = err.response.get("Error", {}).get("Code", "")
                 msg = err.response.get("Error", {}).get("Message", "")
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in _THROTTLE_CODES:
-                    last = Throttled(f"{what}: STS is throttling requests ({code}); retry later")
+                if code in _THROTTLE_CODES or status == _THROTTLE_STATUS:
+                    last = Throttled(f"{what}: STS is throttling requests ({code or 'no STS error'}, HTTP {status}); "
+                                     f"retry later")
                 elif code == "ExpiredToken" and attempt == 1:
                     self._forget_source()  # gatekeeper keys rotated under us: fetch anew, once
                     last = StsUnavailable(f"{what}: gatekeeper credentials expired")
@@ -465,6 +499,7 @@ _PARAMETER_FIXES = {
     "AccessDeniedException": "; the gatekeeper role needs ssm:GetParameter on it (rolegate policy shows the "
                              "statement), and kms:Decrypt on the key of a SecureString under a customer-managed key",
     "ThrottlingException": "; Parameter Store is throttling this account: lengthen rules_poll",
+    "429": "; something between this host and Parameter Store (a proxy) is throttling it: lengthen rules_poll",
 }
 
 

@@ -40,6 +40,14 @@ SSM_LEVELS_MAX = 15
 # per account and region, shared by the whole fleet; 10 s already lets 400 hosts use it all.
 RULES_POLL_MIN = 10
 RULES_POLL_MAX = 24 * 3600
+# The least time a grant's credentials serve before they are re-assumed (duration - refresh_before,
+# for session.duration and every rule's own duration). Each refresh is an AssumeRole and a
+# CloudTrail event per live grant, for as long as the session lives: 59m55s of a 1 h session would
+# re-assume every grant every 5 s for ever and spend refresh.rate on nothing. 10 s is the least
+# that lets a refresh run its STS budget (sts_timeout, 3 s by default) and its first retry (5 s
+# later, registry's backoff) before the grant falls due again; it is also what lets a test see
+# refreshes of 900 s credentials (refresh_before 890) without waiting 15 minutes.
+MIN_REFRESH_INTERVAL = 10
 
 # re.ASCII everywhere: \d and \w must not accept other scripts' digits and letters.
 ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}", re.ASCII)
@@ -146,6 +154,9 @@ class Config:
     ssm_endpoint: Optional[str] = None
     roles: Tuple[Rule, ...] = ()
     version: int = 1
+    # (key, line, column) of keys whose checks need the filesystem (check_paths), so that what
+    # the broker would refuse at start is located in the file like any other mistake.
+    marks: Tuple[Tuple[str, int, int], ...] = field(default=(), compare=False, repr=False)
 
     def duration_for(self, rule):
         return rule.duration or self.session.duration
@@ -194,6 +205,38 @@ def parse(text, path="<config>"):
     if root is None:
         raise ConfigError("the config is empty; it needs at least 'version: 1' and 'region'", path)
     return _Reader(path).config(root)
+
+
+def check_paths(cfg):
+    """The filesystem checks the broker makes at start, without changing anything: runtime_dir and
+    (with rules_from) rules_cache's directory reached from / without following links, each parent
+    root-owned and not writable by group or others (store.probe_safe_dir, the walk the broker's
+    own open_safe_dir makes). Raises ConfigError located at the key. check-config, the broker (at
+    start and on SIGHUP) and doctor call this.
+
+    Returns notes on what this user could not verify: an unprivileged caller cannot look below a
+    directory it may not search (such as a 0700 /var/lib/rolegate); root sees everything. What
+    only the start itself can tell (whether a tmpfs can be mounted on runtime_dir) is not judged.
+    """
+    from ..backends import store  # the broker's own walk: one check for check-config and the start
+    from ..errors import StoreError
+
+    checks = [("runtime_dir", cfg.runtime_dir, "choose a directory under /run, such as /run/rolegate")]
+    if cfg.rules_from:
+        checks.append(("rules_cache", os.path.dirname(cfg.rules_cache),
+                       "put rules_cache in a root-owned directory, such as /var/lib/rolegate"))
+    marks = {key: (line, column) for key, line, column in cfg.marks}
+    notes = []
+    for key, path, hint in checks:
+        try:
+            store.probe_safe_dir(path, key, hint)
+        except store.NotVisible as err:
+            notes.append(f"{key}: {err}")
+        except (StoreError, OSError) as err:
+            line, column = marks.get(key, (None, None))
+            default = "" if key in marks else f" (the default {getattr(Config, key)})"
+            raise ConfigError(f"{key}{default}: the broker would refuse it: {err}", cfg.path, line, column) from None
+    return notes
 
 
 def parse_rules(text, where, cfg):
@@ -277,6 +320,10 @@ class _Reader:
     def fail(self, node, message):
         mark = node.start_mark
         raise ConfigError(message, self.path, mark.line + 1, mark.column + 1)
+
+    @staticmethod
+    def mark(key, node):
+        return key, node.start_mark.line + 1, node.start_mark.column + 1
 
     def value(self, node):
         if node.tag == "tag:yaml.org,2002:merge" or (isinstance(node, yaml.MappingNode) and any(
@@ -365,6 +412,7 @@ class _Reader:
             if not runtime_dir.startswith("/") or os.path.normpath(runtime_dir).replace("//", "/") in _SYSTEM_DIRS:
                 self.fail(node, "runtime_dir must be an absolute directory of rolegate's own, such as /run/rolegate")
             kw["runtime_dir"] = os.path.normpath(runtime_dir).replace("//", "/")
+            kw["marks"] = kw.get("marks", ()) + (self.mark("runtime_dir", node),)
         if "delivery" in keys:
             node = keys["delivery"][1]
             kw["delivery"] = self.string(node, "delivery")
@@ -438,6 +486,7 @@ class _Reader:
             kw["rules_poll"] = self.duration(keys["rules_poll"][1], "rules_poll", RULES_POLL_MIN, RULES_POLL_MAX)
         if "rules_cache" in keys:
             kw["rules_cache"] = self.absolute_file(keys["rules_cache"][1], "rules_cache", "/var/lib/rolegate/rules.yaml")
+            kw["marks"] = kw.get("marks", ()) + (self.mark("rules_cache", keys["rules_cache"][1]),)
             if self.path.startswith("/") and os.path.realpath(kw["rules_cache"]) == os.path.realpath(self.path):
                 self.fail(keys["rules_cache"][1], "rules_cache must not be the config file itself: the broker "
                                                   "rewrites it with every new version of the rules")
@@ -514,6 +563,11 @@ class _Reader:
             if refresh_before >= duration:
                 self.fail(rb_node, f"session.refresh_before ({refresh_before}s) must be shorter than "
                                    f"session.duration ({duration}s)")
+            if duration - refresh_before < MIN_REFRESH_INTERVAL:
+                self.fail(rb_node, f"session.refresh_before ({refresh_before}s) leaves {duration - refresh_before}s "
+                                   f"between refreshes of a {duration}s session: every grant would be re-assumed "
+                                   f"that often for as long as it lives; leave at least {MIN_REFRESH_INTERVAL}s "
+                                   f"(refresh_before at most {duration - MIN_REFRESH_INTERVAL}s)")
         kw = {"duration": duration, "refresh_before": refresh_before}
         for key in ("name", "source_identity"):
             if key in keys:
@@ -614,6 +668,11 @@ class _Reader:
             if session.refresh_before >= kw["duration"]:
                 self.fail(keys["duration"][1], f"{what}.duration ({kw['duration']}s) must be longer than "
                                                f"session.refresh_before ({session.refresh_before}s)")
+            if kw["duration"] - session.refresh_before < MIN_REFRESH_INTERVAL:
+                self.fail(keys["duration"][1], f"{what}.duration ({kw['duration']}s) leaves "
+                                               f"{kw['duration'] - session.refresh_before}s between refreshes with "
+                                               f"session.refresh_before {session.refresh_before}s; leave at least "
+                                               f"{MIN_REFRESH_INTERVAL}s")
         if "external_id" in keys:
             kw["external_id"] = self.string(keys["external_id"][1], f"{what}.external_id", names.EXTERNAL_ID_RE,
                                             " (2-1224 of A-Z a-z 0-9 _+=,.@:/-)")
