@@ -28,6 +28,7 @@ FLOOD_USERS = [f"la{i:02d}" for i in range(10)]  # logins during the flood
 DENY_USER = "ladeny"  # the on_error=deny login during the flood (a fresh grant: it needs STS)
 BURST_USERS = [f"lb{i:02d}" for i in range(10)]  # the pamtester burst
 SSH_USERS = [f"lc{i:02d}" for i in range(20)]  # the ssh storm
+LINE_USER, LINE_OTHER = "lq00", "lq01"  # one user's burst of credentials; another's env meanwhile
 LOAD_CONFIG = f"""
 version: 1
 region: us-east-1
@@ -120,7 +121,7 @@ def host():
     with sandbox_host() as h:
         try:
             h.add_user(FLOODER)
-            for user in FLOOD_USERS + [DENY_USER] + BURST_USERS + SSH_USERS:
+            for user in FLOOD_USERS + [DENY_USER] + BURST_USERS + SSH_USERS + [LINE_USER, LINE_OTHER]:
                 h.add_user(user, groups=(GROUP,))
             h.write_config(LOAD_CONFIG)
             # The ssh storm's 200 clients and their key exchanges run on this machine too, beside
@@ -542,3 +543,110 @@ def test_capacity__1000_simultaneous_pings_are_all_answered(host, door, path, us
     assert got["answered"] == PINGS, \
         f"{PINGS - got['answered']} of {PINGS} pings on the {door} door as {user or 'root'} went unanswered: " \
         f"{got['outcomes']}"
+
+
+# -- 5: one user's burst waits in line, answered in order; another user does not notice ---------------
+
+
+# Run as a user: first one warm request (the grant exists after it), then `n` requests at once
+# through the project's client (a barrier releases n threads together), each timed from its own
+# release to its reply. Prints one JSON line: outcome counts and each request's seconds.
+BURST_CODE = r"""
+import json, sys, threading, time
+from pam_rolegate import client, protocol
+from pam_rolegate.errors import BrokerUnavailable
+path, n, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+warm = client.call(protocol.GetCredentials(), path=path, timeout=30)
+assert isinstance(warm, protocol.Reply), f"the warm-up request failed: {warm}"
+results = []
+gate = threading.Barrier(n, timeout=60)
+def one():
+    try:
+        gate.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = time.monotonic()
+    try:
+        reply = client.call(protocol.GetCredentials(), path=path, timeout=timeout)
+        outcome = "answered" if isinstance(reply, protocol.Reply) and reply.get("AccessKeyId") else \
+            "error:" + str(getattr(reply, "code", "?"))
+    except BrokerUnavailable as err:
+        outcome = "unavailable:" + str(err)
+    results.append((outcome, time.monotonic() - start))
+threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(120)
+counts = {}
+for outcome, _ in list(results):
+    counts[outcome] = counts.get(outcome, 0) + 1
+print(json.dumps({"counts": counts, "seconds": [s for _, s in results]}), flush=True)
+"""
+# Run as another user: `env` one after another until stdin closes (or a bound), each timed.
+# Prints STARTED after a warm one (its grant then exists), and at the end a JSON list of seconds.
+PROBE_CODE = r"""
+import json, select, sys, time
+from pam_rolegate import client, protocol
+path, limit, pause = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+warm = client.call(protocol.Env(), path=path, timeout=30)
+assert isinstance(warm, protocol.Reply) and warm.get("granted"), f"the warm-up env failed: {warm}"
+print("STARTED", flush=True)
+seconds, failed = [], []
+stop_at = time.monotonic() + limit
+while time.monotonic() < stop_at and not select.select([sys.stdin], [], [], pause)[0]:
+    start = time.monotonic()
+    reply = client.call(protocol.Env(), path=path, timeout=5)
+    seconds.append(time.monotonic() - start)
+    if not (isinstance(reply, protocol.Reply) and reply.get("granted")):
+        failed.append(str(reply))
+print(json.dumps({"seconds": seconds, "failed": failed[:5]}), flush=True)
+"""
+LINE_BURST = 1000  # the issue's figure: `xargs -P 64 aws ...` and parallel builds, with room over
+LINE_TIMEOUT = 5.0  # each request's deadline: the AWS CLI's wait for a credential process
+LINE_P99 = 1.0  # the issue's bound for one user's burst on this machine
+OTHER_P99 = 0.05  # the issue's bound for another user's env during that burst
+PROBE_PAUSE = 0.005  # between the other user's env calls: a busy user, not a flood
+
+
+def _as_user(user, code, *args, **popen):
+    cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", sys.executable, "-c", code, *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _pct(values, q):
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
+
+
+def test_fairness__one_users_1000_simultaneous_credentials_wait_in_line_and_cost_another_user_nothing(host):
+    probe = _as_user(LINE_OTHER, PROBE_CODE, SOCKET, NO_HANG, PROBE_PAUSE, stdin=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([probe.stdout], [], [], 30)
+        started = probe.stdout.readline().strip() if ready else ""
+        assert started == "STARTED", f"the other user's env loop did not start: {started!r} {probe.poll()}"
+        burst = _as_user(LINE_USER, BURST_CODE, SOCKET, LINE_BURST, LINE_TIMEOUT)
+        out, err = _collect(burst, time.monotonic() + NO_HANG)
+    finally:
+        _close_stdin(probe)
+        probe_out, probe_err = _collect(probe, time.monotonic() + 30)
+    try:
+        got = json.loads(out.strip().splitlines()[-1])
+        other = json.loads(probe_out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise AssertionError(f"a run printed no result: burst rc={burst.returncode} {out[-500:]} {err[-2000:]}; "
+                             f"probe {probe_out[-500:]} {probe_err[-2000:]}") from None
+    secs = got["seconds"]
+    answered = got["counts"].get("answered", 0)
+    print(f"\n[line] {LINE_BURST} simultaneous credentials as {LINE_USER}: {answered} answered; s p50/p99/max "
+          f"{_pct(secs, 0.5):.3f}/{_pct(secs, 0.99):.3f}/{max(secs):.3f} {got['counts']}; meanwhile "
+          f"{LINE_OTHER}'s env x{len(other['seconds'])}: ms p50/p99/max {_pct(other['seconds'], 0.5) * 1000:.1f}/"
+          f"{_pct(other['seconds'], 0.99) * 1000:.1f}/{max(other['seconds'], default=0) * 1000:.1f}")
+    assert answered == LINE_BURST, f"{LINE_BURST - answered} of {LINE_BURST} credentials requests went unanswered: " \
+                                   f"{got['counts']}"
+    assert _pct(secs, 0.99) < LINE_P99, f"one user's burst: p99 {_pct(secs, 0.99):.3f}s, over {LINE_P99}s"
+    assert not other["failed"], f"the other user's env failed during the burst: {other['failed']}"
+    assert len(other["seconds"]) >= 10, f"the other user made only {len(other['seconds'])} env calls: proved little"
+    assert _pct(other["seconds"], 0.99) < OTHER_P99, \
+        f"the other user's env p99 was {_pct(other['seconds'], 0.99) * 1000:.1f} ms during the burst, over " \
+        f"{OTHER_P99 * 1000:.0f} ms: one user's line delayed another's"
