@@ -12,7 +12,7 @@ import threading
 
 from . import config as config_mod
 from . import protocol, store
-from .doors import MAX_CONNECTIONS_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog
+from .doors import MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog
 from .errors import ConfigError, StoreError
 from .fleet import FleetRules
 from .lifecycle import Lifecycle
@@ -42,7 +42,7 @@ class Broker:
                              PAM_WORKERS, self.log, refusals, mode=0o600)
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),
                               USER_WORKERS, self.log, refusals, per_uid_connections=MAX_CONNECTIONS_PER_UID,
-                              per_uid_working=MAX_WORKING_PER_UID)
+                              per_uid_serving=MAX_SERVING_PER_UID, per_uid_working=MAX_WORKING_PER_UID)
         self.imds_door = self.container_door = None
         if cfg.delivery == "container":
             from .container import ContainerDoor
