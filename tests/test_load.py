@@ -19,6 +19,7 @@ import time
 import pytest
 
 from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, sandbox_host, run
+from pam_rolegate import client, doors, protocol
 
 GRANTS_DIR = RUNTIME_DIR + "/grants"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/loader"
@@ -29,6 +30,7 @@ DENY_USER = "ladeny"  # the on_error=deny login during the flood (a fresh grant:
 BURST_USERS = [f"lb{i:02d}" for i in range(10)]  # the pamtester burst
 SSH_USERS = [f"lc{i:02d}" for i in range(20)]  # the ssh storm
 LINE_USER, LINE_OTHER = "lq00", "lq01"  # one user's burst of credentials; another's env meanwhile
+HOLDER = "lhold"  # unmapped; fills its line to the bound (its own uid: no refusal logged before)
 LOAD_CONFIG = f"""
 version: 1
 region: us-east-1
@@ -121,6 +123,7 @@ def host():
     with sandbox_host() as h:
         try:
             h.add_user(FLOODER)
+            h.add_user(HOLDER)
             for user in FLOOD_USERS + [DENY_USER] + BURST_USERS + SSH_USERS + [LINE_USER, LINE_OTHER]:
                 h.add_user(user, groups=(GROUP,))
             h.write_config(LOAD_CONFIG)
@@ -655,3 +658,117 @@ def test_fairness__one_users_1000_simultaneous_credentials_wait_in_line_and_cost
     assert _pct(other["seconds"], 0.99) < OTHER_P99, \
         f"the other user's env p99 was {_pct(other['seconds'], 0.99) * 1000:.1f} ms during the burst, over " \
         f"{OTHER_P99 * 1000:.0f} ms: one user's line delayed another's"
+
+
+# -- 6: one past the bound: refused at once, logged once; the line never holds anyone for ever --------
+
+
+# Run as a user: open `n` connections and send nothing (they fill the user's line), then `extra`
+# more, each timed to its reply; print those; then wait for every held connection's reply (with
+# epoll: far more than select's 1024 descriptors) and print what they got and when the last came.
+HOLD_CODE = r"""
+import json, selectors, socket, struct, sys, time
+path, n, extra, wait = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+def code_of(data):
+    if len(data) < 4:
+        return "closed"
+    reply = json.loads(data[4:4 + struct.unpack(">I", data[:4])[0]])
+    return "ok" if reply.get("ok") else reply.get("code", "?")
+def connect():
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(wait)
+    s.connect(path)
+    return s
+start = time.monotonic()
+held = [connect() for _ in range(n)]
+past = []
+for _ in range(extra):
+    s, began = connect(), time.monotonic()
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as err:
+        data = data or str(err).encode()
+    past.append([code_of(data), time.monotonic() - began])
+    s.close()
+print(json.dumps({"past": past, "filled": time.monotonic() - start}), flush=True)
+sel = selectors.DefaultSelector()
+for s in held:
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ, [b""])
+counts, last, stop_at = {}, 0.0, time.monotonic() + wait
+while sel.get_map() and time.monotonic() < stop_at:
+    for key, _ in sel.select(max(stop_at - time.monotonic(), 0)):
+        try:
+            chunk = key.fileobj.recv(4096)
+        except OSError:
+            chunk = b""
+        if chunk:
+            key.data[0] += chunk
+            continue
+        code = code_of(key.data[0])
+        counts[code] = counts.get(code, 0) + 1
+        last = time.monotonic() - start
+        sel.unregister(key.fileobj)
+        key.fileobj.close()
+counts["unanswered"] = len(sel.get_map())
+print(json.dumps({"held": counts, "last": last}), flush=True)
+"""
+PAST = 20  # connections tried past the bound: every one refused, one line logged for them all
+HOLD_WAIT = doors.LINE_DEADLINE + doors.LINE_SWEEP + doors.FRAME_DEADLINE + 10  # no-hang bound for the held ones
+
+
+def _uid(user):
+    return int(run(["id", "-u", user]).stdout)
+
+
+def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and_logins_go_on(host):
+    bound = doors.MAX_CONNECTIONS_PER_UID
+    mark = host.log_mark()
+    holder = _as_user(HOLDER, HOLD_CODE, SOCKET, bound, PAST, HOLD_WAIT)
+    try:
+        ready, _, _ = select.select([holder.stdout], [], [], 60)
+        first = holder.stdout.readline() if ready else ""
+        try:
+            past = json.loads(first)
+        except ValueError:
+            raise AssertionError(f"the holder printed no result: {first!r} {holder.poll()}") from None
+        # The line is full now (for LINE_DEADLINE): the PAM door and another uid must not notice.
+        begun = time.monotonic()
+        root_env = client.call(protocol.Env(), path=SOCKET, timeout=5)
+        root_env_s = time.monotonic() - begun
+        done = logins(FLOOD_USERS, 5)
+        during = time.monotonic() - begun
+        out, err = _collect(holder, time.monotonic() + HOLD_WAIT + 30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    try:
+        held = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise AssertionError(f"the holder printed no final result: rc={holder.returncode} {out[-500:]} {err[-2000:]}")
+    codes = collections.Counter(code for code, _ in past["past"])
+    worst = max(s for _, s in past["past"])
+    print(f"\n[bound] {bound} held (filled in {past['filled']:.2f}s); {PAST} past the bound: {dict(codes)}, slowest "
+          f"{worst * 1000:.1f} ms; root's env meanwhile {root_env_s * 1000:.1f} ms; 5 logins {summary(done)}; "
+          f"held ones got {held['held']}, the last after {held['last']:.1f}s")
+    assert codes == {"busy": PAST}, f"connections past the bound of {bound} were not all told busy: {dict(codes)}"
+    assert worst < 1.0, f"a connection past the bound waited {worst:.2f}s for its refusal: it should be at once"
+    assert isinstance(root_env, protocol.Reply), f"root's env failed while {HOLDER}'s line was full: {root_env}"
+    missing = [l.describe() for l in done if not l.granted()]
+    assert not missing, f"{len(missing)} of 5 logins failed while {HOLDER}'s line was full:\n" + "\n".join(missing)
+    assert during < doors.LINE_DEADLINE, \
+        f"the checks took {during:.1f}s, past the line's deadline: the line was not full while they ran"
+    assert held["held"].get("unanswered") == 0 and set(held["held"]) <= {"busy", "bad_request", "unanswered"}, \
+        f"the held connections did not all get a refusal (busy past the line's deadline, bad_request for a " \
+        f"frame that never came): {held['held']}"
+    uid = _uid(HOLDER)
+    lines = [l for l in host.log_since(mark).splitlines() if "refused: " in l and f"uid={uid} " in l]
+    assert lines and 'reason="too many connections"' in lines[0] and "door=user" in lines[0], \
+        f"no refused line for the connection past {HOLDER}'s bound: {lines[:3]}"
+    within = [l for l in lines if "also_refused=" not in l]
+    assert len(within) == 1, f"{len(within)} refused lines for {HOLDER} inside one interval, want 1: {within[:5]}"
