@@ -4,7 +4,8 @@ Each door has its own thread, asyncio loop and worker pool, so nothing a user do
 door can delay logins on the PAM door, which no unprivileged process can even connect to (its
 socket sits in a 0700 root directory). A door takes the caller from SO_PEERCRED, reads one frame
 within a deadline, hands it to a worker, and writes the reply; it speaks to the core only through
-the registry's API. Why asyncio plus pools: one loop holds thousands of connections (a storm of
+the registry's API. On the user door each uid's connections wait in a line of their own, served a
+few at a time in the order they came, so one user's burst waits behind itself, not others. Why asyncio plus pools: one loop holds thousands of connections (a storm of
 logins, a user's flood) at no thread each, while the blocking work behind a request (NSS, an STS
 call, file writes) runs on a fixed number of threads — never one thread per connection.
 """

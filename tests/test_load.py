@@ -1,8 +1,9 @@
 """Load with real parts: moto, rolegated, the pam_python hook under pamtester and sshd, many at once.
 
-Every loop here stops by itself, bounded in rounds and in time. No test asserts speed: the
-bounds are generous "no hang" limits, because other work shares this machine. What each test
-measured is printed (run with -s to see it).
+Every loop here stops by itself, bounded in rounds and in time. No test asserts speed but one: the
+bounds are generous "no hang" limits, because other work shares this machine. The exception is
+the figure issue 14 asks of one user's burst on the user door (p99 under 1 s, another user's p99
+under 50 ms meanwhile). What each test measured is printed (run with -s to see it).
 """
 
 import collections
@@ -512,7 +513,8 @@ def ping_many(path, n, timeout):
 """
 PINGS = 1000
 # Each ping's deadline. Not the hook's 3 s: 1000 answers inside 3 s would be a speed claim, and this
-# shared 2-CPU machine (load averages of 10-30 from other work) answers one uid's 1000 in 1.5-3 s.
+# shared 2-CPU machine (load averages of 10-30 from other work) answered one uid's 1000 in 1.5-3 s
+# before the user door's waiting line, 0.6-0.9 s with it.
 # What this asserts is that none is lost: before the fixes, pings died of EPIPE on `busy`, and one
 # uid's pings trickled through the worker gate at ~10-20/s, so even this bound would not save them.
 PING_TIMEOUT = 30.0
@@ -666,8 +668,11 @@ def test_fairness__one_users_1000_simultaneous_credentials_wait_in_line_and_cost
 # Run as a user: open `n` connections and send nothing (they fill the user's line), then `extra`
 # more, each timed to its reply; print those; then wait for every held connection's reply (with
 # epoll: far more than select's 1024 descriptors) and print what they got and when the last came.
+# Meanwhile the project's client pings twice as this user: with a deadline shorter than the line's
+# (it must end with `busy`), and with a longer one (it must get through once the line has drained).
 HOLD_CODE = r"""
-import json, selectors, socket, struct, sys, time
+import json, selectors, socket, struct, sys, threading, time
+from pam_rolegate import client, protocol
 path, n, extra, wait = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 def code_of(data):
     if len(data) < 4:
@@ -696,6 +701,16 @@ for _ in range(extra):
     past.append([code_of(data), time.monotonic() - began])
     s.close()
 print(json.dumps({"past": past, "filled": time.monotonic() - start}), flush=True)
+pings = {}
+def ping(name, timeout):
+    try:
+        reply = client.call(protocol.Ping(), path=path, timeout=timeout)
+        pings[name] = "ok" if isinstance(reply, protocol.Reply) else reply.code
+    except Exception as err:
+        pings[name] = "raised " + repr(err)
+pinger = threading.Thread(target=ping, args=("long", wait))
+pinger.start()
+ping("short", 0.3)
 sel = selectors.DefaultSelector()
 for s in held:
     s.setblocking(False)
@@ -716,7 +731,8 @@ while sel.get_map() and time.monotonic() < stop_at:
         sel.unregister(key.fileobj)
         key.fileobj.close()
 counts["unanswered"] = len(sel.get_map())
-print(json.dumps({"held": counts, "last": last}), flush=True)
+pinger.join(wait)
+print(json.dumps({"held": counts, "last": last, "pings": pings}), flush=True)
 """
 PAST = 20  # connections tried past the bound: every one refused, one line logged for them all
 HOLD_WAIT = doors.LINE_DEADLINE + doors.LINE_SWEEP + doors.FRAME_DEADLINE + 10  # no-hang bound for the held ones
@@ -755,7 +771,7 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
     worst = max(s for _, s in past["past"])
     print(f"\n[bound] {bound} held (filled in {past['filled']:.2f}s); {PAST} past the bound: {dict(codes)}, slowest "
           f"{worst * 1000:.1f} ms; root's env meanwhile {root_env_s * 1000:.1f} ms; 5 logins {summary(done)}; "
-          f"held ones got {held['held']}, the last after {held['last']:.1f}s")
+          f"held ones got {held['held']}, the last after {held['last']:.1f}s; the client's pings {held['pings']}")
     assert codes == {"busy": PAST}, f"connections past the bound of {bound} were not all told busy: {dict(codes)}"
     assert worst < 1.0, f"a connection past the bound waited {worst:.2f}s for its refusal: it should be at once"
     assert isinstance(root_env, protocol.Reply), f"root's env failed while {HOLDER}'s line was full: {root_env}"
@@ -766,6 +782,9 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
     assert held["held"].get("unanswered") == 0 and set(held["held"]) <= {"busy", "bad_request", "unanswered"}, \
         f"the held connections did not all get a refusal (busy past the line's deadline, bad_request for a " \
         f"frame that never came): {held['held']}"
+    assert held["pings"] == {"short": "busy", "long": "ok"}, \
+        f"the client's busy handling: a ping with a short deadline should end busy, one with a deadline past " \
+        f"the line's should get through once it drained: {held['pings']}"
     uid = _uid(HOLDER)
     lines = [l for l in host.log_since(mark).splitlines() if "refused: " in l and f"uid={uid} " in l]
     assert lines and 'reason="too many connections"' in lines[0] and "door=user" in lines[0], \
