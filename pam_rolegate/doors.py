@@ -179,7 +179,8 @@ class Door:
         self._listener = listener
 
         async def setup():
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
+            self._loop = asyncio.get_running_loop()  # before the first accept, which may come at once
+            self._loop.add_reader(listener.fileno(), self._accept)
 
         self._loop, self._thread = loop_thread(f"{self.name}-door", setup)
 

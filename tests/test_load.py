@@ -612,7 +612,7 @@ LINE_BURST = 1000  # the issue's figure: `xargs -P 64 aws ...` and parallel buil
 LINE_TIMEOUT = 5.0  # each request's deadline: the AWS CLI's wait for a credential process
 LINE_P99 = 1.0  # the issue's bound for one user's burst on this machine
 OTHER_P99 = 0.05  # the issue's bound for another user's env during that burst
-PROBE_PAUSE = 0.005  # between the other user's env calls: a busy user, not a flood
+PROBE_PAUSE = 0.001  # between the other user's env calls: a few hundred in the burst, enough for a p99
 
 
 def _as_user(user, code, *args, **popen):
@@ -669,11 +669,13 @@ def test_fairness__one_users_1000_simultaneous_credentials_wait_in_line_and_cost
 # more, each timed to its reply; print those; then wait for every held connection's reply (with
 # epoll: far more than select's 1024 descriptors) and print what they got and when the last came.
 # Meanwhile the project's client pings twice as this user: with a deadline shorter than the line's
-# (it must end with `busy`), and with a longer one (it must get through once the line has drained).
+# (it must end with `busy`), and with a longer one (it must get through once the line has drained);
+# and a hammer sends `hammer` more pings, one connection each, as fast as they are answered.
 HOLD_CODE = r"""
 import json, selectors, socket, struct, sys, threading, time
 from pam_rolegate import client, protocol
-path, n, extra, wait = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+path, n, extra, wait, hammer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+PING = json.dumps({"v": 2, "action": "ping"}).encode()
 def code_of(data):
     if len(data) < 4:
         return "closed"
@@ -687,10 +689,12 @@ def connect():
 start = time.monotonic()
 held = [connect() for _ in range(n)]
 past = []
-for _ in range(extra):
+def ask(frame=b""):
     s, began = connect(), time.monotonic()
     data = b""
     try:
+        if frame:
+            s.sendall(struct.pack(">I", len(frame)) + frame)
         while True:
             chunk = s.recv(4096)
             if not chunk:
@@ -698,8 +702,10 @@ for _ in range(extra):
             data += chunk
     except OSError as err:
         data = data or str(err).encode()
-    past.append([code_of(data), time.monotonic() - began])
     s.close()
+    return [code_of(data), time.monotonic() - began]
+for _ in range(extra):
+    past.append(ask())
 print(json.dumps({"past": past, "filled": time.monotonic() - start}), flush=True)
 pings = {}
 def ping(name, timeout):
@@ -710,6 +716,17 @@ def ping(name, timeout):
         pings[name] = "raised " + repr(err)
 pinger = threading.Thread(target=ping, args=("long", wait))
 pinger.start()
+hammered = {}
+def hammering():
+    stop_at = time.monotonic() + wait
+    for _ in range(hammer):
+        if time.monotonic() > stop_at:
+            break
+        code, seconds = ask(PING)
+        count, slowest = hammered.get(code, (0, 0.0))
+        hammered[code] = (count + 1, max(slowest, seconds))
+hammerer = threading.Thread(target=hammering)
+hammerer.start()
 ping("short", 0.3)
 sel = selectors.DefaultSelector()
 for s in held:
@@ -732,9 +749,11 @@ while sel.get_map() and time.monotonic() < stop_at:
         key.fileobj.close()
 counts["unanswered"] = len(sel.get_map())
 pinger.join(wait)
-print(json.dumps({"held": counts, "last": last, "pings": pings}), flush=True)
+hammerer.join(wait)
+print(json.dumps({"held": counts, "last": last, "pings": pings, "hammer": hammered}), flush=True)
 """
 PAST = 20  # connections tried past the bound: every one refused, one line logged for them all
+HAMMER = 20000  # then pings as fast as they are answered, one connection each: a hostile user's many
 HOLD_WAIT = doors.LINE_DEADLINE + doors.LINE_SWEEP + doors.FRAME_DEADLINE + 10  # no-hang bound for the held ones
 
 
@@ -745,7 +764,7 @@ def _uid(user):
 def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and_logins_go_on(host):
     bound = doors.MAX_CONNECTIONS_PER_UID
     mark = host.log_mark()
-    holder = _as_user(HOLDER, HOLD_CODE, SOCKET, bound, PAST, HOLD_WAIT)
+    holder = _as_user(HOLDER, HOLD_CODE, SOCKET, bound, PAST, HOLD_WAIT, HAMMER)
     try:
         ready, _, _ = select.select([holder.stdout], [], [], 60)
         first = holder.stdout.readline() if ready else ""
@@ -771,7 +790,8 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
     worst = max(s for _, s in past["past"])
     print(f"\n[bound] {bound} held (filled in {past['filled']:.2f}s); {PAST} past the bound: {dict(codes)}, slowest "
           f"{worst * 1000:.1f} ms; root's env meanwhile {root_env_s * 1000:.1f} ms; 5 logins {summary(done)}; "
-          f"held ones got {held['held']}, the last after {held['last']:.1f}s; the client's pings {held['pings']}")
+          f"held ones got {held['held']}, the last after {held['last']:.1f}s; the client's pings {held['pings']}; "
+          f"hammer (count, slowest s) {held['hammer']}")
     assert codes == {"busy": PAST}, f"connections past the bound of {bound} were not all told busy: {dict(codes)}"
     assert worst < 1.0, f"a connection past the bound waited {worst:.2f}s for its refusal: it should be at once"
     assert isinstance(root_env, protocol.Reply), f"root's env failed while {HOLDER}'s line was full: {root_env}"
@@ -782,6 +802,10 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
     assert held["held"].get("unanswered") == 0 and set(held["held"]) <= {"busy", "bad_request", "unanswered"}, \
         f"the held connections did not all get a refusal (busy past the line's deadline, bad_request for a " \
         f"frame that never came): {held['held']}"
+    hammer = held["hammer"]
+    assert set(hammer) <= {"busy", "ok"} and hammer.get("busy", (0,))[0] > 0, \
+        f"the hammer's pings should be told busy while the line was full, answered once it drained: {hammer}"
+    assert hammer["busy"][1] < 1.0, f"a hammer ping past the bound waited {hammer['busy'][1]:.2f}s to be told busy"
     assert held["pings"] == {"short": "busy", "long": "ok"}, \
         f"the client's busy handling: a ping with a short deadline should end busy, one with a deadline past " \
         f"the line's should get through once it drained: {held['pings']}"
