@@ -1,7 +1,7 @@
 """rolegated, assembled: the core (registry, records, lifecycle), the two socket doors, signals.
 
 Assembly only. What a grant or session is lives in registry.py, how changes survive a restart in
-records.py, refresh and reaping in lifecycle.py, the sockets in doors.py.
+records.py, refresh and reaping in lifecycle.py, the sockets in doors/sockets.py.
 """
 
 import dataclasses
@@ -13,7 +13,8 @@ import threading
 from .rules import config as config_mod
 from .hookside import protocol
 from .backends import store
-from .doors.sockets import MAX_CONNECTIONS_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog
+from .doors.sockets import (MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS,
+                            USER_WORKERS, Door, Handlers, RefusalLog)
 from .errors import ConfigError, StoreError
 from .backends.fleet import FleetRules
 from .core.lifecycle import Lifecycle
@@ -43,7 +44,7 @@ class Broker:
                              PAM_WORKERS, self.log, refusals, mode=0o600)
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),
                               USER_WORKERS, self.log, refusals, per_uid_connections=MAX_CONNECTIONS_PER_UID,
-                              per_uid_working=MAX_WORKING_PER_UID)
+                              per_uid_serving=MAX_SERVING_PER_UID, per_uid_working=MAX_WORKING_PER_UID)
         self.imds_door = self.container_door = None
         if cfg.delivery == "container":
             from .doors.container import ContainerDoor

@@ -178,7 +178,8 @@ def test_doctor__config_and_runtime_dir_walk_the_parents_as_the_broker_does(tmp_
     runtime-dir check looks at the parents too, not only at runtime_dir itself."""
     import shutil
 
-    from pam_rolegate import config, doctor
+    from pam_rolegate.rules import config
+    from pam_rolegate.admin import doctor
 
     require_sandbox()
     base = f"/run/rg-doc-walk-{os.getpid()}"

@@ -861,7 +861,7 @@ def percentile(values, p):
 
 def test_imds__a_user_holding_thousands_of_connections_keeps_nobody_else_from_credentials(lab):
     lab.configure(delivery="container")
-    from pam_rolegate.http_door import HttpDoor
+    from pam_rolegate.doors.web import HttpDoor
 
     share, per_port, tries = HttpDoor.per_uid_connections, 2000, 10
     mark = lab.h.log_mark()

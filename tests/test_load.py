@@ -1,8 +1,9 @@
 """Load with real parts: moto, rolegated, the pam_python hook under pamtester and sshd, many at once.
 
-Every loop here stops by itself, bounded in rounds and in time. No test asserts speed: the
-bounds are generous "no hang" limits, because other work shares this machine. What each test
-measured is printed (run with -s to see it).
+Every loop here stops by itself, bounded in rounds and in time. No test asserts speed but one: the
+bounds are generous "no hang" limits, because other work shares this machine. The exception is
+the figure issue 14 asks of one user's burst on the user door (p99 under 1 s, another user's p99
+under 50 ms meanwhile). What each test measured is printed (run with -s to see it).
 """
 
 import collections
@@ -19,6 +20,8 @@ import time
 import pytest
 
 from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, sandbox_host, run
+from pam_rolegate.hookside import client, protocol
+from pam_rolegate.doors import sockets as doors
 
 GRANTS_DIR = RUNTIME_DIR + "/grants"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/loader"
@@ -28,6 +31,8 @@ FLOOD_USERS = [f"la{i:02d}" for i in range(10)]  # logins during the flood
 DENY_USER = "ladeny"  # the on_error=deny login during the flood (a fresh grant: it needs STS)
 BURST_USERS = [f"lb{i:02d}" for i in range(10)]  # the pamtester burst
 SSH_USERS = [f"lc{i:02d}" for i in range(20)]  # the ssh storm
+LINE_USER, LINE_OTHER = "lq00", "lq01"  # one user's burst of credentials; another's env meanwhile
+HOLDER = "lhold"  # unmapped; fills its line to the bound (its own uid: no refusal logged before)
 LOAD_CONFIG = f"""
 version: 1
 region: us-east-1
@@ -120,7 +125,8 @@ def host():
     with sandbox_host() as h:
         try:
             h.add_user(FLOODER)
-            for user in FLOOD_USERS + [DENY_USER] + BURST_USERS + SSH_USERS:
+            h.add_user(HOLDER)
+            for user in FLOOD_USERS + [DENY_USER] + BURST_USERS + SSH_USERS + [LINE_USER, LINE_OTHER]:
                 h.add_user(user, groups=(GROUP,))
             h.write_config(LOAD_CONFIG)
             # The ssh storm's 200 clients and their key exchanges run on this machine too, beside
@@ -508,7 +514,8 @@ def ping_many(path, n, timeout):
 """
 PINGS = 1000
 # Each ping's deadline. Not the hook's 3 s: 1000 answers inside 3 s would be a speed claim, and this
-# shared 2-CPU machine (load averages of 10-30 from other work) answers one uid's 1000 in 1.5-3 s.
+# shared 2-CPU machine (load averages of 10-30 from other work) answered one uid's 1000 in 1.5-3 s
+# before the user door's waiting line, 0.6-0.9 s with it.
 # What this asserts is that none is lost: before the fixes, pings died of EPIPE on `busy`, and one
 # uid's pings trickled through the worker gate at ~10-20/s, so even this bound would not save them.
 PING_TIMEOUT = 30.0
@@ -542,3 +549,277 @@ def test_capacity__1000_simultaneous_pings_are_all_answered(host, door, path, us
     assert got["answered"] == PINGS, \
         f"{PINGS - got['answered']} of {PINGS} pings on the {door} door as {user or 'root'} went unanswered: " \
         f"{got['outcomes']}"
+
+
+# -- 5: one user's burst waits in line, answered in order; another user does not notice ---------------
+
+
+# Run as a user: first one warm request (the grant exists after it), then `n` requests at once
+# through the project's client (a barrier releases n threads together), each timed from its own
+# release to its reply. Prints one JSON line: outcome counts and each request's seconds.
+BURST_CODE = r"""
+import json, sys, threading, time
+from pam_rolegate.hookside import client, protocol
+from pam_rolegate.errors import BrokerUnavailable
+path, n, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+warm = client.call(protocol.GetCredentials(), path=path, timeout=30)
+assert isinstance(warm, protocol.Reply), f"the warm-up request failed: {warm}"
+results = []
+gate = threading.Barrier(n, timeout=60)
+def one():
+    try:
+        gate.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = time.monotonic()
+    try:
+        reply = client.call(protocol.GetCredentials(), path=path, timeout=timeout)
+        outcome = "answered" if isinstance(reply, protocol.Reply) and reply.get("AccessKeyId") else \
+            "error:" + str(getattr(reply, "code", "?"))
+    except BrokerUnavailable as err:
+        outcome = "unavailable:" + str(err)
+    results.append((outcome, start, time.monotonic() - start))
+threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(120)
+counts = {}
+for outcome, _, _ in list(results):
+    counts[outcome] = counts.get(outcome, 0) + 1
+window = [min(r[1] for r in results), max(r[1] + r[2] for r in results)] if results else [0, 0]
+print(json.dumps({"counts": counts, "seconds": [r[2] for r in results], "window": window}), flush=True)
+"""
+# Run as another user: `env` one after another until stdin closes (or a bound), each timed.
+# Prints STARTED after a warm one (its grant then exists), and at the end each call's [start, seconds].
+PROBE_CODE = r"""
+import json, select, sys, time
+from pam_rolegate.hookside import client, protocol
+path, limit, pause = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+warm = client.call(protocol.Env(), path=path, timeout=30)
+assert isinstance(warm, protocol.Reply) and warm.get("granted"), f"the warm-up env failed: {warm}"
+print("STARTED", flush=True)
+seconds, failed = [], []
+stop_at = time.monotonic() + limit
+while time.monotonic() < stop_at and not select.select([sys.stdin], [], [], pause)[0]:
+    start = time.monotonic()
+    reply = client.call(protocol.Env(), path=path, timeout=5)
+    seconds.append([start, time.monotonic() - start])
+    if not (isinstance(reply, protocol.Reply) and reply.get("granted")):
+        failed.append(str(reply))
+print(json.dumps({"seconds": seconds, "failed": failed[:5]}), flush=True)
+"""
+LINE_BURST = 1000  # the issue's figure: `xargs -P 64 aws ...` and parallel builds, with room over
+LINE_TIMEOUT = 5.0  # each request's deadline: the AWS CLI's wait for a credential process
+LINE_P99 = 1.0  # the issue's bound for one user's burst on this machine
+OTHER_P99 = 0.05  # the issue's bound for another user's env during that burst
+PROBE_PAUSE = 0.001  # between the other user's env calls: a few hundred in the burst, enough for a p99
+
+
+def _as_user(user, code, *args, **popen):
+    cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", sys.executable, "-c", code, *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _pct(values, q):
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
+
+
+def test_fairness__one_users_1000_simultaneous_credentials_wait_in_line_and_cost_another_user_nothing(host):
+    probe = _as_user(LINE_OTHER, PROBE_CODE, SOCKET, NO_HANG, PROBE_PAUSE, stdin=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([probe.stdout], [], [], 30)
+        started = probe.stdout.readline().strip() if ready else ""
+        assert started == "STARTED", f"the other user's env loop did not start: {started!r} {probe.poll()}"
+        burst = _as_user(LINE_USER, BURST_CODE, SOCKET, LINE_BURST, LINE_TIMEOUT)
+        out, err = _collect(burst, time.monotonic() + NO_HANG)
+    finally:
+        _close_stdin(probe)
+        probe_out, probe_err = _collect(probe, time.monotonic() + 30)
+    try:
+        got = json.loads(out.strip().splitlines()[-1])
+        other = json.loads(probe_out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise AssertionError(f"a run printed no result: burst rc={burst.returncode} {out[-500:]} {err[-2000:]}; "
+                             f"probe {probe_out[-500:]} {probe_err[-2000:]}") from None
+    secs = got["seconds"]
+    # Only the other user's calls that overlapped the burst count (CLOCK_MONOTONIC is one clock
+    # for every process): calls before or after it would dilute the figure.
+    lo, hi = got["window"]
+    other["seconds"] = [s for start, s in other["seconds"] if start < hi and start + s > lo]
+    answered = got["counts"].get("answered", 0)
+    print(f"\n[line] {LINE_BURST} simultaneous credentials as {LINE_USER}: {answered} answered; s p50/p99/max "
+          f"{_pct(secs, 0.5):.3f}/{_pct(secs, 0.99):.3f}/{max(secs):.3f} {got['counts']}; meanwhile "
+          f"{LINE_OTHER}'s env x{len(other['seconds'])} during it: ms p50/p99/max {_pct(other['seconds'], 0.5) * 1000:.1f}/"
+          f"{_pct(other['seconds'], 0.99) * 1000:.1f}/{max(other['seconds'], default=0) * 1000:.1f}")
+    assert answered == LINE_BURST, f"{LINE_BURST - answered} of {LINE_BURST} credentials requests went unanswered: " \
+                                   f"{got['counts']}"
+    assert _pct(secs, 0.99) < LINE_P99, f"one user's burst: p99 {_pct(secs, 0.99):.3f}s, over {LINE_P99}s"
+    assert not other["failed"], f"the other user's env failed during the burst: {other['failed']}"
+    assert len(other["seconds"]) >= 10, f"the other user made only {len(other['seconds'])} env calls: proved little"
+    assert _pct(other["seconds"], 0.99) < OTHER_P99, \
+        f"the other user's env p99 was {_pct(other['seconds'], 0.99) * 1000:.1f} ms during the burst, over " \
+        f"{OTHER_P99 * 1000:.0f} ms: one user's line delayed another's"
+
+
+# -- 6: one past the bound: refused at once, logged once; the line never holds anyone for ever --------
+
+
+# Run as a user: open `n` connections and send nothing (they fill the user's line), then `extra`
+# more, each timed to its reply; print those; then wait for every held connection's reply (with
+# epoll: far more than select's 1024 descriptors) and print what they got and when the last came.
+# Meanwhile the project's client pings twice as this user: with a deadline shorter than the line's
+# (it must end with `busy`), and with a longer one (it must get through once the line has drained);
+# and a hammer sends `hammer` more pings, one connection each, as fast as they are answered.
+HOLD_CODE = r"""
+import json, selectors, socket, struct, sys, threading, time
+from pam_rolegate.hookside import client, protocol
+path, n, extra, wait, hammer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+PING = json.dumps({"v": 2, "action": "ping"}).encode()
+def code_of(data):
+    if len(data) < 4:
+        return "closed"
+    reply = json.loads(data[4:4 + struct.unpack(">I", data[:4])[0]])
+    return "ok" if reply.get("ok") else reply.get("code", "?")
+def connect():
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(wait)
+    s.connect(path)
+    return s
+start = time.monotonic()
+held = [connect() for _ in range(n)]
+past = []
+def ask(frame=b""):
+    s, began = connect(), time.monotonic()
+    data = b""
+    try:
+        if frame:
+            s.sendall(struct.pack(">I", len(frame)) + frame, socket.MSG_NOSIGNAL)
+    except OSError:
+        pass  # turned away (`busy`) before we sent: the reply still waits to be read
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as err:
+        data = data or str(err).encode()
+    s.close()
+    return [code_of(data), time.monotonic() - began]
+for _ in range(extra):
+    past.append(ask())
+print(json.dumps({"past": past, "filled": time.monotonic() - start}), flush=True)
+pings = {}
+def ping(name, timeout):
+    try:
+        reply = client.call(protocol.Ping(), path=path, timeout=timeout)
+        pings[name] = "ok" if isinstance(reply, protocol.Reply) else reply.code
+    except Exception as err:
+        pings[name] = "raised " + repr(err)
+pinger = threading.Thread(target=ping, args=("long", wait))
+pinger.start()
+hammered, hammer_took = {}, []
+def hammering():
+    began = time.monotonic()
+    stop_at = began + wait
+    for _ in range(hammer):
+        if time.monotonic() > stop_at:
+            break
+        code, seconds = ask(PING)
+        count, slowest = hammered.get(code, (0, 0.0))
+        hammered[code] = (count + 1, max(slowest, seconds))
+    hammer_took.append(time.monotonic() - began)
+hammerer = threading.Thread(target=hammering)
+hammerer.start()
+ping("short", 0.3)
+sel = selectors.DefaultSelector()
+for s in held:
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ, [b""])
+counts, last, stop_at = {}, 0.0, time.monotonic() + wait
+while sel.get_map() and time.monotonic() < stop_at:
+    for key, _ in sel.select(max(stop_at - time.monotonic(), 0)):
+        try:
+            chunk = key.fileobj.recv(4096)
+        except OSError:
+            chunk = b""
+        if chunk:
+            key.data[0] += chunk
+            continue
+        code = code_of(key.data[0])
+        counts[code] = counts.get(code, 0) + 1
+        last = time.monotonic() - start
+        sel.unregister(key.fileobj)
+        key.fileobj.close()
+counts["unanswered"] = len(sel.get_map())
+pinger.join(wait)
+hammerer.join(wait)
+print(json.dumps({"held": counts, "last": last, "pings": pings, "hammer": hammered,
+                  "hammer_s": hammer_took[0] if hammer_took else None}), flush=True)
+"""
+PAST = 20  # connections tried past the bound: every one refused, one line logged for them all
+HAMMER = 20000  # then pings as fast as they are answered, one connection each: a hostile user's many
+HOLD_WAIT = doors.LINE_DEADLINE + doors.LINE_SWEEP + doors.FRAME_DEADLINE + 10  # no-hang bound for the held ones
+
+
+def _uid(user):
+    return int(run(["id", "-u", user]).stdout)
+
+
+def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and_logins_go_on(host):
+    bound = doors.MAX_CONNECTIONS_PER_UID
+    mark = host.log_mark()
+    holder = _as_user(HOLDER, HOLD_CODE, SOCKET, bound, PAST, HOLD_WAIT, HAMMER)
+    try:
+        ready, _, _ = select.select([holder.stdout], [], [], 60)
+        first = holder.stdout.readline() if ready else ""
+        try:
+            past = json.loads(first)
+        except ValueError:
+            raise AssertionError(f"the holder printed no result: {first!r} {holder.poll()}") from None
+        # The line is full now (for LINE_DEADLINE): the PAM door and another uid must not notice.
+        begun = time.monotonic()
+        root_env = client.call(protocol.Env(), path=SOCKET, timeout=5)
+        root_env_s = time.monotonic() - begun
+        done = logins(FLOOD_USERS, 5)
+        during = time.monotonic() - begun
+        out, err = _collect(holder, time.monotonic() + HOLD_WAIT + 30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    try:
+        held = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise AssertionError(f"the holder printed no final result: rc={holder.returncode} {out[-500:]} {err[-2000:]}")
+    codes = collections.Counter(code for code, _ in past["past"])
+    worst = max(s for _, s in past["past"])
+    print(f"\n[bound] {bound} held (filled in {past['filled']:.2f}s); {PAST} past the bound: {dict(codes)}, slowest "
+          f"{worst * 1000:.1f} ms; root's env meanwhile {root_env_s * 1000:.1f} ms; 5 logins {summary(done)}; "
+          f"held ones got {held['held']}, the last after {held['last']:.1f}s; the client's pings {held['pings']}; "
+          f"hammer (count, slowest s) {held['hammer']} in {held['hammer_s']:.1f}s")
+    assert codes == {"busy": PAST}, f"connections past the bound of {bound} were not all told busy: {dict(codes)}"
+    assert worst < 1.0, f"a connection past the bound waited {worst:.2f}s for its refusal: it should be at once"
+    assert isinstance(root_env, protocol.Reply), f"root's env failed while {HOLDER}'s line was full: {root_env}"
+    missing = [l.describe() for l in done if not l.granted()]
+    assert not missing, f"{len(missing)} of 5 logins failed while {HOLDER}'s line was full:\n" + "\n".join(missing)
+    assert during < doors.LINE_DEADLINE, \
+        f"the checks took {during:.1f}s, past the line's deadline: the line was not full while they ran"
+    assert held["held"].get("unanswered") == 0 and set(held["held"]) <= {"busy", "bad_request", "unanswered"}, \
+        f"the held connections did not all get a refusal (busy past the line's deadline, bad_request for a " \
+        f"frame that never came): {held['held']}"
+    hammer = held["hammer"]
+    assert set(hammer) <= {"busy", "ok"} and hammer.get("busy", (0,))[0] > 0, \
+        f"the hammer's pings should be told busy while the line was full, answered once it drained: {hammer}"
+    assert sum(count for count, _ in hammer.values()) >= 100, f"the hammer made few requests, proving little: {hammer}"
+    assert hammer["busy"][1] < 1.0, f"a hammer ping past the bound waited {hammer['busy'][1]:.2f}s to be told busy"
+    assert held["pings"] == {"short": "busy", "long": "ok"}, \
+        f"the client's busy handling: a ping with a short deadline should end busy, one with a deadline past " \
+        f"the line's should get through once it drained: {held['pings']}"
+    uid = _uid(HOLDER)
+    lines = [l for l in host.log_since(mark).splitlines() if "refused: " in l and f"uid={uid} " in l]
+    assert lines and 'reason="too many connections"' in lines[0] and "door=user" in lines[0], \
+        f"no refused line for the connection past {HOLDER}'s bound: {lines[:3]}"
+    within = [l for l in lines if "also_refused=" not in l]
+    assert len(within) == 1, f"{len(within)} refused lines for {HOLDER} inside one interval, want 1: {within[:5]}"

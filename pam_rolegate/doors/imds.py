@@ -16,7 +16,7 @@ account): shared with the user's login grant when the role is the same, lingerin
 requests, and always with at least 20 minutes left, because SDKs stretch IMDS credentials that
 near expiry on their own and then fail late.
 
-The listener, its thread and pool and the caller's uid are http_door.py's.
+The listener, its thread and pool and the caller's uid are web.py's.
 """
 
 import asyncio

@@ -4,14 +4,17 @@ Each door has its own thread, asyncio loop and worker pool, so nothing a user do
 door can delay logins on the PAM door, which no unprivileged process can even connect to (its
 socket sits in a 0700 root directory). A door takes the caller from SO_PEERCRED, reads one frame
 within a deadline, hands it to a worker, and writes the reply; it speaks to the core only through
-the registry's API. Why asyncio plus pools: one loop holds thousands of connections (a storm of
+the registry's API. On the user door each uid's connections wait in a line of their own, served a
+few at a time in the order they came, so one user's burst waits behind itself, not others. Why asyncio plus pools: one loop holds thousands of connections (a storm of
 logins, a user's flood) at no thread each, while the blocking work behind a request (NSS, an STS
 call, file writes) runs on a fixed number of threads — never one thread per connection.
 """
 
 import asyncio
+import collections
 import os
 import pwd
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +31,21 @@ FRAME_DEADLINE = 2.0  # a request frame must arrive whole within this, however s
 MAX_CONNECTIONS = 4096  # per door, all callers together: far above any real storm, below fd limits
 PAM_WORKERS = 32  # first logins of different grants ask STS in parallel; same-grant logins share a call
 USER_WORKERS = 8  # env/credentials/status are quick; a few threads keep one slow NSS lookup from stalling all
-MAX_CONNECTIONS_PER_UID = 64  # user door: one uid's open connections; past this it is told `busy`
+# The user door's waiting line: each uid's connections wait in the order they came, as an accepted
+# socket each (one descriptor, nothing read yet), and only a few of a uid's are served at once.
+# Above the 1000 simultaneous requests of `xargs -P 64 aws ...` or a parallel build whose every job
+# runs credential_process; one descriptor each, so a uid holds at most a quarter of MAX_CONNECTIONS.
+MAX_CONNECTIONS_PER_UID = 1024  # user door: one uid's connections, waiting and served; past this, `busy` at once
+# Enough to read a uid's next frames while its two workers run; few enough that a burst puts only
+# this many of its tasks ahead of another uid's on the door's loop.
+MAX_SERVING_PER_UID = 4  # user door: one uid's connections being read and answered at once; the rest wait
 MAX_WORKING_PER_UID = 2  # user door: one uid's requests in the workers at once, so a flood costs its sender
+# A connection still waiting after this is answered `busy`: by then the CLI (5 s) and the AWS CLI's
+# wait for a credential process have given up on it, so serving it would be work for nobody.
+LINE_DEADLINE = 5.0
+LINE_SWEEP = 0.5  # how often the lines are checked for connections past LINE_DEADLINE
+ACCEPT_BATCH = 64  # connections accepted per loop turn, so a storm's accepts interleave with replies
+ACCEPT_RETRY = 0.1  # out of descriptors: accepting pauses this long rather than spin on a ready socket
 HOOK_MARGIN = 0.3  # seconds kept back from the hook's budget for our reply and its PAM bookkeeping
 REFUSED_LOG_INTERVAL = 10.0  # a uid's refusals are logged at most once per this, with a count
 # Actions a door answers on its loop rather than in a worker: no NSS, STS or file work behind them.
@@ -72,6 +88,20 @@ class Peer:
         self.pid, self.uid, self.gid, self.arrived = pid, uid, gid, arrived
 
 
+def _turn_away(conn):
+    """Answer `busy` on a socket nothing was read from, and close it; never waits."""
+    try:
+        conn.setblocking(False)
+        conn.send(_BUSY, socket.MSG_NOSIGNAL)  # a fresh socket's buffer has room for these few bytes
+    except OSError:
+        pass  # the caller has gone: nothing to tell
+    conn.close()
+
+
+_BUSY = protocol.encode_reply(protocol.ErrorReply(protocol.E_BUSY, "the broker is busy with your other requests; "
+                                                                   "try again"))
+
+
 class RefusalLog:
     """`refused` lines, at most one per uid per interval (a flood cannot fill the log)."""
 
@@ -96,10 +126,16 @@ class RefusalLog:
 
 
 class Door:
-    """One Unix socket: admission by uid, framing with a deadline, dispatch to a worker pool."""
+    """One Unix socket: admission by uid, a waiting line per uid, framing with a deadline, dispatch
+    to a worker pool.
+
+    The door accepts on its loop itself rather than through asyncio's server: a connection is
+    named by SO_PEERCRED and admitted or turned away before anything else is made for it, so a
+    uid's burst of a thousand connections costs the loop a syscall or two each until its turn.
+    """
 
     def __init__(self, name, path, handlers, workers, log, refusals, per_uid_connections=None,
-                 per_uid_working=None, mode=0o666, inline=INLINE_ACTIONS):
+                 per_uid_serving=None, per_uid_working=None, mode=0o666, inline=INLINE_ACTIONS):
         self.name = name
         self.path = path
         self.handlers = handlers
@@ -107,14 +143,21 @@ class Door:
         self.refusals = refusals
         self.mode = mode
         self.per_uid_connections = per_uid_connections
+        self.per_uid_serving = per_uid_serving  # None: no line, every admitted connection is served at once
         self.per_uid_working = per_uid_working
         self.inline = inline
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-door")
-        self._connections = {}  # uid -> open connections
+        # All of these are touched only on the door's loop.
+        self._held = {}  # uid -> connections held, waiting or served
         self._total = 0
+        self._lines = {}  # uid -> deque of (socket, Peer) waiting, oldest first
+        self._serving = {}  # uid -> connections being served
         self._working = {}  # uid -> asyncio.Semaphore
+        self._tasks = set()  # the loop keeps only weak references to tasks
+        self._sweep = None
+        self._accept_error_at = None
+        self._listener = None
         self._loop = None
-        self._server = None
         self._thread = None
         self.served = 0
 
@@ -125,20 +168,34 @@ class Door:
             os.unlink(self.path)  # a stale socket from a previous broker (the directory is root's)
         except FileNotFoundError:
             pass
-        async def setup():
-            self._server = await asyncio.start_unix_server(self._serve, path=self.path, backlog=BACKLOG,
-                                                           limit=protocol.MAX_FRAME + 8)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
             os.chmod(self.path, self.mode)
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+
+        async def setup():
+            self._loop = asyncio.get_running_loop()  # before the first accept, which may come at once
+            self._loop.add_reader(listener.fileno(), self._accept)
 
         self._loop, self._thread = loop_thread(f"{self.name}-door", setup)
 
     def stop(self):
-        if self._loop is None or self._server is None:
+        if self._loop is None or self._listener is None:
             return
 
         async def close():
-            self._server.close()
-            await self._server.wait_closed()
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            for line in self._lines.values():
+                for conn, _peer in line:
+                    conn.close()
+            self._lines.clear()
 
         try:
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
@@ -152,35 +209,107 @@ class Door:
         except OSError:
             pass
 
-    # -- one connection ----------------------------------------------------------------------
+    # -- admission and the waiting line -----------------------------------------------------------
 
-    def _admit(self, uid):
-        mine = self._connections.get(uid, 0)
-        if self._total >= MAX_CONNECTIONS or (self.per_uid_connections and mine >= self.per_uid_connections):
-            return False
-        self._connections[uid] = mine + 1
+    def _accept(self):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # out of descriptors or memory: the socket stays ready, so pause
+                now = time.monotonic()
+                if self._accept_error_at is None or now - self._accept_error_at >= REFUSED_LOG_INTERVAL:
+                    self._accept_error_at = now
+                    self.log.error(f"{self.name} door: cannot accept: {err}; pausing {ACCEPT_RETRY:g}s")
+                self._loop.remove_reader(self._listener.fileno())
+                self._loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+                return
+            try:
+                pid, uid, gid = peer_credentials(conn)
+            except OSError:
+                conn.close()
+                continue
+            self._arrive(conn, Peer(pid, uid, gid, time.monotonic()))
+
+    def _resume_accepting(self):
+        if self._listener.fileno() >= 0:  # not stopped meanwhile
+            self._loop.add_reader(self._listener.fileno(), self._accept)
+
+    def _arrive(self, conn, peer):
+        uid = peer.uid
+        held = self._held.get(uid, 0)
+        if self._total >= MAX_CONNECTIONS or (self.per_uid_connections and held >= self.per_uid_connections):
+            self.refusals.refused(uid, peer.pid, door=self.name, reason="too many connections")
+            _turn_away(conn)
+            return
+        self._held[uid] = held + 1
         self._total += 1
-        return True
+        if self.per_uid_serving is None:
+            self._begin(conn, peer)
+            return
+        self._lines.setdefault(uid, collections.deque()).append((conn, peer))
+        self._next(uid)
+        if uid in self._lines and self._sweep is None:
+            self._sweep = self._loop.call_later(LINE_SWEEP, self._sweep_lines)
 
-    def _leave(self, uid):
+    def _next(self, uid):
+        """Serve `uid`'s oldest waiting connections while it has room to be served."""
+        line = self._lines.get(uid)
+        while line and self._serving.get(uid, 0) < self.per_uid_serving:
+            conn, peer = line.popleft()
+            self._serving[uid] = self._serving.get(uid, 0) + 1
+            self._begin(conn, peer)
+        if line is not None and not line:
+            del self._lines[uid]
+
+    def _sweep_lines(self):
+        """Turn away connections that have waited past LINE_DEADLINE (the oldest are first)."""
+        self._sweep = None
+        now = time.monotonic()
+        for uid, line in list(self._lines.items()):
+            while line and now - line[0][1].arrived > LINE_DEADLINE:
+                conn, peer = line.popleft()
+                self.refusals.refused(uid, peer.pid, door=self.name,
+                                      reason=f"waited in line over {LINE_DEADLINE:g}s")
+                _turn_away(conn)
+                self._release(uid)
+            if not line:
+                del self._lines[uid]
+        if self._lines:
+            self._sweep = self._loop.call_later(LINE_SWEEP, self._sweep_lines)
+
+    def _begin(self, conn, peer):
+        task = self._loop.create_task(self._serve(conn, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _release(self, uid):
         self._total -= 1
-        self._connections[uid] -= 1
-        if not self._connections[uid]:
-            del self._connections[uid]
+        self._held[uid] -= 1
+        if not self._held[uid]:
+            del self._held[uid]
             self._working.pop(uid, None)
 
-    async def _serve(self, reader, writer):
+    def _done(self, uid):
+        self._release(uid)
+        if self.per_uid_serving is not None:
+            self._serving[uid] -= 1
+            if not self._serving[uid]:
+                del self._serving[uid]
+            self._next(uid)
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def _serve(self, conn, peer):
+        uid, pid = peer.uid, peer.pid
+        writer = None
         try:
-            pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
-        except OSError:
-            writer.close()
-            return
-        if not self._admit(uid):
-            self.refusals.refused(uid, pid, door=self.name, reason="too many connections")
-            await self._send(writer, protocol.ErrorReply(protocol.E_BUSY, "the broker is busy with your other "
-                                                                          "requests; try again"))
-            return
-        try:
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=protocol.MAX_FRAME + 8)
+            except OSError:
+                conn.close()
+                return
             try:
                 body = await asyncio.wait_for(self._read_frame(reader), FRAME_DEADLINE)
             except asyncio.TimeoutError:
@@ -195,7 +324,6 @@ class Door:
             if body is None:
                 writer.close()  # connected and left without a word (a liveness probe): nothing to log
                 return
-            peer = Peer(pid, uid, gid, time.monotonic())
             loop = asyncio.get_running_loop()
             if self._inline(body):
                 reply = self.dispatch(peer, body)
@@ -211,9 +339,9 @@ class Door:
             self.served += 1
         except Exception as err:  # a bug costs one connection, never the door
             self.log.error(f"{self.name} door: {type(err).__name__}: {err}")
-            writer.close()
+            (writer or conn).close()
         finally:
-            self._leave(uid)
+            self._done(uid)
 
     def _inline(self, body):
         """Whether `body` is a small frame asking for an action answered on the loop."""

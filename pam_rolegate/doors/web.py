@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from . import peers
-from .sockets import MAX_CONNECTIONS_PER_UID, loop_thread
+from .sockets import loop_thread
 from ..errors import RolegateError
 
 
@@ -53,9 +53,10 @@ class HttpDoor:
     backlog = 1024  # connections the kernel queues for us; also the most one readiness event accepts
     # One uid's open connections to this door. An SDK opens one per request and keeps at most a
     # few alive (botocore's IMDS fetcher: one), so 64 covers `xargs -P 64` of SDK processes at
-    # once, the same share the user door gives (doors.MAX_CONNECTIONS_PER_UID); 16 uids at their
-    # full share would be needed to reach max_connections. Past it: closed at once, logged.
-    per_uid_connections = MAX_CONNECTIONS_PER_UID
+    # once; 16 uids at their full share would be needed to reach max_connections. Past it: closed
+    # at once, logged. Not the user door's bound: there a uid's extra connections wait in its own
+    # line, here every connection holds one of the door's shared max_connections.
+    per_uid_connections = 64
     connection_lifetime = 60.0
 
     def __init__(self, log, refusals, port):
