@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, make_host, run  # noqa: E402
+from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, make_host, pamtester, run  # noqa: E402
 
 from pam_rolegate import client, protocol  # noqa: E402
 
@@ -124,7 +124,7 @@ class Holder:
 
 def pamtester_ms(service, user):
     start = time.perf_counter()
-    run(["pamtester", service, user, "open_session", "close_session"])
+    pamtester(service, user, check=True)
     return (time.perf_counter() - start) * 1000
 
 
