@@ -4,13 +4,16 @@ and the rule that it imports the standard library only."""
 import ast
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 
 import pytest
 
 from conftest import REPO, require_sandbox
 from harness import SSHD_PATH, VENV, make_host, pam_environment, pamtester, run
-from pam_rolegate import hook
+from pam_rolegate import hook, protocol
 
 
 @pytest.mark.parametrize("args,expect,problems", [
@@ -194,3 +197,68 @@ def test_hook__every_pamtester_in_tests_and_scripts_goes_through_the_helper():
                     stray.append(f"{folder}/{name}:{number}: {line.strip()}")
     assert not stray, "pamtester started outside harness.pamtester (it would inherit the caller's PATH):\n" + \
         "\n".join(stray)
+
+
+# -- what close_session asks of the broker ----------------------------------------------------------
+
+
+class _Pamh:
+    """The few PamHandle members the hook touches (user, service, env, return codes)."""
+    PAM_SUCCESS, PAM_SESSION_ERR = 0, 14
+    user, service, ruser, rhost, tty = "hookuser", "sshd", None, None, None
+
+    def __init__(self):
+        self.env = {}
+
+
+def _answering_broker(path, open_reply):
+    """A Unix socket at `path` that answers open_session with `open_reply` and anything else with
+    released=0; returns the list of actions it was asked, in order. (A stand-in for the broker's
+    door: what is tested is which requests the hook sends; tests/test_login.py runs the real one.)"""
+    seen = []
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+    srv.settimeout(10)
+
+    def serve():
+        with srv:
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    body = conn.recv(4 + protocol.MAX_FRAME)[4:]
+                    action = protocol.decode_request(body).ACTION
+                    seen.append(action)
+                    reply = open_reply if action == "open_session" else protocol.Reply({"released": 0})
+                    conn.sendall(protocol.encode_reply(reply))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return seen, srv
+
+
+@pytest.mark.parametrize("open_reply,actions", [
+    (protocol.Reply({"granted": False, "env": {}, "reason": "no rule matches"}), ["open_session"]),
+    (protocol.Reply({"granted": True, "session": "s1", "env": {"AWS_REGION": "us-east-1"}, "reason": "rule 0"}),
+     ["open_session", "close_session"]),
+    (protocol.ErrorReply(protocol.E_STS_FAILED, "sts_unavailable: down"), ["open_session", "close_session"]),
+])
+def test_hook__close_asks_the_broker_only_when_a_session_may_exist(tmp_path, open_reply, actions):
+    """A login the broker answered "not granted" holds no session: its logout costs no round trip.
+    Granted, or refused with an error (which may come after a session was made), it does."""
+    require_sandbox()  # the client insists on a root peer: the test runs as root in the sandbox
+    path = str(tmp_path / "pam.sock")
+    seen, srv = _answering_broker(path, open_reply)
+    try:
+        pamh = _Pamh()
+        code, session = hook.open_session(pamh, [f"socket={path}"], time.monotonic())
+        assert code == pamh.PAM_SUCCESS, f"open_session returned {code} for {open_reply!r}"
+        assert hook.close_session(pamh, [f"socket={path}"], session) == pamh.PAM_SUCCESS, "close must not fail"
+        deadline = time.monotonic() + 5
+        while len(seen) < len(actions) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == actions, f"after {open_reply!r} the hook asked the broker {seen}, expected {actions}"
+    finally:
+        srv.close()
