@@ -1,15 +1,16 @@
-"""pam_python entry points for rolegate: load the package from this file's folder, hand each call
-to pam_rolegate.hookside.hook. Standard library only.
-
-PAM line (behind the service allow-list guard, see README "The PATH hazard"):
-
-    session optional pam_python.so /PATH/TO/pam_rolegate/pam_hook.py [OPTIONS]
-
-pam_python executes this file in Debian's /usr/bin/python3, in isolated mode and without this
-folder on sys.path, compiling it from source at every login: so it stays this small, and the
-glue lives in hookside/hook.py (options, the broker call, log lines). Nothing here may raise: pam_python
-turns an exception into PAM_SERVICE_ERR, which would abort sudo.
-"""
+# pam_python entry points for rolegate: load the package from this file's folder, hand each call
+# to pam_rolegate.hookside.hook. Standard library only.
+#
+# PAM line (behind the service allow-list guard, see README "The PATH hazard"):
+#
+#     session optional pam_python.so /PATH/TO/pam_rolegate/pam_hook.py [OPTIONS]
+#
+# pam_python executes this file in Debian's /usr/bin/python3, in isolated mode and without this
+# folder on sys.path, compiling it from source at every login (its bytecode is never cached): so
+# it holds the least code that can load the package (compiling costs by the statement, and these
+# are comments, not docstrings), and the glue lives in hookside/hook.py (options, the broker call, log
+# lines), which loads from its cached bytecode. Nothing here may raise: pam_python turns an
+# exception into PAM_SERVICE_ERR, which would abort sudo.
 
 import os
 import sys
@@ -19,14 +20,12 @@ _session = None  # the broker's id for the session this PAM handle opened (pam_p
                  # one module namespace per PAM handle, so open and close share it)
 
 
+# pam_rolegate.hookside.hook, imported from this file's own folder, wherever it is installed. The folder
+# must be root's and not writable by others: code loaded here runs as root. The loader is the
+# interpreter's own frozen bootstrap (always loaded already), because `importlib.util` costs ~3 ms
+# of imports at every login; the modules then load from their cached bytecode through the
+# ordinary import system.
 def _package():
-    """pam_rolegate.hookside.hook, imported from this file's own folder, wherever it is installed.
-
-    The folder must be root's and not writable by others: code loaded here runs as root.
-    The loader is the interpreter's own frozen bootstrap (always loaded already), because
-    `importlib.util` costs ~3 ms of imports at every login; the modules then load from their
-    cached bytecode through the ordinary import system.
-    """
     here = os.path.dirname(os.path.abspath(__file__))
     pkg = sys.modules.get("pam_rolegate")
     if pkg is None or os.path.dirname(os.path.abspath(pkg.__file__)) != here:
@@ -36,25 +35,13 @@ def _package():
         import _frozen_importlib as bootstrap
         import _frozen_importlib_external as external
 
-        spec = external.spec_from_file_location(
-            "pam_rolegate", os.path.join(here, "__init__.py"), submodule_search_locations=[here])
-        pkg = bootstrap.module_from_spec(spec)
-        sys.modules["pam_rolegate"] = pkg
+        spec = external.spec_from_file_location("pam_rolegate", here + "/__init__.py",
+                                                submodule_search_locations=[here])
+        pkg = sys.modules["pam_rolegate"] = bootstrap.module_from_spec(spec)
         spec.loader.exec_module(pkg)
     from pam_rolegate.hookside import hook
 
     return hook
-
-
-def _unloadable(pamh, argv, err):
-    """The package itself would not load: say so on stderr (no logger without it), then on_error decides."""
-    deny = "on_error=deny" in argv
-    try:
-        sys.stderr.write(f"rolegate-pam: failed: cannot load pam_rolegate: {err}; "
-                         f"{'session refused' if deny else 'session opened without credentials'}\n")
-    except Exception:
-        pass
-    return pamh.PAM_SESSION_ERR if deny else pamh.PAM_SUCCESS
 
 
 # -- pam_python entry points: a few lines each, and none may raise ----------------------------------
@@ -66,8 +53,14 @@ def pam_sm_open_session(pamh, flags, argv):
         started = time.monotonic()
         try:
             hook = _package()
-        except Exception as err:
-            return _unloadable(pamh, argv[1:], err)
+        except Exception as err:  # the package itself would not load: no logger, so stderr; on_error decides
+            deny = "on_error=deny" in argv
+            try:
+                sys.stderr.write(f"rolegate-pam: failed: cannot load pam_rolegate: {err}; "
+                                 f"{'session refused' if deny else 'session opened without credentials'}\n")
+            except Exception:
+                pass
+            return pamh.PAM_SESSION_ERR if deny else pamh.PAM_SUCCESS
         code, _session = hook.open_session(pamh, argv[1:], started)
         return code
     except BaseException:

@@ -26,6 +26,11 @@ RUNTIME_DIR = "/run/rolegate"
 SOCKET = RUNTIME_DIR + "/rolegated.sock"  # the user door
 PAM_SOCKET = RUNTIME_DIR + "/pam/pam.sock"  # the root-only PAM door
 CONFIG_PATH = "/etc/rolegate/rolegate.yaml"
+# The PATH sshd runs with (systemd's default for services, and OpenSSH's own default). pam_python
+# takes its interpreter's prefix from the first `python3` on the PAM program's own PATH, so a
+# pamtester that inherited a pyenv or venv `python3` ahead of /usr/bin would embed, and measure, an
+# interpreter no sshd runs (README "The PATH hazard"; the bench once read 34 ms for 24.5).
+SSHD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 ACCOUNT = "123456789012"
 
@@ -100,6 +105,22 @@ def run(cmd, timeout=60, check=True, **kw):
     if check and done.returncode != 0:
         raise AssertionError(f"{cmd!r} exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}")
     return done
+
+
+def pam_environment():
+    """The whole environment of a PAM program started here (pamtester, sshd): sshd's PATH and the C
+    locale, nothing inherited from the caller."""
+    return {"PATH": SSHD_PATH, "LANG": "C"}
+
+
+def pamtester(service, user, *operations, timeout=60, check=False, popen=False, **kw):
+    """pamtester SERVICE USER OPERATION... (default open_session close_session) as sshd would run the
+    stack: in pam_environment(). The one way tests and the bench start pamtester. Returns the
+    CompletedProcess, or with popen=True the Popen (`kw` goes to subprocess)."""
+    cmd = ["pamtester", service, user, *(operations or ("open_session", "close_session"))]
+    if popen:
+        return subprocess.Popen(cmd, env=pam_environment(), **kw)
+    return run(cmd, timeout=timeout, check=check, env=pam_environment(), **kw)
 
 
 class Host:
@@ -267,7 +288,7 @@ LogLevel VERBOSE
         log = open(os.path.join(self.workdir, "sshd.log"), "a")
         self.sshd_ns = list(ns)
         self.sshd = subprocess.Popen(self.sshd_ns + ["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stdout=log, stderr=log,
-                                     start_new_session=True)
+                                     env=pam_environment(), start_new_session=True)  # as systemd starts it
         log.close()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -3,13 +3,17 @@ and the rule that it imports the standard library only."""
 
 import ast
 import os
+import shutil
+import socket
 import sys
+import threading
+import time
 
 import pytest
 
 from conftest import REPO, require_sandbox
-from harness import make_host, run
-from pam_rolegate.hookside import hook
+from harness import SSHD_PATH, VENV, make_host, pam_environment, pamtester, run
+from pam_rolegate.hookside import hook, protocol
 
 
 @pytest.mark.parametrize("args,expect,problems", [
@@ -115,7 +119,7 @@ def test_hook__real_pam_python_run_loads_no_third_party_module(pam_host):
         fh.write(PROBE % {"hook": hook, "out": out})
     with open("/etc/pam.d/rgprobe", "w") as fh:
         fh.write(f"session required pam_python.so {probe} socket=/run/nothing-here.sock\n")
-    done = run(["pamtester", "rgprobe", "hookuser", "open_session"], check=False)
+    done = pamtester("rgprobe", "hookuser", "open_session")
     assert os.path.exists(out), f"the probe did not run under pam_python: {done.stdout} {done.stderr}"
     lines = open(out).read().splitlines()
     assert lines[0] == "code=0", f"the hook should return PAM_SUCCESS with on_error=allow: {lines[0]}"
@@ -138,8 +142,144 @@ def test_hook__broker_missing_gives_the_on_error_verdict_and_logs_why(pam_host, 
     _h, hook = pam_host
     with open("/etc/pam.d/rghook", "w") as fh:
         fh.write(f"session required pam_python.so {hook} {options}\n")
-    done = run(["pamtester", "rghook", "hookuser", "open_session", "close_session"], check=False)
+    done = pamtester("rghook", "hookuser")
     assert (done.returncode == 0) == expect_ok, \
         f"{options}: pamtester exit {done.returncode}, expected success={expect_ok}: {done.stderr}"
     assert log in done.stderr, f"{options}: expected log line containing {log!r}, got:\n{done.stderr}"
     assert "no broker at /run/nothing-here.sock" in done.stderr, f"the reason is missing:\n{done.stderr}"
+
+
+# -- the interpreter a pamtester run embeds: Debian's, as under sshd, whatever the caller's PATH ----
+
+PREFIX_PROBE = '''
+import os, sys
+def pam_sm_open_session(pamh, flags, argv):
+    with open(%(out)r, "w") as fh:
+        fh.write("\\n".join([sys.prefix, sys.executable, os.environ.get("PATH", "")]))
+    return pamh.PAM_SUCCESS
+def pam_sm_close_session(pamh, flags, argv):
+    return pamh.PAM_SUCCESS
+'''
+CONTROL = "# control: the caller's PATH on purpose"  # marks the one pamtester started outside the helper
+
+
+def _embedded(h, start):
+    """(sys.prefix, sys.executable, PATH) as pam_python's interpreter saw them in `start(service)`'s run."""
+    out = os.path.join(h.workdir, "prefix.txt")
+    probe = os.path.join(h.workdir, "prefix_probe.py")
+    with open(probe, "w") as fh:
+        fh.write(PREFIX_PROBE % {"out": out})
+    with open("/etc/pam.d/rgprefix", "w") as fh:
+        fh.write(f"session required pam_python.so {probe}\n")
+    if os.path.exists(out):
+        os.unlink(out)
+    done = start("rgprefix")
+    assert done.returncode == 0 and os.path.exists(out), f"the prefix probe did not run: {done.stdout} {done.stderr}"
+    return tuple(open(out).read().split("\n"))
+
+
+def test_hook__pam_environment_is_sshds_path_and_nothing_inherited():
+    env = pam_environment()
+    assert env == {"PATH": SSHD_PATH, "LANG": "C"}, f"pamtester must get sshd's PATH and nothing else: {env}"
+    first = shutil.which("python3", path=env["PATH"])
+    assert first and os.path.realpath(first) == os.path.realpath("/usr/bin/python3"), \
+        f"the first python3 on sshd's PATH here is {first}, not Debian's /usr/bin/python3: pam_python would embed it"
+
+
+def test_hook__pamtester_embeds_debians_python_even_with_a_venv_python3_first_on_the_callers_path(pam_host,
+                                                                                                  monkeypatch):
+    """A venv's (or pyenv's) python3 ahead of /usr/bin on the caller's PATH: pam_python takes its prefix
+    from it. The control shows that happens to a pamtester that inherits the PATH; the helper's does not."""
+    h, _hook = pam_host
+    venv_python = os.path.join(VENV, "bin", "python3")
+    assert os.path.exists(venv_python), f"no venv python3 to plant at {venv_python}"
+    monkeypatch.setenv("PATH", f"{VENV}/bin:{SSHD_PATH}")
+    control = _embedded(h, lambda service: run(["pamtester", service, "hookuser", "open_session"],  # control: the caller's PATH on purpose
+                                                env=dict(os.environ), check=False))
+    assert control[0] == VENV, \
+        f"control: with {VENV}/bin first on PATH pam_python should embed the venv (the hazard), saw {control}"
+    prefix, executable, path = _embedded(h, lambda service: pamtester(service, "hookuser", "open_session"))
+    assert (prefix, executable) == ("/usr", "/usr/bin/python3"), \
+        f"a pamtester run embedded {executable} (prefix {prefix}), not /usr/bin/python3: it inherited PATH={path}"
+    assert path == SSHD_PATH, f"pamtester ran with PATH={path}, not sshd's {SSHD_PATH}"
+
+
+def test_hook__every_pamtester_in_tests_and_scripts_goes_through_the_helper():
+    """harness.pamtester is the one place that starts pamtester (with sshd's environment)."""
+    needles = tuple("[" + q + "pamtester" + q for q in ('"', "'"))  # a command list starting with it
+    stray = []
+    for folder in ("tests", "scripts"):
+        for name in sorted(os.listdir(os.path.join(REPO, folder))):
+            path = os.path.join(REPO, folder, name)
+            if not os.path.isfile(path) or name == "harness.py":
+                continue
+            for number, line in enumerate(open(path, errors="replace"), 1):
+                if any(n in line for n in needles) and CONTROL not in line:
+                    stray.append(f"{folder}/{name}:{number}: {line.strip()}")
+    assert not stray, "pamtester started outside harness.pamtester (it would inherit the caller's PATH):\n" + \
+        "\n".join(stray)
+
+
+# -- what close_session asks of the broker ----------------------------------------------------------
+
+
+class _Pamh:
+    """The few PamHandle members the hook touches (user, service, env, return codes)."""
+    PAM_SUCCESS, PAM_SESSION_ERR = 0, 14
+    user, service, ruser, rhost, tty = "hookuser", "sshd", None, None, None
+
+    def __init__(self):
+        self.env = {}
+
+
+def _answering_broker(path, open_reply):
+    """A Unix socket at `path` that answers open_session with `open_reply` and anything else with
+    released=0; returns the list of actions it was asked, in order. (A stand-in for the broker's
+    door: what is tested is which requests the hook sends; tests/test_login.py runs the real one.)"""
+    seen = []
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+    srv.settimeout(10)
+
+    def serve():
+        with srv:
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    body = conn.recv(4 + protocol.MAX_FRAME)[4:]
+                    action = protocol.decode_request(body).ACTION
+                    seen.append(action)
+                    reply = open_reply if action == "open_session" else protocol.Reply({"released": 0})
+                    conn.sendall(protocol.encode_reply(reply))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return seen, srv
+
+
+@pytest.mark.parametrize("open_reply,actions", [
+    (protocol.Reply({"granted": False, "env": {}, "reason": "no rule matches"}), ["open_session"]),
+    (protocol.Reply({"granted": True, "session": "s1", "env": {"AWS_REGION": "us-east-1"}, "reason": "rule 0"}),
+     ["open_session", "close_session"]),
+    (protocol.ErrorReply(protocol.E_STS_FAILED, "sts_unavailable: down"), ["open_session", "close_session"]),
+])
+def test_hook__close_asks_the_broker_only_when_a_session_may_exist(tmp_path, open_reply, actions):
+    """A login the broker answered "not granted" holds no session: its logout costs no round trip.
+    Granted, or refused with an error (which may come after a session was made), it does."""
+    require_sandbox()  # the client insists on a root peer: the test runs as root in the sandbox
+    path = str(tmp_path / "pam.sock")
+    seen, srv = _answering_broker(path, open_reply)
+    try:
+        pamh = _Pamh()
+        code, session = hook.open_session(pamh, [f"socket={path}"], time.monotonic())
+        assert code == pamh.PAM_SUCCESS, f"open_session returned {code} for {open_reply!r}"
+        assert hook.close_session(pamh, [f"socket={path}"], session) == pamh.PAM_SUCCESS, "close must not fail"
+        deadline = time.monotonic() + 5
+        while len(seen) < len(actions) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == actions, f"after {open_reply!r} the hook asked the broker {seen}, expected {actions}"
+    finally:
+        srv.close()

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import ACCOUNT, PAM_SOCKET, ROLEGATED, SOCKET, sandbox_host, run
+from harness import ACCOUNT, PAM_SOCKET, ROLEGATED, SOCKET, pamtester, sandbox_host, run
 from pam_rolegate.hookside import client, protocol
 from pam_rolegate.errors import ProtocolError
 
@@ -586,7 +586,7 @@ def _pam_login(host, user):
     with open("/etc/pam.d/rghostile", "w") as fh:
         fh.write(f"session required pam_python.so {host.hook} debug timeout=3\n")
     start = time.monotonic()
-    done = run(["pamtester", "rghostile", user, "open_session", "close_session"], timeout=60, check=False)
+    done = pamtester("rghostile", user)
     return done.returncode, done.stderr, time.monotonic() - start
 
 

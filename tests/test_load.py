@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, sandbox_host, run
+from harness import ACCOUNT, PAM_SOCKET, RUNTIME_DIR, SOCKET, pamtester, sandbox_host, run
 from pam_rolegate.hookside import client, protocol
 from pam_rolegate.doors import sockets as doors
 
@@ -158,8 +158,7 @@ class Login:
     def __init__(self, user, service=SERVICE):
         self.user = user
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(["pamtester", service, user, "open_session", "close_session"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = pamtester(service, user, popen=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.rc = self.out = self.err = None
         self.seconds = None
 

@@ -12,7 +12,7 @@ import botocore.exceptions
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import ACCOUNT, sandbox_host, run
+from harness import ACCOUNT, pamtester, sandbox_host, run
 from pam_rolegate.rules import config, mapping
 from pam_rolegate import errors
 from pam_rolegate.hookside import log
@@ -282,7 +282,7 @@ class Reader(threading.Thread):
 
 
 def pam_login(user):
-    return run(["pamtester", SERVICE, user, "open_session", "close_session"], timeout=60, check=False)
+    return pamtester(SERVICE, user)
 
 
 def test_metrics__file_counts_real_logins_exactly(host):

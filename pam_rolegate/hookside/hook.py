@@ -79,10 +79,17 @@ def _items(pamh):
     return {name: get(name) for name in ("user", "ruser", "service", "rhost", "tty")}
 
 
+# open_session's second result when the broker answered that this login gets no credentials: it
+# made no session, so close_session has nothing to close and spares the login a round trip.
+NO_SESSION = ""
+
+
 def open_session(pamh, args, started):
     """Ask the broker for this login's credentials and put their location in the PAM environment.
 
-    Returns (PAM code, the broker's session id or None); `started` is when the hook began.
+    Returns (PAM code, session): the broker's session id; NO_SESSION when the broker answered
+    "not granted"; None when it is not known (no answer), so close_session asks by pid.
+    `started` is when the hook began.
     """
     session = None
     opts, problems = parse_options(args)
@@ -101,10 +108,12 @@ def open_session(pamh, args, started):
         if reply.get("granted"):
             for key, value in (reply.get("env") or {}).items():
                 pamh.env[key] = value
-            session = reply.get("session")
+            session = reply.get("session") or None
+        else:
+            session = NO_SESSION
         if opts["debug"]:
             _emit("opened", user=items["user"], service=items["service"], granted=bool(reply.get("granted")),
-                  session=session, ms=int((time.monotonic() - started) * 1000))
+                  session=session or None, ms=int((time.monotonic() - started) * 1000))
         return pamh.PAM_SUCCESS, session
     except Exception as err:  # every failure ends here; on_error decides what it costs the login
         verdict = "session opened without credentials" if opts["on_error"] == "allow" else "session refused"
@@ -115,6 +124,8 @@ def open_session(pamh, args, started):
 
 def close_session(pamh, args, session):
     """Tell the broker this session ended. Logout never fails because of us."""
+    if session == NO_SESSION:
+        return pamh.PAM_SUCCESS
     opts, _problems = parse_options(args)
     try:
         request = protocol.CloseSession(session=session) if session else protocol.CloseSession(pid=os.getpid())
