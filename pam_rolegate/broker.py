@@ -13,11 +13,11 @@ import threading
 from .rules import config as config_mod
 from .hookside import protocol
 from .backends import store
-from .doors.sockets import (MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS,
-                            USER_WORKERS, Door, Handlers, RefusalLog)
+from .doors.sockets import (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID, MAX_USER_CONNECTIONS,
+                            MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog)
 from .errors import ConfigError, StoreError
 from .backends.fleet import FleetRules
-from .core.lifecycle import Lifecycle
+from .core.lifecycle import FD_RESERVE, Lifecycle
 from .hookside.log import Log
 from .backends.metrics import Metrics
 from .core.records import Journal
@@ -25,6 +25,16 @@ from .core.registry import Registry
 from .backends.sts import StsEngine
 
 PAM_DIR = os.path.dirname(protocol.PAM_SOCKET)
+
+
+def door_descriptors(cfg):
+    """Connections the doors this config opens may hold at once, all at their caps."""
+    total = MAX_CONNECTIONS + MAX_USER_CONNECTIONS
+    if cfg.delivery == "container" or cfg.imds.mode == "emulate":
+        from .doors.web import HttpDoor
+
+        total += HttpDoor.max_connections * ((cfg.delivery == "container") + (cfg.imds.mode == "emulate"))
+    return total
 
 
 class Broker:
@@ -36,15 +46,14 @@ class Broker:
         self.store = store.CredentialStore(cfg.runtime_dir, mount=store_mount)
         self.journal = Journal(self.store, self.log)
         self.registry = Registry(cfg, engine or StsEngine.from_config(cfg), self.store, self.log)
-        self.lifecycle = Lifecycle(self.registry, self.journal, self.log)
-        self.registry.listeners = [self.journal, self.lifecycle]
         refusals = RefusalLog(self.log)
         handlers = Handlers(self.registry, refusals)
         self.pam_door = Door("pam", os.path.join(cfg.runtime_dir, protocol.PAM_SOCKET), handlers.pam(),
                              PAM_WORKERS, self.log, refusals, mode=0o600)
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),
                               USER_WORKERS, self.log, refusals, per_uid_connections=MAX_CONNECTIONS_PER_UID,
-                              per_uid_serving=MAX_SERVING_PER_UID, per_uid_working=MAX_WORKING_PER_UID)
+                              per_uid_serving=MAX_SERVING_PER_UID, per_uid_working=MAX_WORKING_PER_UID,
+                              max_connections=MAX_USER_CONNECTIONS)
         self.imds_door = self.container_door = None
         if cfg.delivery == "container":
             from .doors.container import ContainerDoor
@@ -55,6 +64,12 @@ class Broker:
 
             self.imds_door = ImdsDoor(self.registry, self.log, refusals,
                                       metadata=metadata_fetcher(self.registry.engine))
+        # The session watches (a pidfd each) get the descriptors the doors can never need: a user
+        # who fills a door must not take the one a login's accept needs, and sessions past that
+        # allowance are polled instead.
+        self.lifecycle = Lifecycle(self.registry, self.journal, self.log,
+                                   reserve=door_descriptors(cfg) + FD_RESERVE)
+        self.registry.listeners = [self.journal, self.lifecycle]
         self.fleet = None  # rules_from's poller, made below (the metrics read it)
         self.metrics = Metrics(self.registry.counts, self._door_counts, self.log, rules=self._rules_state)
         self.log.observer = self.metrics.observe
@@ -208,11 +223,34 @@ class Broker:
         self.journal.close()
 
 
-def _raise_fd_limit():
-    """Sessions are watched through a descriptor each: take all the descriptors we may."""
+# Sessions whose processes the broker watches through a pidfd each (past this they are polled
+# every reap_interval): well above the 10,000 live sessions a busy bastion holds.
+WATCHED_SESSIONS = 65536
+
+
+def _raise_fd_limit(door_descriptors, log):
+    """Take enough descriptors for every door at its cap, our own files, and WATCHED_SESSIONS
+    pidfds: raised past the hard limit where root may (up to fs.nr_open), else to the hard limit,
+    saying so when the doors' caps do not fit (then sessions are polled, never a door starved)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    want = door_descriptors + FD_RESERVE + WATCHED_SESSIONS
+    try:
+        with open("/proc/sys/fs/nr_open") as fh:
+            want = min(want, int(fh.read()))
+    except (OSError, ValueError):
+        pass
+    for limit in (max(want, hard), hard):
+        if limit <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            break
+        except (ValueError, OSError):
+            continue
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < door_descriptors + FD_RESERVE:
+        log.error(f"only {soft} file descriptors: the doors may hold {door_descriptors} connections at once; "
+                  "sessions will be polled rather than watched; raise LimitNOFILE in rolegated.service")
 
 
 def serve(config_path, engine=None, log=None, ready=None):
@@ -225,7 +263,7 @@ def serve(config_path, engine=None, log=None, ready=None):
     except ConfigError as err:
         log.error(f"not starting: {err}")
         return 1
-    _raise_fd_limit()
+    _raise_fd_limit(door_descriptors(cfg), log)
     broker = Broker(cfg, engine=engine, log=log)
     # Signals are caught before start(): it may wait on Parameter Store for up to the STS budget,
     # and a SIGHUP's default action there (exit, which systemd does not count as a failure to

@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ..hookside import procs
 from .registry import Listener
 
-# Leave this many descriptors for sockets, files and the pool; the rest may watch processes.
+# Leave this many descriptors for files, STS connections, the journal and the pool, besides what
+# the doors may hold (the broker adds theirs); the rest may watch processes.
 FD_RESERVE = 2048
 SCHEDULER_MAX_SLEEP = 5.0
 # A refresh the pool refused (a reload had just shut it down) goes back in the heap this far
@@ -55,11 +56,11 @@ class RateLimit:
 class Watcher:
     """Processes that hold sessions, watched through pidfds (or, past the allowance, by polling)."""
 
-    def __init__(self, registry, log, limit=None):
+    def __init__(self, registry, log, limit=None, reserve=FD_RESERVE):
         self.registry = registry
         self.log = log
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.limit = limit if limit is not None else max(soft - FD_RESERVE, 0)
+        self.limit = limit if limit is not None else max(soft - reserve, 0)
         self._lock = threading.Lock()
         self._todo = []  # ("add", pid, started) / ("remove", pid, None), from the registry's listener
         # A process is (pid, start time): a pid reused before its old pidfd fired is another process.
@@ -176,7 +177,7 @@ class Watcher:
 
 
 class Lifecycle(Listener):
-    def __init__(self, registry, journal, log, clock=time.time):
+    def __init__(self, registry, journal, log, clock=time.time, reserve=FD_RESERVE):
         self.registry = registry
         self.journal = journal
         self.log = log
@@ -189,7 +190,7 @@ class Lifecycle(Listener):
         self._pool = None
         self._limit = None
         self._sizing = None  # (refresh.workers, refresh.rate) the pool and rate limit were built for
-        self.watcher = Watcher(registry, log)
+        self.watcher = Watcher(registry, log, reserve=reserve)
         self.configure(registry.cfg)
 
     def configure(self, cfg):

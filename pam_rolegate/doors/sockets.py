@@ -28,14 +28,19 @@ from ..core.registry import ShellLimit, epoch_to_dt, iso
 # Capacity, each number with its reason (see README "Capacity and fairness").
 BACKLOG = 4096  # net.core.somaxconn's default cap: a storm of logins waits in the kernel queue
 FRAME_DEADLINE = 2.0  # a request frame must arrive whole within this, however slowly it trickles
-MAX_CONNECTIONS = 4096  # per door, all callers together: far above any real storm, below fd limits
+MAX_CONNECTIONS = 4096  # the PAM door, all callers together: far above any real storm, below fd limits
 PAM_WORKERS = 32  # first logins of different grants ask STS in parallel; same-grant logins share a call
 USER_WORKERS = 8  # env/credentials/status are quick; a few threads keep one slow NSS lookup from stalling all
 # The user door's waiting line: each uid's connections wait in the order they came, as an accepted
 # socket each (one descriptor, nothing read yet), and only a few of a uid's are served at once.
 # Above the 1000 simultaneous requests of `xargs -P 64 aws ...` or a parallel build whose every job
-# runs credential_process; one descriptor each, so a uid holds at most a quarter of MAX_CONNECTIONS.
+# runs credential_process; one descriptor each.
 MAX_CONNECTIONS_PER_UID = 1024  # user door: one uid's connections, waiting and served; past this, `busy` at once
+# The user door, all callers together: 8 uids at their full line. A uid may wait with many
+# connections here (a burst is normal use), so the PAM door's MAX_CONNECTIONS would let 4 users
+# fill this door for everyone else; more than 8 lines' worth would not fit beside the other doors
+# and the session watches in a 20,000-descriptor limit (the broker reserves every door's cap).
+MAX_USER_CONNECTIONS = 8 * MAX_CONNECTIONS_PER_UID
 # Enough to read a uid's next frames while its two workers run; few enough that a burst puts only
 # this many of its tasks ahead of another uid's on the door's loop.
 MAX_SERVING_PER_UID = 4  # user door: one uid's connections being read and answered at once; the rest wait
@@ -135,8 +140,10 @@ class Door:
     """
 
     def __init__(self, name, path, handlers, workers, log, refusals, per_uid_connections=None,
-                 per_uid_serving=None, per_uid_working=None, mode=0o666, inline=INLINE_ACTIONS):
+                 per_uid_serving=None, per_uid_working=None, mode=0o666, inline=INLINE_ACTIONS,
+                 max_connections=MAX_CONNECTIONS):
         self.name = name
+        self.max_connections = max_connections
         self.path = path
         self.handlers = handlers
         self.log = log
@@ -239,7 +246,7 @@ class Door:
     def _arrive(self, conn, peer):
         uid = peer.uid
         held = self._held.get(uid, 0)
-        if self._total >= MAX_CONNECTIONS or (self.per_uid_connections and held >= self.per_uid_connections):
+        if self._total >= self.max_connections or (self.per_uid_connections and held >= self.per_uid_connections):
             self.refusals.refused(uid, peer.pid, door=self.name, reason="too many connections")
             _turn_away(conn)
             return
