@@ -316,3 +316,40 @@ def test_lifecycle__a_rules_change_leaves_the_refresh_pool_and_rate_alone():
         assert life._pool._max_workers == 3, f"the new pool has {life._pool._max_workers} workers, not 3"
     finally:
         life.stop()
+
+
+@pytest.mark.parametrize("delivery,imds,http_doors", [("file", "reject", 0), ("container", "emulate", 2)])
+def test_lifecycle__session_watches_leave_every_doors_cap_of_descriptors_free(delivery, imds, http_doors):
+    """A user who fills the doors must never take the descriptor a login's accept needs: the pidfd
+    allowance is what is left after every door's cap and the broker's own reserve."""
+    import resource
+
+    from pam_rolegate import broker
+    from pam_rolegate.core.lifecycle import FD_RESERVE, Lifecycle
+    from pam_rolegate.doors import sockets
+    from pam_rolegate.doors.web import HttpDoor
+
+    cfg = types.SimpleNamespace(delivery=delivery, imds=types.SimpleNamespace(mode=imds),
+                                refresh=types.SimpleNamespace(workers=1, rate=1.0), reap_interval=2.0)
+    doors = broker.door_descriptors(cfg)
+    assert doors == sockets.MAX_CONNECTIONS + sockets.MAX_USER_CONNECTIONS + http_doors * HttpDoor.max_connections, \
+        f"{delivery}/{imds}: the doors' caps add up to {doors}"
+    registry = types.SimpleNamespace(cfg=cfg)
+    life = Lifecycle(registry, None, ErrorLog(), reserve=doors + FD_RESERVE)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert life.watcher.limit == max(soft - doors - FD_RESERVE, 0), \
+        f"the watches may use {life.watcher.limit} of {soft} descriptors, past what the doors may need ({doors})"
+
+
+def test_lifecycle__a_descriptor_limit_too_small_for_the_doors_is_reported():
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = ("import resource, sys; from pam_rolegate import broker\n"
+            "class Log:\n    def error(self, text): print(text)\n"
+            "broker._raise_fd_limit(10 ** 9, Log())\n"  # more than any limit: cannot fit
+            "print('soft', resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+    done = run([sys.executable, "-c", code], check=False)
+    assert done.returncode == 0, f"_raise_fd_limit failed: {done.stderr}"
+    assert "LimitNOFILE" in done.stdout, f"a limit too small for the doors was not reported: {done.stdout!r}"
+    assert int(done.stdout.split("soft")[-1]) >= soft, f"the limit was lowered: {done.stdout!r} (was {soft})"
