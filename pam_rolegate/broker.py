@@ -13,6 +13,7 @@ import threading
 from .rules import config as config_mod
 from .hookside import protocol
 from .backends import store
+from .backends.homefiles import HomeReader
 from .doors.sockets import MAX_CONNECTIONS_PER_UID, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog
 from .errors import ConfigError, StoreError
 from .backends.fleet import FleetRules
@@ -38,7 +39,8 @@ class Broker:
         self.lifecycle = Lifecycle(self.registry, self.journal, self.log)
         self.registry.listeners = [self.journal, self.lifecycle]
         refusals = RefusalLog(self.log)
-        handlers = Handlers(self.registry, refusals)
+        self.homes = HomeReader()
+        handlers = Handlers(self.registry, refusals, homes=self.homes, log=self.log)
         self.pam_door = Door("pam", os.path.join(cfg.runtime_dir, protocol.PAM_SOCKET), handlers.pam(),
                              PAM_WORKERS, self.log, refusals, mode=0o600)
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),
@@ -197,6 +199,7 @@ class Broker:
         if self.fleet is not None:
             self.fleet.stop()
         self.pam_door.stop()
+        self.homes.close()
         self.user_door.stop()
         for door in (self.imds_door, self.container_door):
             if door is not None:
