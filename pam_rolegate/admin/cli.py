@@ -242,22 +242,30 @@ def run_env(args, deps):
 
 def run_region(args, deps):
     """For a login shell of a PAM session that selects a profile or config file of its own: the
-    broker decided at login for `default` in ~/.aws/config; decide again for what this shell uses."""
+    broker decided at login for `default` in ~/.aws/config; decide again for what this shell uses.
+    rolegate's config (YAML: the slow part of this) is read only when its region or runtime_dir is
+    needed, so the common answer, "your profile names a region", costs an interpreter start."""
     from ..rules import awsconfig
 
-    try:
-        cfg = _load_config(args, deps)
-    except (ConfigError, OSError) as err:
-        cfg = None
-        deps.warn(f"cannot read rolegate's config ({err}); rolegate's region cannot be restored")
+    def load():
+        try:
+            return _load_config(args, deps)
+        except (ConfigError, OSError) as err:
+            deps.warn(f"cannot read rolegate's config ({err}); leaving the region variables as they are")
+            return None
+
+    cfg = load() if awsconfig.CONFIG_FILE_VAR in deps.environ else None  # is that file rolegate's own?
+    if awsconfig.CONFIG_FILE_VAR in deps.environ and cfg is None:
+        return EXIT_OK
     runtime_dir = (cfg.runtime_dir if cfg else "/run/rolegate").rstrip("/") + "/"
     present = [k for k in awsconfig.REGION_VARS if k in deps.environ]
+    lines = []
     if own_region_named(deps.environ, runtime_dir):
         lines = shell_lines({}, present, args.shell)
-    elif cfg is not None and not present:
-        lines = shell_lines({k: cfg.region for k in awsconfig.REGION_VARS}, [], args.shell)
-    else:
-        lines = []
+    elif not present:
+        cfg = cfg or load()
+        if cfg is not None:
+            lines = shell_lines({k: cfg.region for k in awsconfig.REGION_VARS}, [], args.shell)
     for line in lines:
         deps.say(line)
     return EXIT_OK
