@@ -206,11 +206,17 @@ def test_homefiles__a_stuck_read_costs_the_login_its_budget_at_most():
             reader.read(1000, timeout=0.1)
         assert time.monotonic() - started < 0.5, "the wait outlived its budget"
         with pytest.raises(Unreadable, match="longer than"):
-            reader.read(1000, timeout=0.1)  # queued behind the stuck one
+            reader.read(1000, timeout=0.1)  # queued behind the stuck one, then given up (cancelled)
+        gate = __import__("threading").Thread(target=reader.read, args=(1000,), kwargs={"timeout": 3})
+        gate.start()  # a second read waiting behind the stuck one (it runs once that ends): the cap (2) is reached
+        time.sleep(0.2)
         started = time.monotonic()
         with pytest.raises(Unreadable, match="too many reads"):
             reader.read(1000, timeout=5)
         assert time.monotonic() - started < 0.1, "past the waiting cap a login must skip the read at once"
+        release.set()
+        gate.join(5)
+        assert reader.read(1000, timeout=2) == b"", "once the stuck read ends, reads work again (nothing leaked a slot)"
     finally:
         release.set()
         reader.close()

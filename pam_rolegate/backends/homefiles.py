@@ -315,6 +315,9 @@ class HomeReader:
         try:
             return future.result(timeout=timeout)
         except FutureTimeout:
+            if future.cancel():  # still queued behind stuck reads: it will never run, nor count
+                with self._lock:
+                    self._waiting -= 1
             raise Unreadable(f"the read took longer than {timeout:.2f} s (left to finish on its own)") from None
 
     def close(self):
