@@ -9,6 +9,9 @@ treated as hostile input, and none of it may stop, fail or slow a login past its
   thread of the process): the kernel then checks every path step with the user's rights and drops
   the thread's DAC-override capabilities, so no trick of the path can reach a file the user could
   not read, and a root_squash NFS home (where root is "nobody") is read as the user, as the SDKs do.
+  Python's os module has no setfsuid, and no packaged library offers it: two ctypes calls into libc.
+  The thread keeps the broker's supplementary groups (none under systemd); the ownership checks
+  below keep a group-readable file of root's out anyway.
 - **No link the user controls is followed.** The path to the home directory (from the passwd
   database: the administrator's) is walked one component at a time with O_NOFOLLOW from `/`; a
   symlink there is followed only if root owns it and it sits in a root-owned directory no one else
