@@ -10,8 +10,10 @@ treated as hostile input, and none of it may stop, fail or slow a login past its
   the thread's DAC-override capabilities, so no trick of the path can reach a file the user could
   not read, and a root_squash NFS home (where root is "nobody") is read as the user, as the SDKs do.
   Python's os module has no setfsuid, and no packaged library offers it: two ctypes calls into libc.
-  The thread keeps the broker's supplementary groups (none under systemd); the ownership checks
-  below keep a group-readable file of root's out anyway.
+  The thread keeps the broker's supplementary groups (setgroups would change every thread too): what
+  they could add is a group-readable file of root's, and the owner checks below admit root's files
+  only where root put them (a user cannot chown, and protected_hardlinks refuses a user a link to a
+  file they cannot read and write).
 - **No link the user controls is followed.** The path to the home directory (from the passwd
   database: the administrator's) is walked one component at a time with O_NOFOLLOW from `/`; a
   symlink there is followed only if root owns it and it sits in a root-owned directory no one else
