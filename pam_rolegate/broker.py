@@ -13,6 +13,7 @@ import threading
 from .rules import config as config_mod
 from .hookside import protocol
 from .backends import store
+from .backends.homefiles import HomeReader
 from .doors.sockets import (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID, MAX_USER_CONNECTIONS,
                             MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog)
 from .errors import ConfigError, StoreError
@@ -47,7 +48,8 @@ class Broker:
         self.journal = Journal(self.store, self.log)
         self.registry = Registry(cfg, engine or StsEngine.from_config(cfg), self.store, self.log)
         refusals = RefusalLog(self.log)
-        handlers = Handlers(self.registry, refusals)
+        self.homes = HomeReader()
+        handlers = Handlers(self.registry, refusals, homes=self.homes, log=self.log)
         self.pam_door = Door("pam", os.path.join(cfg.runtime_dir, protocol.PAM_SOCKET), handlers.pam(),
                              PAM_WORKERS, self.log, refusals, mode=0o600)
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),
@@ -214,6 +216,7 @@ class Broker:
         if self.fleet is not None:
             self.fleet.stop()
         self.pam_door.stop()
+        self.homes.close()
         self.user_door.stop()
         for door in (self.imds_door, self.container_door):
             if door is not None:

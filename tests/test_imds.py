@@ -576,57 +576,164 @@ def test_container__a_long_running_client_picks_up_rotated_keys_and_nobody_else_
     assert len(set(keys)) >= 2, f"one client over ~30 s with a ~10 s refresh should use >= 2 access keys, used {keys}"
 
 
-# -- 9: whose region wins in login shells ----------------------------------------------------------------
+# -- 9: whose region wins, in login shells and `ssh host CMD` ---------------------------------------------
 
+OWN_REGION = "eu-west-2"
+SECRET_REGION = "eu-west-3"  # only in root's file: must never reach alice's session
 REGION_REPORT = "; ".join([
     'echo "REGION=${AWS_REGION:-}"',
     'echo "DEFAULT_REGION=${AWS_DEFAULT_REGION:-}"',
     'echo "DELIVERY=${AWS_SHARED_CREDENTIALS_FILE:-}${AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:-}"',
-    f'echo "CLI=$({AWS_CLI} configure get region)"',
-    f'echo "BOTO=$({sys.executable} -c "import boto3; print(boto3.session.Session().region_name)")"',
+    # what the CLI's session resolved, and from where (env or config-file): more than `configure get`
+    f'echo "CLI=$({AWS_CLI} configure list | awk \'$1 == "region" {{print $2 "/" $3}}\')"',
+    # the region and endpoint a boto3 client would call
+    f'echo "BOTO=$({sys.executable} -c "import boto3; c = boto3.client(\'ec2\'); print(c.meta.region_name, c.meta.endpoint_url)")"',
     'echo "ARN=$(%s -c "import boto3; print(boto3.client(\'sts\', endpoint_url=\'%%(sts)s\').get_caller_identity()[\'Arn\'])" 2>&1 | tail -n 1)"'
     % sys.executable,
     f'echo "CLI_ARN=$({AWS_CLI} sts get-caller-identity --endpoint-url %(sts)s --query Arn --output text 2>&1 | tail -n 1)"',
 ])
 
 
+def alice_aws_config(make):
+    """Give alice's ~/.aws/config the shape make(path) builds (None: no file); returns a cleanup."""
+    home = pwd.getpwnam("alice").pw_dir
+    aws = os.path.join(home, ".aws")
+    if os.path.lexists(aws):
+        subprocess.run(["rm", "-rf", aws], check=True)
+    os.makedirs(aws)
+    config = os.path.join(aws, "config")
+    if make is not None:
+        make(config)
+    run(["chown", "-h", "-R", "alice:", aws])
+
+    def cleanup():
+        subprocess.run(["rm", "-rf", aws], check=True)
+    return cleanup
+
+
+def own_region_file(path):
+    with open(path, "w") as fh:
+        fh.write(f"# alice's own\n[default]\nregion = {OWN_REGION}\noutput = json\n")
+
+
+def region_session(lab, path, script_env=""):
+    script = script_env + REGION_REPORT % {"sts": lab.sts_url}
+    started = time.monotonic()
+    if path == "su-l":  # in the namespace, where the container endpoint listens
+        done = run(lab.ns + ["su", "-l", "alice", "-c", script], check=False)
+    else:
+        done = lab.h.session(path, "alice", script)
+    took = time.monotonic() - started
+    got = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
+    assert done.returncode == 0 and got.get("DELIVERY"), \
+        f"alice's {path} login got no rolegate grant: {done.stdout} {done.stderr[-2000:]}"
+    assert got.get("ARN", "").startswith(role_arn_prefix("alice-role")), f"alice's {path} login lacks her role: {got}"
+    assert got.get("CLI_ARN", "").startswith(role_arn_prefix("alice-role")), \
+        f"the AWS CLI in alice's {path} login lacks her role: {got}"
+    return got, took
+
+
+def assert_region(got, region, own, what):
+    if own:
+        assert got.get("REGION") == "" and got.get("DEFAULT_REGION") == "", \
+            f"{what}: with a region in ~/.aws/config rolegate's must not be exported: {got}"
+        assert got.get("CLI") == f"{region}/config-file", f"{what}: the CLI should resolve {region} from the file: {got}"
+    else:
+        assert got.get("REGION") == region and got.get("DEFAULT_REGION") == region, \
+            f"{what}: rolegate's region should be exported: {got}"
+        assert got.get("CLI") == f"{region}/env", f"{what}: the CLI should resolve rolegate's {region}: {got}"
+    assert got.get("BOTO") == f"{region} https://ec2.{region}.amazonaws.com", \
+        f"{what}: boto3 should call {region}: {got}"
+
+
 @pytest.mark.parametrize("own_config", [True, False], ids=["own-region", "no-own-region"])
 @pytest.mark.parametrize("path", ["ssh-login", "su-l", "ssh"])  # ssh: `ssh host CMD`, which reads no profile.d
 @pytest.mark.parametrize("delivery", ["file", "container"])
-def test_login__users_own_config_region_wins_in_login_shells(lab, delivery, path, own_config):
+def test_login__users_own_config_region_wins_on_every_path(lab, delivery, path, own_config):
     lab.configure(delivery=delivery)
-    home = pwd.getpwnam("alice").pw_dir
-    config = os.path.join(home, ".aws", "config")
-    if own_config:
-        os.makedirs(os.path.dirname(config), exist_ok=True)
-        with open(config, "w") as fh:
-            fh.write("[default]\nregion = eu-west-1\n")
-        run(["chown", "-R", "alice:", os.path.dirname(config)])
-    script = REGION_REPORT % {"sts": lab.sts_url}
+    cleanup = alice_aws_config(own_region_file if own_config else None)
     try:
-        if path == "su-l":  # in the namespace, where the container endpoint listens
-            done = run(lab.ns + ["su", "-l", "alice", "-c", script], check=False)
-        else:
-            done = lab.h.session(path, "alice", script)
+        got, _ = region_session(lab, path)
     finally:
-        if os.path.exists(config):
-            os.unlink(config)
+        cleanup()
+    what = f"alice's {path} login under {delivery} delivery (own config: {own_config})"
+    assert_region(got, OWN_REGION if own_config else "us-east-1", own_config, what)
+
+
+@pytest.mark.parametrize("profile,own", [("dev", True), ("plain", False)])
+def test_login__a_login_shell_selecting_a_profile_gets_that_profiles_region_rule(lab, profile, own):
+    """PAM decided for `default` (which names eu-west-2); a login shell with AWS_PROFILE set asks
+    `rolegate region`: a profile naming its own region keeps it, one naming none gets rolegate's."""
+    lab.configure()
+
+    def make(path):
+        with open(path, "w") as fh:
+            fh.write(f"[default]\nregion = {OWN_REGION}\n[profile dev]\nregion = ap-south-1\n"
+                     f"[profile plain]\noutput = json\n")
+    cleanup = alice_aws_config(make)
+    try:  # a login shell started with AWS_PROFILE set (as SendEnv or pam_env would give it) reads profile.d
+        done = lab.h.session("ssh", "alice", f"AWS_PROFILE={profile} bash -lc '"
+                                             f"echo REGION=${{AWS_REGION:-}}; echo DEFAULT_REGION=${{AWS_DEFAULT_REGION:-}}'")
+    finally:
+        cleanup()
     got = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
-    assert done.returncode == 0 and got.get("DELIVERY"), \
-        f"alice's {path} login under {delivery} delivery got no rolegate grant: {done.stdout} {done.stderr[-2000:]}"
-    assert got.get("ARN", "").startswith(role_arn_prefix("alice-role")), \
-        f"alice's {path} login under {delivery} delivery should have her role: {got}"
-    assert got.get("CLI_ARN", "").startswith(role_arn_prefix("alice-role")), \
-        f"the AWS CLI in alice's {path} login under {delivery} delivery should have her role: {got}"
-    if own_config and path != "ssh":
-        assert got.get("REGION") == "" and got.get("DEFAULT_REGION") == "", \
-            f"with region eu-west-1 in ~/.aws/config rolegate's region should be unset: {got}"
-        assert got.get("CLI") == "eu-west-1" and got.get("BOTO") == "eu-west-1", \
-            f"the user's own region should win for the CLI and boto3: {got}"
-    else:  # no region of the user's own, or a session that never reads profile.d: rolegate's wins
-        assert got.get("REGION") == "us-east-1" and got.get("DEFAULT_REGION") == "us-east-1", \
-            f"rolegate's region should be exported (own config: {own_config}, {path}): {got}"
-        assert got.get("BOTO") == "us-east-1", f"boto3 should use rolegate's region: {got}"
+    expected = "" if own else "us-east-1"
+    assert done.returncode == 0 and got.get("REGION") == expected and got.get("DEFAULT_REGION") == expected, \
+        f"AWS_PROFILE={profile}: region variables should be {expected!r}: {got} {done.stderr[-1000:]}"
+
+
+def _symlink_to_root_file(path):
+    with open("/root/rg-region-secret", "w") as fh:
+        fh.write(f"[default]\nregion = {SECRET_REGION}\n")
+    os.chmod("/root/rg-region-secret", 0o600)
+    os.symlink("/root/rg-region-secret", path)
+
+
+def _oversized(path):
+    with open(path, "w") as fh:
+        fh.write(f"[default]\nregion = {SECRET_REGION}\n" + "# padding\n" * 20000)
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("make,reason", [(_symlink_to_root_file, "symlink"), (_oversized, "larger than"),
+                                         (_fifo, "not a regular file")], ids=["symlink", "oversized", "fifo"])
+def test_login__a_hostile_aws_config_leaks_nothing_and_holds_no_login(lab, make, reason):
+    lab.configure()
+    cleanup = alice_aws_config(make)
+    mark = lab.h.log_mark()
+    try:
+        got, took = region_session(lab, "ssh")
+    finally:
+        cleanup()
+    print(f"\n`ssh host CMD` with a hostile ~/.aws/config ({reason}): {took:.2f} s for the whole report")
+    assert_region(got, "us-east-1", False, f"a {reason} ~/.aws/config")
+    assert SECRET_REGION not in json.dumps(got), f"root's file reached alice's session: {got}"
+    log = lab.h.broker_log()[mark:]
+    assert "skipped: action=own-region target=alice" in log and reason in log, \
+        f"the broker should say why it kept its region: {log[-2000:]}"
+    assert SECRET_REGION not in log, f"the broker's log shows what root's file holds: {log[-2000:]}"
+    assert took < 30, f"a {reason} ~/.aws/config held the login {took:.1f} s"
+
+
+def test_login__the_own_region_read_costs_a_login_little(lab):
+    """`ssh host true` with and without a ~/.aws/config to read: printed, not asserted."""
+    lab.configure()
+    samples = {"no config": [], "own region": []}
+    for _ in range(15):  # interleaved, so the machine's other load falls on both alike
+        for label, make in (("no config", None), ("own region", own_region_file)):
+            cleanup = alice_aws_config(make)
+            try:
+                started = time.monotonic()
+                done = lab.h.session("ssh", "alice", "true")
+                samples[label].append(time.monotonic() - started)
+                assert done.returncode == 0, f"ssh failed: {done.stderr[-1000:]}"
+            finally:
+                cleanup()
+    print("\n`ssh host true`, median of 15: " + ", ".join(
+        f"{k} {sorted(v)[len(v) // 2] * 1000:.0f} ms" for k, v in samples.items()))
 
 
 # -- the emulator's port while the broker is down ----------------------------------------------------

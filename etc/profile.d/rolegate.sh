@@ -17,19 +17,18 @@ esac
 if [ -n "$__rolegate_have" ]; then
     # Static keys inherited from elsewhere would shadow the grant (SDKs read them first).
     unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_SECURITY_TOKEN
+    # Whose region wins: the broker decided at login, for profile `default` in ~/.aws/config. A
+    # shell that selects another profile (botocore's order) or config file asks `rolegate region`,
+    # which decides with the same rule; the usual shell starts no program here.
+    case "${AWS_CONFIG_FILE:-}" in
+        "$__rolegate_dir"*) ;; # process delivery: rolegate's config file, the user's is not in use
+        *) if [ -n "${AWS_CONFIG_FILE:-}" ] || [ "${AWS_DEFAULT_PROFILE:-${AWS_PROFILE:-default}}" != default ]; then
+               [ -x "$__rolegate_bin" ] && __rolegate_out=$("$__rolegate_bin" region --shell sh) \
+                   && eval "$__rolegate_out"
+           fi ;;
+    esac
 elif [ -x "$__rolegate_bin" ]; then
+    # A shell without PAM's variables (su -l, SSM): `rolegate env` also decides whose region wins.
     __rolegate_out=$("$__rolegate_bin" env --shell sh) && eval "$__rolegate_out"
 fi
-# rolegate's region is a default: when the user's own AWS config names a region for the profile in
-# use, drop ours, so theirs wins (SDKs read these variables before any config file).
-__rolegate_cfg=${AWS_CONFIG_FILE:-${HOME:-/nonexistent}/.aws/config}
-case "$__rolegate_cfg" in "$__rolegate_dir"*) __rolegate_cfg= ;; esac
-if [ -n "$__rolegate_have$__rolegate_out" ] && [ -n "$__rolegate_cfg" ] && [ -f "$__rolegate_cfg" ] \
-    && [ -r "$__rolegate_cfg" ] && awk -v p="${AWS_PROFILE:-${AWS_DEFAULT_PROFILE:-default}}" '
-        /^[ \t]*\[/ { s = $0; gsub(/^[ \t]*\[[ \t]*|[ \t]*\][ \t]*$/, "", s)
-                      inside = (s == "profile " p || s == p); next }
-        inside && /^[ \t]*region[ \t]*=[ \t]*[^ \t]/ { found = 1 }
-        END { exit !found }' "$__rolegate_cfg" 2>/dev/null; then
-    unset AWS_REGION AWS_DEFAULT_REGION
-fi
-unset __rolegate_bin __rolegate_dir __rolegate_have __rolegate_out __rolegate_cfg
+unset __rolegate_bin __rolegate_dir __rolegate_have __rolegate_out

@@ -199,8 +199,30 @@ def shell_lines(env, unset, shell):
     return lines
 
 
+def own_region_named(environ, runtime_dir):
+    """Does this user's own AWS config (AWS_CONFIG_FILE, else ~/.aws/config, as the SDKs find it)
+    name a region for the profile `environ` selects? Read with the user's own rights; a file that
+    is missing, unreadable, not a regular file or too large names none (rolegate's region stays)."""
+    from ..backends import homefiles
+    from ..rules import awsconfig
+
+    path = environ.get(awsconfig.CONFIG_FILE_VAR)
+    if path:
+        path = os.path.expanduser(os.path.expandvars(path))  # as botocore does
+    else:
+        path = os.path.join(environ.get("HOME") or os.path.expanduser("~"), *homefiles.AWS_CONFIG)
+    if path.startswith(runtime_dir):
+        return False  # rolegate's own file (process delivery): the user's config is not in use
+    try:
+        text = homefiles.read_own(path).decode("utf-8")
+    except (homefiles.Unreadable, UnicodeDecodeError):
+        return False
+    return awsconfig.names_region(text, awsconfig.profile_in_use(environ))
+
+
 def run_env(args, deps):
     from ..hookside import protocol
+    from ..rules import awsconfig
 
     reply = _broker_call(protocol.Env(), deps)
     env = reply.get("env") or {}
@@ -211,10 +233,46 @@ def run_env(args, deps):
               if k not in env and deps.environ.get(k, "").startswith(runtime_dir)]
     if protocol.CONTAINER_TOKEN_VAR in unset and protocol.CONTAINER_URI_VAR in deps.environ:
         unset.append(protocol.CONTAINER_URI_VAR)
+    # The user's own region for the profile in use wins (README "Whose region wins").
+    if awsconfig.REGION_VARS[0] in env and awsconfig.CONFIG_FILE_VAR not in env \
+            and own_region_named(deps.environ, runtime_dir):
+        env = {k: v for k, v in env.items() if k not in awsconfig.REGION_VARS}
+        unset += [k for k in awsconfig.REGION_VARS if k in deps.environ]
     for line in shell_lines(env, unset, args.shell):
         deps.say(line)
     if not reply.get("granted") and args.verbose:
         deps.warn(f"no role for you on this host: {reply.get('reason')}")
+    return EXIT_OK
+
+
+def run_region(args, deps):
+    """For a login shell of a PAM session that selects a profile or config file of its own: the
+    broker decided at login for `default` in ~/.aws/config; decide again for what this shell uses.
+    rolegate's config (YAML: the slow part of this) is read only when its region or runtime_dir is
+    needed, so the common answer, "your profile names a region", costs an interpreter start."""
+    from ..rules import awsconfig
+
+    def load():
+        try:
+            return _load_config(args, deps)
+        except (ConfigError, OSError) as err:
+            deps.warn(f"cannot read rolegate's config ({err}); leaving the region variables as they are")
+            return None
+
+    cfg = load() if awsconfig.CONFIG_FILE_VAR in deps.environ else None  # is that file rolegate's own?
+    if awsconfig.CONFIG_FILE_VAR in deps.environ and cfg is None:
+        return EXIT_OK
+    runtime_dir = (cfg.runtime_dir if cfg else "/run/rolegate").rstrip("/") + "/"
+    present = [k for k in awsconfig.REGION_VARS if k in deps.environ]
+    lines = []
+    if own_region_named(deps.environ, runtime_dir):
+        lines = shell_lines({}, present, args.shell)
+    elif not present:
+        cfg = cfg or load()
+        if cfg is not None:
+            lines = shell_lines({k: cfg.region for k in awsconfig.REGION_VARS}, [], args.shell)
+    for line in lines:
+        deps.say(line)
     return EXIT_OK
 
 
@@ -380,6 +438,11 @@ def parser():
     s.add_argument("--shell", choices=("sh", "csh", "fish"), default="sh")
     s.add_argument("-v", "--verbose", action="store_true", help="say why when you have no role")
     s.set_defaults(run=run_env)
+
+    s = sub.add_parser("region", help="shell lines: rolegate's region, or none where your own AWS config names "
+                                      "one for the profile in use (profile.d runs it when AWS_PROFILE is set)")
+    s.add_argument("--shell", choices=("sh", "csh", "fish"), default="sh")
+    s.set_defaults(run=run_region)
 
     s = sub.add_parser("credentials", help="credential_process JSON for your grant")
     s.add_argument("--grant", help="the grant id (written into the session's AWS config file)")

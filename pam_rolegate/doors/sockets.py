@@ -19,7 +19,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..rules import mapping
+from ..rules import awsconfig, mapping
+from ..backends import homefiles
 from ..hookside import procs, protocol
 from ..hookside.client import peer_credentials
 from ..errors import ProtocolError, StoreError, StsError
@@ -408,9 +409,11 @@ class Door:
 class Handlers:
     """What each action does: translate a request into the registry's API and its answer into a reply."""
 
-    def __init__(self, registry, refusals):
+    def __init__(self, registry, refusals, homes=None, log=None):
         self.registry = registry
         self.refusals = refusals
+        self.homes = homes  # a homefiles.HomeReader: PAM logins look for the user's own region
+        self.log = log
 
     def pam(self):
         return {protocol.Ping.ACTION: self.ping, protocol.OpenSession.ACTION: self.open_session,
@@ -427,8 +430,36 @@ class Handlers:
     def ping(self, peer, req):
         return protocol.Reply({"version": protocol.VERSION, "pid": os.getpid()})
 
+    def own_region_env(self, grant, env, deadline):
+        """`env` without rolegate's region when the target account's own ~/.aws/config names one for
+        `default`, the profile a PAM session starts with (PAM sets no AWS_PROFILE): README "Whose
+        region wins". Any trouble reading it keeps rolegate's region; nothing here fails a login."""
+        if self.homes is None or awsconfig.CONFIG_FILE_VAR in env:
+            return env  # process delivery points AWS_CONFIG_FILE at rolegate's file: the user's is not read
+        try:
+            timeout = homefiles.READ_BUDGET
+            if deadline is not None:  # the hook's own budget, what is left of it after the grant
+                timeout = min(timeout, deadline - time.monotonic())
+            data = self.homes.read(grant.target_uid, timeout=timeout)
+            named = awsconfig.names_region(data.decode("utf-8"))
+        except homefiles.Unreadable as err:
+            if not err.quiet and self.log is not None:
+                self.log.decision("skipped", action="own-region", target=grant.target, reason=str(err),
+                                  kept="rolegate's region")
+            return env
+        except UnicodeDecodeError:
+            return env  # botocore refuses such a file too
+        except Exception as err:  # a bug here must cost the user's region, never the login's credentials
+            if self.log is not None:
+                self.log.error(f"internal error in the own-region check: {type(err).__name__}")
+            return env
+        if not named:
+            return env
+        return {k: v for k, v in env.items() if k not in awsconfig.REGION_VARS}
+
     def _open(self, facts, kind, pid, started, budget=None, sid=None):
         reg = self.registry
+        deadline = None if budget is None else time.monotonic() + budget
         try:
             opened = reg.open(facts, kind, pid, started, budget=budget, sid=sid)
         except mapping.UnknownUser as err:
@@ -441,8 +472,11 @@ class Handlers:
             return protocol.Reply({"granted": False, "env": {}, "reason": opened.reason,
                                    "runtime_dir": reg.cfg.runtime_dir})
         grant = opened.grant
+        env = reg.env_for(grant)
+        if kind == "pam":  # a shell's `rolegate env` decides for itself, with the shell's profile
+            env = self.own_region_env(grant, env, deadline)
         return protocol.Reply({"granted": True, "session": opened.session.id, "grant": grant.id, "role": grant.role,
-                               "env": reg.env_for(grant), "reason": opened.reason,
+                               "env": env, "reason": opened.reason,
                                "expires": iso(grant.credentials.expiration), "runtime_dir": reg.cfg.runtime_dir})
 
     def open_session(self, peer, req):

@@ -1,0 +1,329 @@
+"""Reading a file in a user's home as a root daemon must: the broker's read of ~/.aws/config.
+
+At a PAM login the broker asks whether the target account's own ~/.aws/config names a region for
+`default` (README "Whose region wins"). The file is the user's, so every part of the read is
+treated as hostile input, and none of it may stop, fail or slow a login past its budget:
+
+- **As the user.** The read runs on a thread of its own whose filesystem uid and gid are the
+  user's (setfsuid/setfsgid are per thread on Linux, unlike setuid, which glibc applies to every
+  thread of the process): the kernel then checks every path step with the user's rights and drops
+  the thread's DAC-override capabilities, so no trick of the path can reach a file the user could
+  not read, and a root_squash NFS home (where root is "nobody") is read as the user, as the SDKs do.
+  Python's os module has no setfsuid, and no packaged library offers it: two ctypes calls into libc.
+  The thread keeps the broker's supplementary groups (setgroups would change every thread too): what
+  they could add is a group-readable file of root's, and the owner checks below admit root's files
+  only where root put them (a user cannot chown, and protected_hardlinks refuses a user a link to a
+  file they cannot read and write).
+- **No link the user controls is followed.** The path to the home directory (from the passwd
+  database: the administrator's) is walked one component at a time with O_NOFOLLOW from `/`; a
+  symlink there is followed only if root owns it and it sits in a root-owned directory no one else
+  may write (an administrator's /home -> /data/home), and at most MAX_LINK_HOPS of them. The
+  directory reached must be owned by the user. Below it, `.aws` and `config` are opened relative to
+  their parent's descriptor with O_NOFOLLOW: a symlink there is refused, not followed.
+- **Only a small regular file owned by the user (or root).** Checked before opening (so no device
+  or FIFO is opened) and again on the open descriptor (O_NONBLOCK: a FIFO swapped in between
+  cannot block the open); at most MAX_CONFIG_BYTES are read.
+- **Bounded time.** The caller waits at most its budget; a read still running then (a hung NFS
+  server) is abandoned to its thread, and at most READERS such threads exist: past that, and past
+  MAX_WAITING reads queued, logins skip the read at once.
+
+Every failure is an `Unreadable` with a reason that names the path step, never the contents.
+"""
+
+import errno
+import os
+import pwd
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+
+from ..errors import RolegateError
+
+# Real ~/.aws/config files are a few KiB even with dozens of profiles and SSO sessions; 64 KiB is
+# ten times a large one and bounds what one login may make the broker read and parse (~1 ms).
+MAX_CONFIG_BYTES = 64 * 1024
+# A login's wait for the read. A local disk answers in well under a millisecond and a warm NFS
+# home in a few; a slower answer means a server in trouble, and the login must not pay for it.
+READ_BUDGET = 0.25
+# Threads that read. A read stuck on a dead NFS server holds its thread until the server answers;
+# four stuck reads mean the homes are down, and later logins skip the read instead of adding more.
+READERS = 4
+# Reads queued or running at once; a login arriving past this skips the read at once (a storm of
+# logins behind stuck readers would otherwise each wait out their budget in the queue).
+MAX_WAITING = 64
+# The kernel's own limit on symlinks in one path lookup (MAXSYMLINKS).
+MAX_LINK_HOPS = 40
+AWS_CONFIG = (".aws", "config")  # below the home directory; AWS_CONFIG_FILE is unknown to PAM
+
+_DIR_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class Unreadable(RolegateError):
+    """The file could not be read safely; `quiet` when that is ordinary (no such file)."""
+
+    def __init__(self, reason, quiet=False):
+        self.quiet = quiet
+        super().__init__(reason)
+
+
+def _libc():
+    import ctypes  # here: the CLI's read_own needs none of it
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.setfsuid.argtypes = libc.setfsgid.argtypes = [ctypes.c_uint32]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+class FsIdentity:
+    """This thread's filesystem uid and gid set to a user's for a `with` block, root's again after.
+
+    setfsuid never reports failure; it returns the previous value, so each change is checked by a
+    second call with an invalid id (-1), which changes nothing and returns the value in force."""
+
+    _QUERY = 0xFFFFFFFF
+    _libc = None
+    _loaded = threading.Lock()
+
+    def __init__(self, uid, gid):
+        self.uid, self.gid = uid, gid
+
+    @classmethod
+    def _load(cls):
+        with cls._loaded:
+            if cls._libc is None:
+                cls._libc = _libc() or False
+        return cls._libc
+
+    def _set(self, uid, gid):
+        libc = self._libc
+        libc.setfsgid(gid)
+        libc.setfsuid(uid)
+        mask = self._QUERY  # the calls return an int; ids are unsigned 32-bit
+        return libc.setfsuid(self._QUERY) & mask == uid and libc.setfsgid(self._QUERY) & mask == gid
+
+    def __enter__(self):
+        if not self._load():
+            raise Unreadable("setfsuid is not available")
+        if not self._set(self.uid, self.gid):
+            self._set(0, 0)
+            raise Unreadable("could not take the user's filesystem identity")
+        return self
+
+    def __exit__(self, *exc):
+        # Threads of the reader pool do nothing else, and each read sets its own identity first:
+        # even a failed restore cannot lend a user's identity to anything but another read.
+        self._set(0, 0)
+        return False
+
+
+def _no_entry(err, where):
+    if err.errno in (errno.ENOENT, errno.ENOTDIR):
+        return Unreadable(f"no {where}", quiet=True)
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return Unreadable(f"{where}: permission denied", quiet=True)
+    return Unreadable(f"{where}: {errno.errorcode.get(err.errno, err.errno)}")
+
+
+def _trusted_link(parent_st, link_st):
+    """A symlink only root could have placed: root's, in a root-owned directory nobody else may write."""
+    return (link_st.st_uid == 0 and parent_st.st_uid == 0
+            and not parent_st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def open_home(home, uid):
+    """An O_PATH descriptor of `home`, owned by `uid`, reached without following a user's link."""
+    if not home.startswith("/"):
+        raise Unreadable("the home directory is not an absolute path")
+    fd = os.open("/", _DIR_FLAGS | os.O_DIRECTORY)
+    parts = [p for p in home.split("/") if p]
+    hops = 0
+    try:
+        while parts:
+            name = parts.pop(0)
+            if name == ".":
+                continue
+            try:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as err:
+                raise _no_entry(err, "home directory") from None
+            st = os.fstat(nfd)
+            if stat.S_ISLNK(st.st_mode):
+                parent = os.fstat(fd)
+                os.close(nfd)
+                hops += 1
+                if hops > MAX_LINK_HOPS or not _trusted_link(parent, st):
+                    raise Unreadable("the path to the home directory has a link root did not place")
+                target = os.readlink(name, dir_fd=fd)
+                if target.startswith("/"):
+                    root = os.open("/", _DIR_FLAGS | os.O_DIRECTORY)
+                    os.close(fd)
+                    fd = root
+                parts = [p for p in target.split("/") if p] + parts
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                os.close(nfd)
+                raise Unreadable("the home directory path names something that is not a directory")
+            os.close(fd)
+            fd = nfd
+        st = os.fstat(fd)
+        if st.st_uid != uid:
+            raise Unreadable("the home directory is not owned by the user")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _owned(st, uid):
+    return st.st_uid in (uid, 0)
+
+
+def read_below(home_fd, parts, uid, limit=MAX_CONFIG_BYTES):
+    """The bytes of home/parts[0]/.../parts[-1]: no symlink, directories and a regular file owned by
+    `uid` or root, at most `limit` bytes."""
+    fd = os.dup(home_fd)
+    try:
+        for name in parts[:-1]:
+            try:
+                nfd = os.open(name, _DIR_FLAGS | os.O_DIRECTORY, dir_fd=fd)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(name, fd):
+                    raise Unreadable(f"{name} is a symlink (not followed)") from None
+                raise _no_entry(err, name) from None
+            os.close(fd)
+            fd = nfd
+            st = os.fstat(fd)
+            if not stat.S_ISDIR(st.st_mode) or not _owned(st, uid):
+                raise Unreadable(f"{name} is not a directory of the user's")
+        where = "/".join(parts)
+        try:  # before opening: no device or FIFO is ever opened, no link followed
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except OSError as err:
+            raise _no_entry(err, where) from None
+        _check_file(st, uid, limit, where)
+        try:
+            ffd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+        except OSError as err:
+            raise _no_entry(err, where) from None
+        try:
+            _check_file(os.fstat(ffd), uid, limit, where)  # what was opened, whatever was swapped in
+            return _read_bounded(ffd, limit, where)
+        finally:
+            os.close(ffd)
+    finally:
+        os.close(fd)
+
+
+def _read_bounded(fd, limit, where):
+    chunks, got = [], 0
+    while got <= limit:
+        chunk = os.read(fd, limit + 1 - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    if got > limit:  # it grew after the size check
+        raise Unreadable(f"{where} is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def read_own(path, limit=MAX_CONFIG_BYTES):
+    """A file of the caller's own (the CLI, run by the user: their rights, links followed as the
+    SDKs follow them): a regular file of at most `limit` bytes, opened without blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        raise _no_entry(err, path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise Unreadable(f"{path} is larger than {limit} bytes")
+        return _read_bounded(fd, limit, path)
+    finally:
+        os.close(fd)
+
+
+def _is_link(name, fd):
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _check_file(st, uid, limit, where):
+    if stat.S_ISLNK(st.st_mode):
+        raise Unreadable(f"{where} is a symlink (not followed)")
+    if not stat.S_ISREG(st.st_mode):
+        raise Unreadable(f"{where} is not a regular file")
+    if not _owned(st, uid):
+        raise Unreadable(f"{where} is not owned by the user or root")
+    if st.st_size > limit:
+        raise Unreadable(f"{where} is larger than {limit} bytes")
+
+
+def read_user_file(uid, parts, limit=MAX_CONFIG_BYTES):
+    """Read home/parts of account `uid` with its own filesystem identity (the steps above)."""
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        raise Unreadable(f"uid {uid} has no passwd entry") from None
+    with FsIdentity(uid, pw.pw_gid):
+        try:
+            home_fd = open_home(pw.pw_dir, uid)
+        except OSError as err:
+            raise _no_entry(err, "home directory") from None
+        try:
+            return read_below(home_fd, parts, uid, limit)
+        except OSError as err:
+            raise _no_entry(err, "/".join(parts)) from None
+        finally:
+            os.close(home_fd)
+
+
+class HomeReader:
+    """A small pool of reader threads with a waiting cap; `read` never waits past its timeout."""
+
+    def __init__(self, readers=READERS, max_waiting=MAX_WAITING, read=read_user_file):
+        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="home-read")
+        self._read = read
+        self._max_waiting = max_waiting
+        self._waiting = 0
+        self._lock = threading.Lock()
+
+    def _run(self, uid, parts, limit):
+        try:
+            return self._read(uid, parts, limit)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def read(self, uid, parts=AWS_CONFIG, limit=MAX_CONFIG_BYTES, timeout=READ_BUDGET):
+        """The file's bytes, or Unreadable (the reason) within `timeout` seconds."""
+        if timeout <= 0:
+            raise Unreadable("no time left in the login's budget")
+        with self._lock:
+            if self._waiting >= self._max_waiting:
+                raise Unreadable("too many reads of home directories pending (homes not answering?)")
+            self._waiting += 1
+        try:
+            future = self._pool.submit(self._run, uid, parts, limit)
+        except RuntimeError:  # the pool is shut down: the broker is stopping
+            with self._lock:
+                self._waiting -= 1
+            raise Unreadable("the broker is stopping") from None
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            if future.cancel():  # still queued behind stuck reads: it will never run, nor count
+                with self._lock:
+                    self._waiting -= 1
+            raise Unreadable(f"the read took longer than {timeout:.2f} s (left to finish on its own)") from None
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)

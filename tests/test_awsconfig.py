@@ -1,0 +1,154 @@
+"""rules/awsconfig.py: does a config file name a region for a profile — a table of cases, each also
+asked of the real botocore (the tests' venv: boto3 and the AWS CLI v1 run on it), so the rule
+rolegate applies is the one the SDKs apply; plus `rolegate region`/`env`'s reading of the file."""
+
+import io
+import os
+import types
+
+import botocore.session
+import pytest
+
+from pam_rolegate.admin import cli
+from pam_rolegate.rules import awsconfig
+
+# (name, file text, profile, the region botocore resolves from the file or None)
+CASES = [
+    ("default", "[default]\nregion = eu-west-2\n", "default", "eu-west-2"),
+    ("no-region", "[default]\noutput = json\n", "default", None),
+    ("empty-file", "", "default", None),
+    ("profile-default-spelling", "[profile default]\nregion = eu-west-2\n", "default", "eu-west-2"),
+    ("later-default-section-wins", "[profile default]\nregion = eu-west-1\n[default]\nregion = eu-west-2\n",
+     "default", "eu-west-2"),
+    ("later-profile-default-wins", "[default]\nregion = eu-west-2\n[profile default]\noutput = json\n",
+     "default", None),
+    ("named-profile", "[default]\n[profile dev]\nregion = ap-south-1\n", "dev", "ap-south-1"),
+    ("named-profile-not-default", "[profile dev]\nregion = ap-south-1\n", "default", None),
+    ("bare-name-is-no-profile", "[dev]\nregion = ap-south-1\n", "dev", None),
+    ("profile-prefix-extra-spaces", "[profile   dev]\nregion = ap-south-1\n", "dev", "ap-south-1"),
+    ("profile-quoted-name", '[profile "my dev"]\nregion = ap-south-1\n', "my dev", "ap-south-1"),
+    ("profile-three-words", "[profile my dev]\nregion = ap-south-1\n", "my dev", None),
+    ("spaces-inside-brackets", "[ default ]\nregion = eu-west-2\n", "default", None),
+    ("upper-case-key", "[default]\nREGION = eu-west-2\n", "default", "eu-west-2"),
+    ("colon-separator", "[default]\nregion: eu-west-2\n", "default", "eu-west-2"),
+    ("spaces-around", "[default]\n   region   =   eu-west-2   \n", "default", "eu-west-2"),
+    ("hash-comment", "[default]\n# region = eu-west-2\n", "default", None),
+    ("semicolon-comment", "[default]\n; region = eu-west-2\n", "default", None),
+    ("indented-comment", "[default]\n  # region = eu-west-2\n", "default", None),
+    ("empty-value", "[default]\nregion =\n", "default", None),
+    ("nested-under-s3", "[default]\ns3 =\n  region = eu-west-2\n", "default", None),
+    ("sso-session-region", "[sso-session corp]\nsso_region = eu-west-2\nregion = eu-west-2\n", "default", None),
+    ("services-section", "[services dev]\ns3 =\n  region = eu-west-2\n", "default", None),
+    ("region-in-other-profile", "[default]\noutput = json\n[profile x]\nregion = eu-west-2\n", "default", None),
+    ("DEFAULT-section-applies-everywhere", "[DEFAULT]\nregion = eu-west-2\n[default]\noutput = json\n",
+     "default", "eu-west-2"),
+    ("crlf-line-ends", "[default]\r\nregion = eu-west-2\r\n", "default", "eu-west-2"),
+    ("duplicate-section-refused", "[default]\nregion = eu-west-2\n[default]\noutput = json\n", "default", None),
+    ("line-outside-a-section", "region = eu-west-2\n[default]\n", "default", None),
+]
+
+
+def botocore_region(tmp_path, text, profile):
+    """The region botocore's own loader finds for `profile` in a config file holding `text`, or None
+    when botocore refuses the file (no environment variable in play)."""
+    path = tmp_path / "config"
+    path.write_text(text)
+    session = botocore.session.Session()
+    session.set_config_variable("config_file", str(path))
+    try:
+        return session.full_config["profiles"].get(profile, {}).get("region") or None
+    except botocore.exceptions.ConfigParseError:
+        return None
+
+
+@pytest.mark.parametrize("name,text,profile,expected", CASES, ids=[c[0] for c in CASES])
+def test_awsconfig__names_region_as_botocore_reads_the_file(name, text, profile, expected, tmp_path):
+    assert awsconfig.profile_region(text, profile) == expected, \
+        f"{name}: rolegate read {awsconfig.profile_region(text, profile)!r} for {profile}, expected {expected!r}"
+    assert botocore_region(tmp_path, text, profile) == expected, \
+        f"{name}: the table is wrong about botocore, which reads {botocore_region(tmp_path, text, profile)!r}"
+    assert awsconfig.names_region(text, profile) == (expected is not None), name
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, "default"),
+    ({"AWS_PROFILE": "dev"}, "dev"),
+    ({"AWS_DEFAULT_PROFILE": "ops"}, "ops"),
+    ({"AWS_PROFILE": "dev", "AWS_DEFAULT_PROFILE": "ops"}, "ops"),  # botocore reads AWS_DEFAULT_PROFILE first
+    ({"AWS_PROFILE": ""}, "default"),
+])
+def test_awsconfig__profile_in_use_follows_botocores_order(environ, expected):
+    assert awsconfig.profile_in_use(environ) == expected, f"{environ}: {awsconfig.profile_in_use(environ)}"
+    session = botocore.session.Session()
+    with pytest.MonkeyPatch.context() as mp:
+        for var in awsconfig.PROFILE_VARS:
+            mp.delenv(var, raising=False)
+        for k, v in environ.items():
+            mp.setenv(k, v)
+        assert (session.get_config_variable("profile") or "default") == expected, \
+            f"botocore picks {session.get_config_variable('profile')!r} from {environ}"
+
+
+# -- `rolegate region`: the same rule for a login shell that selects another profile -----------------
+
+RG_CONFIG = "version: 1\nregion: us-east-1\nroles: []\n"
+
+
+def region_lines(tmp_path, environ, config_text):
+    (tmp_path / ".aws").mkdir(exist_ok=True)
+    if config_text is not None:
+        (tmp_path / ".aws" / "config").write_text(config_text)
+    rg = tmp_path / "rolegate.yaml"
+    rg.write_text(RG_CONFIG)
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(["--config", str(rg), "region"], cli.Deps(out=out, err=err, environ=dict(environ, HOME=str(tmp_path))))
+    assert code == 0, f"rolegate region failed: {err.getvalue()}"
+    return out.getvalue().splitlines()
+
+
+OWN = "[default]\nregion = eu-west-2\n[profile dev]\nregion = ap-south-1\n[profile plain]\noutput = json\n"
+SET = {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.mark.parametrize("environ,text,expected", [
+    # PAM kept rolegate's region; the shell's profile names one of its own: drop ours
+    (dict(SET, AWS_PROFILE="dev"), OWN, ["unset AWS_REGION", "unset AWS_DEFAULT_REGION"]),
+    # PAM kept it and the profile names none: nothing to do
+    (dict(SET, AWS_PROFILE="plain"), OWN, []),
+    # PAM dropped it (default names one) but the shell's profile names none: rolegate's again
+    ({"AWS_PROFILE": "plain"}, OWN, ["export AWS_DEFAULT_REGION='us-east-1'", "export AWS_REGION='us-east-1'"]),
+    # PAM dropped it and the shell's profile names one too: nothing to do
+    ({"AWS_PROFILE": "dev"}, OWN, []),
+    # no config at all
+    ({"AWS_PROFILE": "dev"}, None, ["export AWS_DEFAULT_REGION='us-east-1'", "export AWS_REGION='us-east-1'"]),
+], ids=["drop-for-profile", "keep", "restore", "already-dropped", "no-file"])
+def test_cli__region_decides_for_the_profile_the_shell_selects(tmp_path, environ, text, expected):
+    got = region_lines(tmp_path, environ, text)
+    assert got == expected, f"rolegate region with {environ}: {got}, expected {expected}"
+
+
+def test_cli__region_honours_aws_config_file_and_ignores_a_fifo(tmp_path):
+    other = tmp_path / "other-config"
+    other.write_text("[default]\nregion = sa-east-1\n")
+    got = region_lines(tmp_path, dict(SET, AWS_CONFIG_FILE=str(other)), None)
+    assert got == ["unset AWS_REGION", "unset AWS_DEFAULT_REGION"], f"AWS_CONFIG_FILE's region not honoured: {got}"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = region_lines(tmp_path, dict(SET, AWS_CONFIG_FILE=str(fifo)), None)  # must return, not block
+    assert got == [], f"a FIFO as AWS_CONFIG_FILE should name no region: {got}"
+
+
+def test_cli__env_drops_the_region_where_the_users_config_names_one(tmp_path, monkeypatch):
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "config").write_text(OWN)
+    reply = {"granted": True, "runtime_dir": "/run/rolegate",
+             "env": {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_SHARED_CREDENTIALS_FILE": "/run/rolegate/grants/g/credentials"}}
+    monkeypatch.setattr(cli, "_broker_call", lambda request, deps: reply)  # the broker's part: test_imds
+    for environ, kept in [({}, False), ({"AWS_PROFILE": "plain"}, True), ({"AWS_PROFILE": "dev"}, False)]:
+        out = io.StringIO()
+        args = types.SimpleNamespace(shell="sh", verbose=False)
+        cli.run_env(args, cli.Deps(out=out, environ=dict(environ, HOME=str(tmp_path))))
+        lines = out.getvalue()
+        assert ("AWS_REGION=" in lines) == kept, f"rolegate env with {environ}: {lines}"
+        assert "AWS_SHARED_CREDENTIALS_FILE=" in lines, f"rolegate env lost the credentials pointer: {lines}"
