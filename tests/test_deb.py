@@ -92,7 +92,7 @@ PREVIOUS_RELEASE = "f0e1e6d2c88e80aa2772560c8cc117b84981060a"
 def previous_deb():
     """The previous release's package, built by its own scripts/build-deb from `git archive`."""
     require_sandbox()
-    if not os.path.isdir(os.path.join(REPO, ".git")):
+    if not os.path.exists(os.path.join(REPO, ".git")):  # a directory, or a worktree's file
         pytest.skip("not a git checkout: the previous release's source is not here to build")
     have = run(["git", "-C", REPO, "cat-file", "-e", PREVIOUS_RELEASE + "^{commit}"], check=False)
     assert have.returncode == 0, f"commit {PREVIOUS_RELEASE} (rolegate 0.1.0) is missing from this clone; " \
