@@ -616,8 +616,12 @@ PROBE_PAUSE = 0.001  # between the other user's env calls: a few hundred in the 
 
 
 def _as_user(user, code, *args, **popen):
+    """`code` as `user`, in a session of its own: the broker keys a shell's grant to the caller's
+    session leader, so the env/credentials sessions it opens end (and are reaped) with it, instead
+    of living on with the test runner's session and showing up in later modules' counts."""
     cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", sys.executable, "-c", code, *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
 
 
 def _pct(values, q):
