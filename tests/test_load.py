@@ -227,6 +227,10 @@ def _collect(proc, deadline):
         return proc.communicate(timeout=max(deadline - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
         proc.kill()
+        try:
+            os.killpg(proc.pid, 9)  # _as_user's: the shell leads a group with what runs under it
+        except (ProcessLookupError, PermissionError):
+            pass
         return proc.communicate(timeout=10)
 
 
@@ -616,10 +620,12 @@ PROBE_PAUSE = 0.001  # between the other user's env calls: a few hundred in the 
 
 
 def _as_user(user, code, *args, **popen):
-    """`code` as `user`, in a session of its own: the broker keys a shell's grant to the caller's
-    session leader, so the env/credentials sessions it opens end (and are reaped) with it, instead
-    of living on with the test runner's session and showing up in later modules' counts."""
-    cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", sys.executable, "-c", code, *map(str, args)]
+    """`code` as `user`, under a shell of its own that waits for it: the broker keys the session an
+    env/credentials request opens to the caller's parent (the shell that asked), so it ends (and
+    is reaped) with that shell, instead of living on with the test runner and showing up in later
+    modules' counts."""
+    cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "sh", "-c", '"$@"; exit $?', "sh",
+           sys.executable, "-c", code, *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **popen)
 
@@ -791,7 +797,7 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
         out, err = _collect(holder, time.monotonic() + HOLD_WAIT + 30)
     finally:
         if holder.poll() is None:
-            holder.kill()
+            os.killpg(holder.pid, 9)  # the shell and the holder under it (a session of their own)
     try:
         held = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):

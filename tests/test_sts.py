@@ -273,6 +273,20 @@ def test_sts__caller_identity_calls_an_unreadable_reply_an_outage(moto, monkeypa
         server.shutdown()
 
 
+def test_sts__an_sts_error_that_arrives_with_429_keeps_its_name(moto, monkeypatch):
+    # The status says "slow down" only when nothing better does: a denial is a denial.
+    server, hits = _error_server("AccessDenied", 429)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:%d" % server.server_address[1])
+        cfg = config.parse(CONFIG.replace("region: us-east-1", "region: us-east-1\nsts_timeout: 2"), "t.yaml")
+        with pytest.raises(AccessDenied) as err:
+            assume_for(cfg, ident("alice"))
+        assert err.value.code == "access_denied", f"an AccessDenied under HTTP 429 became {err.value.code}"
+        assert len(hits) == 1, f"a denial is not retried; the stand-in saw {len(hits)} calls"
+    finally:
+        server.shutdown()
+
+
 # nginx's own limit_req page: what a proxy in front of STS answers when it rate-limits us.
 NGINX_429 = (b"<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n<center><h1>429 Too Many "
              b"Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")

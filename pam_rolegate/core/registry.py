@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from ..rules import mapping, names
+from ..rules.config import MIN_REFRESH_INTERVAL
 from ..hookside import procs
 from ..backends import store
 from ..errors import StsError
@@ -188,7 +189,11 @@ class Registry:
         rb = self.cfg.session.refresh_before
         lifetime = creds.seconds_left(self.now_dt())
         jitter = secrets.randbelow(1000) / 1000 * min(30.0, 0.1 * max(lifetime - rb, 0))
-        return self.clock() + max(lifetime - rb - jitter, 1.0)
+        # Never sooner than config's least refresh interval, whatever lifetime STS gave: keys
+        # shorter-lived than refresh_before (a role's lower cap) must not be re-assumed every
+        # second for ever. Keys about to expire (recovered after the broker was down) go sooner.
+        floor = min(MIN_REFRESH_INTERVAL, max(lifetime / 2, 1.0))
+        return self.clock() + max(lifetime - rb - jitter, floor)
 
     def pointer(self, grant):
         """(variable, path) through which a session finds this grant, by delivery."""
