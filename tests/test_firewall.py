@@ -2,6 +2,7 @@
 a real moto server answering there, users refused at once, root (the broker) still served.
 Traffic never leaves the namespace."""
 
+import json
 import os
 import secrets
 import subprocess
@@ -276,3 +277,71 @@ def test_firewall__switching_modes_is_atomic_and_remove_leaves_nothing(netns, tm
     assert removed.returncode == 0, f"remove failed: {removed.stderr}"
     assert run(ns + ["nft", "list", "ruleset"]).stdout.strip() == "", "remove left rules behind"
     assert nft_in(ns, "show").returncode == 1, "show should say nothing is in force after remove"
+
+
+# Holds `want` connections to each address given (as HOST:PORT) through a listener that never
+# accepts (they wait in its queue, as a flood's would), and says how many connected and how many
+# the kernel refused at once.
+HOLD = """
+import json, socket, sys, time
+want, out = int(sys.argv[1]), {}
+for target in sys.argv[2:]:
+    host, port = target.rsplit(":", 1)
+    held, refused = [], 0
+    for _ in range(want):
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        s.settimeout(2)
+        try:
+            s.connect((host, int(port)))
+            held.append(s)
+        except ConnectionRefusedError:
+            refused += 1
+            s.close()
+    out[target] = {"held": len(held), "refused": refused}
+print(json.dumps(out), flush=True)
+"""
+DOORS_PORT = 255  # the default container_port: a door reached directly, not through a redirect
+
+
+def _hold(ns, user, want, *targets):
+    cmd = ns + ([] if user == "root" else ["setpriv", "--reuid", user, "--regid", user, "--init-groups"])
+    done = run(cmd + [sys.executable, "-c", HOLD, str(want), *targets], check=False, timeout=60)
+    assert done.returncode == 0, f"{user}'s connections failed: {done.stderr}"
+    return json.loads(done.stdout)
+
+
+def test_firewall__each_user_holds_at_most_its_share_of_connections_to_the_brokers_doors(netns, tmp_path):
+    """The kernel caps each uid but root at DOOR_CONNECTIONS_PER_UID connections at once to each HTTP
+    door, redirected or direct, before any reaches the door's listen queue: a flood of connects in
+    flight then cannot fill that queue and drop other users' SYNs."""
+    ns, urls, _h = netns
+    share = firewall.DOOR_CONNECTIONS_PER_UID
+    config = tmp_path / "rolegate.yaml"
+    config.write_text(EMULATE + f"delivery: container\ncontainer_port: {DOORS_PORT}\n")
+    # Listeners that never accept, with room for everything the test sends.
+    listen = ("import socket, time, sys\nsocks = []\nfor host, port in [('127.0.0.1', %d), ('127.0.0.1', %d)]:\n"
+              "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "    s.bind((host, port)); s.listen(4096); socks.append(s)\nprint('LISTENING', flush=True)\n"
+              "time.sleep(120)\n") % (PORT, DOORS_PORT)
+    listener = subprocess.Popen(ns + [sys.executable, "-c", listen], stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "LISTENING", "the test's listeners did not start"
+        done = nft_in(ns, "apply", config=str(config))
+        assert done.returncode == 0, f"firewall apply failed: {done.stderr}"
+        assert f"{share} connections" in done.stdout, f"apply should say the doors' share: {done.stdout}"
+        imds, door = f"{firewall.IMDS_V4}:80", f"127.0.0.1:{DOORS_PORT}"
+        eve = _hold(ns, "eve", share + 20, imds, door)
+        assert eve[imds] == {"held": share, "refused": 20}, \
+            f"eve's connections to the IMDS address (redirected to port {PORT}) past {share} should be refused " \
+            f"at once: {eve[imds]}"
+        assert eve[door] == {"held": share, "refused": 20}, \
+            f"eve's direct connections to port {DOORS_PORT} past {share} should be refused at once: {eve[door]}"
+        mal = _hold(ns, "mal", 8, f"127.0.0.1:{PORT}", door)
+        assert all(v == {"held": 8, "refused": 0} for v in mal.values()), \
+            f"another user's share must not be taken by eve's: {mal}"
+        root = _hold(ns, "root", share + 20, door)
+        assert root[door] == {"held": share + 20, "refused": 0}, f"root is never capped: {root}"
+    finally:
+        listener.kill()
+        listener.wait(10)
+        nft_in(ns, "remove")

@@ -341,12 +341,15 @@ def run_firewall(args, deps):
         deps.say("IMDS lockdown removed" if firewall.remove() else "no IMDS lockdown was in force")
         return EXIT_OK
     cfg = _load_config(args, deps)
-    uids = firewall.allowed_uids(cfg.imds_allow_users)
-    firewall.apply(uids, cfg.imds.mode, cfg.imds.port)
+    uids = firewall.apply_config(cfg)
     deps.say(f"IMDS ({firewall.IMDS_V4}, {firewall.IMDS_V6}) is now reachable only by uid {', '.join(map(str, uids))}")
     if cfg.imds.mode == "emulate":
         deps.say(f"every other user's TCP to port 80 there goes to the emulator on 127.0.0.1:{cfg.imds.port} "
                  f"and [::1]:{cfg.imds.port}; the rest is refused")
+    ports = firewall.door_ports(cfg)
+    if ports:
+        deps.say(f"each user but root may hold {firewall.DOOR_CONNECTIONS_PER_UID} connections at once to the "
+                 f"broker's port{'s' if len(ports) > 1 else ''} {', '.join(map(str, ports))}")
     return EXIT_OK
 
 

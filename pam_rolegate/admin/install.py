@@ -237,7 +237,7 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
         from ..backends import firewall as fw
 
         cfg = config_mod.load(CONFIG)
-        fw.apply(fw.allowed_uids(cfg.imds_allow_users), cfg.imds.mode, cfg.imds.port)
+        fw.apply_config(cfg)
         record["firewall"] = True
         say("IMDS: locked to root (nftables table inet rolegate)")
     _save_manifest(record)

@@ -33,13 +33,33 @@ def allowed_uids(users):
 
 MODES = ("reject", "emulate")
 LOOPBACK = (("ip", IMDS_V4, "127.0.0.1"), ("ip6", IMDS_V6, "::1"))
+# One uid's connections at once to each of the broker's loopback HTTP doors (the IMDS emulator,
+# the container endpoint). An SDK opens one per request and keeps at most a few alive (botocore's
+# IMDS fetcher: one), so 64 covers `xargs -P 64` of SDK processes; 16 uids at their full share
+# would be needed to fill a door's 1024. The doors enforce it at accept too (doors/web.py); the
+# kernel enforcing it first is what keeps a flood of connects in flight from overflowing the
+# door's listen queue, where the kernel would drop the SYNs of everyone else (a dropped SYN is
+# retried after 1 s: botocore's whole IMDS timeout).
+DOOR_CONNECTIONS_PER_UID = 64
 
 
-def ruleset(uids, mode="reject", port=None):
+def door_ports(cfg):
+    """The loopback ports of the broker's HTTP doors that this config opens."""
+    ports = []
+    if cfg.imds.mode == "emulate":
+        ports.append(cfg.imds.port)
+    if cfg.delivery == "container":
+        ports.append(cfg.container_port)
+    return ports
+
+
+def ruleset(uids, mode="reject", port=None, doors=()):
     """The table, as nft script. REJECT (a TCP reset) so refused clients fail at once, not hang.
 
     mode "emulate" adds a nat chain that DNATs users' TCP to the IMDS addresses' port 80 onto the
-    broker's loopback listener, 127.0.0.1:port and [::1]:port; everything else stays rejected."""
+    broker's loopback listener, 127.0.0.1:port and [::1]:port; everything else stays rejected.
+    `doors`: the HTTP doors' loopback ports, where each uid but root may hold at most
+    DOOR_CONNECTIONS_PER_UID connections to each at once; past it a connect is reset."""
     if mode not in MODES:
         raise FirewallError(f"imds.mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
     if mode == "emulate" and not (isinstance(port, int) and 0 < port < 65536):
@@ -64,7 +84,24 @@ def ruleset(uids, mode="reject", port=None):
             lines.append(f"    {family} daddr {addr} tcp dport 80 meta skuid != {{ {allow} }} "
                          f"dnat {family} to {target}:{port}")
         lines.append("  }")
+    doors = sorted(set(doors))
+    if any(not (isinstance(p, int) and 0 < p < 65536) for p in doors):
+        raise FirewallError(f"the doors' ports must be TCP ports, not {doors!r}")
+    if doors:
+        # Counted by the kernel's connection tracking (nf_conncount): a connection counts from its
+        # SYN until it closes, so one waiting in the door's listen queue counts too.
+        lines += ["  set door-connections {",
+                  "    type uid . inet_service; size 65536; flags dynamic;",
+                  "  }"]
     lines += ["  chain output {", "    type filter hook output priority filter; policy accept;"]
+    if doors:
+        # After the redirect above (dstnat runs first), a redirected connection's daddr is the
+        # loopback listener's: one rule covers connections to the IMDS address and direct ones.
+        listed = ", ".join(str(p) for p in doors)
+        for family, _addr, lo in LOOPBACK:
+            lines.append(f"    {family} daddr {lo} tcp dport {{ {listed} }} ct state new meta skuid != 0 "
+                         f"add @door-connections {{ meta skuid . tcp dport ct count over {DOOR_CONNECTIONS_PER_UID} }} "
+                         f"reject with tcp reset")
     # Only packets from a socket another uid owns are refused; packets without an owning socket
     # (the kernel's own, such as the resets this very rule sends) pass.
     for family, addr, _lo in LOOPBACK:
@@ -89,14 +126,22 @@ def _nft(args, stdin=None):
     return done
 
 
-def apply(uids, mode="reject", port=None):
+def apply(uids, mode="reject", port=None, doors=()):
     """Install (or replace) the table atomically; idempotent."""
     # Declaring then deleting the table first makes one transaction that works whether or not it
     # exists, so switching modes never leaves a moment without the table or with both rule sets.
-    script = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + ruleset(uids, mode, port)
+    script = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + ruleset(uids, mode, port, doors)
     done = _nft(["-f", "-"], stdin=script)
     if done.returncode != 0:
         raise FirewallError(f"nft refused the IMDS rules: {done.stderr.strip()}")
+
+
+def apply_config(cfg):
+    """apply() with what the config says: who may reach IMDS, the mode, the doors' ports. Returns
+    the uids allowed."""
+    uids = allowed_uids(cfg.imds_allow_users)
+    apply(uids, cfg.imds.mode, cfg.imds.port, door_ports(cfg))
+    return uids
 
 
 def remove():

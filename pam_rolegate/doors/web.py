@@ -26,6 +26,7 @@ from aiohttp import web
 
 from . import peers
 from .sockets import loop_thread
+from ..backends.firewall import DOOR_CONNECTIONS_PER_UID
 from ..errors import RolegateError
 
 
@@ -51,12 +52,11 @@ class HttpDoor:
     # below, idle or not (aiohttp by itself would wait forever for a first request).
     max_connections = 1024
     backlog = 1024  # connections the kernel queues for us; also the most one readiness event accepts
-    # One uid's open connections to this door. An SDK opens one per request and keeps at most a
-    # few alive (botocore's IMDS fetcher: one), so 64 covers `xargs -P 64` of SDK processes at
-    # once; 16 uids at their full share would be needed to reach max_connections. Past it: closed
-    # at once, logged. Not the user door's bound: there a uid's extra connections wait in its own
-    # line, here every connection holds one of the door's shared max_connections.
-    per_uid_connections = 64
+    # One uid's open connections to this door, the share the firewall also enforces in the kernel
+    # (firewall.DOOR_CONNECTIONS_PER_UID says why that number); here for a door reached without
+    # the firewall's rules. Past it: closed at once, logged. Not the user door's bound: there a
+    # uid's extra connections wait in its own line, here each holds one of the door's places.
+    per_uid_connections = DOOR_CONNECTIONS_PER_UID
     connection_lifetime = 60.0
 
     def __init__(self, log, refusals, port):
