@@ -143,6 +143,9 @@ def test_doctor__emulate_mode_passes_with_the_emulator_up_and_names_it_when_down
             r = results.get(name, {})
             assert r.get("verdict") == "PASS" and "redirected" in r.get("detail", ""), \
                 f"{name} should pass as redirected to the emulator: {r}"
+        share = results.get("door-share", {})
+        assert share.get("verdict") == "PASS" and str(port) in share.get("detail", ""), \
+            f"the emulator's port should have its per-user share in the firewall: {share}"
         imds_standin.stop(stand_in)
         _expect_fail(doctor, "imds-ipv4")
         _code, results = doctor()
@@ -162,6 +165,9 @@ def test_doctor__emulate_mode_passes_with_the_emulator_up_and_names_it_when_down
         r = results["imds-ipv4"]
         assert "not redirected" in r["detail"] and "firewall apply" in r["fix"], \
             f"reject rules under an emulate config should say so: {r}"
+        share = results.get("door-share", {})
+        assert share.get("verdict") == "FAIL" and "firewall apply" in share.get("fix", ""), \
+            f"rules without the emulator port's share should fail door-share, with the fix: {share}"
     finally:
         if stand_in is not None and stand_in.poll() is None:
             imds_standin.stop(stand_in)

@@ -336,6 +336,24 @@ def check_imds(ctx):
     return out
 
 
+def check_door_share(ctx):
+    """With loopback HTTP doors, the firewall's per-uid share of connections to their ports is in
+    force: without it a flood of connects in flight fills a door's listen queue for everyone."""
+    from ..backends import firewall
+
+    cfg = ctx.get("config")
+    ports = firewall.door_ports(cfg) if cfg is not None else []
+    if not ports:
+        return []
+    missing = sorted(set(ports) - firewall.shared_ports(firewall.show()))
+    if missing:
+        return [Result("door-share", FAIL, f"no per-user share of connections to port "
+                       f"{', '.join(map(str, missing))} in the firewall: one user's flood of connects can keep "
+                       f"every other user's SDK from its credentials", "rolegate firewall apply")]
+    return [Result("door-share", PASS, f"each user but root holds at most {firewall.DOOR_CONNECTIONS_PER_UID} "
+                                       f"connections at once to port {', '.join(map(str, ports))}")]
+
+
 def check_gatekeeper(ctx):
     from ..backends import sts
     from ..errors import StsError
@@ -404,7 +422,7 @@ def check_fleet_rules(ctx):
 
 
 CHECKS = (check_config, check_pam_python, check_pam_stacks, check_secure_path, check_profile,
-          check_runtime_dir, check_broker, check_imds, check_gatekeeper, check_fleet_rules)
+          check_runtime_dir, check_broker, check_imds, check_door_share, check_gatekeeper, check_fleet_rules)
 
 
 def run_all(config_path, assume=False):

@@ -53,6 +53,17 @@ def door_ports(cfg):
     return ports
 
 
+def shared_ports(table):
+    """The ports whose per-uid share is in force in `table` (what show() printed), as ints."""
+    ports = set()
+    for line in (table or "").splitlines():
+        if "@door-connections" in line and "ct count over" in line and "tcp dport" in line:
+            listed = line.split("tcp dport", 1)[1].split("ct state", 1)[0]
+            ports.update(int(p) for p in listed.replace("{", " ").replace("}", " ").replace(",", " ").split()
+                         if p.isdigit())
+    return ports
+
+
 def ruleset(uids, mode="reject", port=None, doors=()):
     """The table, as nft script. REJECT (a TCP reset) so refused clients fail at once, not hang.
 
