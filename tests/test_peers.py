@@ -29,6 +29,8 @@ import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
 s.settimeout(10)
+if len(sys.argv) > 3:  # a device to bind to first (SO_BINDTODEVICE)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[3].encode())
 s.connect((host, port))
 local = s.getsockname()
 print(local[0], local[1], flush=True)
@@ -116,8 +118,8 @@ def read_line(proc, what, timeout=LINE_TIMEOUT):
     return line.strip()
 
 
-def start_client(user, host, port):
-    proc = subprocess.Popen(as_user(user, [sys.executable, "-c", CONNECT, host, str(port)]),
+def start_client(user, host, port, device=None):
+    proc = subprocess.Popen(as_user(user, [sys.executable, "-c", CONNECT, host, str(port)] + ([device] if device else [])),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ip, local_port = read_line(proc, f"{user}'s client to [{host}]:{port}").split()
     return proc, int(local_port)
@@ -174,6 +176,24 @@ def test_peers__each_concurrent_caller_is_known_by_its_own_uid(host, host_ip):
             assert back == 0, f"the accepted end of {user}'s connection should be root's (ours), got {back}"
         for conn in conns.values():
             conn.close()
+    finally:
+        stop([proc for proc, _port in clients.values()])
+        listener.close()
+
+
+@pytest.mark.parametrize("host_ip", ["127.0.0.1", "::1"])
+def test_peers__a_caller_bound_to_the_loopback_device_is_known_by_its_uid(host, host_ip):
+    """A socket bound to lo (SO_BINDTODEVICE) is found only if the lookup names lo's interface."""
+    listener = listen(host_ip)
+    port = listener.getsockname()[1]
+    user = USERS[0]
+    clients = {}
+    try:
+        clients[user] = start_client(user, host_ip, port, device="lo")
+        for conn in accept_all(listener, clients).values():
+            with conn:
+                got = peers.caller_uid(conn)
+                assert got == uid_of(user), f"{user}'s lo-bound connection was attributed to uid {got}, not {uid_of(user)}"
     finally:
         stop([proc for proc, _port in clients.values()])
         listener.close()

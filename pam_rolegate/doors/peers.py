@@ -127,14 +127,23 @@ def original_destination(sock):
     return str(_plain(packed)), port
 
 
+def _loopback_index():
+    try:
+        return socket.if_nametoindex("lo")
+    except OSError:
+        return 0  # no name for it here: any interface, as before
+
+
 def _exact_lookup(family, client, server):
     """sock_diag's exact lookup of the TCP socket whose local end is `client` and remote end
     `server` ((ip_address, port) each); the reply's (state, uid, inode, local, remote), or None
     when the kernel has no such socket (ENOENT) or answers anything we do not expect."""
     (c_ip, c_port), (s_ip, s_port) = client, server
+    # The interface: loopback's, which every caller's socket uses (both ends are local). The kernel
+    # matches a socket bound to no device whatever we name, and one bound to lo only if we name lo.
     req = _REQ.pack(family, socket.IPPROTO_TCP, 0, _STATES_MASK, c_port.to_bytes(2, "big"),
                     s_port.to_bytes(2, "big"), c_ip.packed.ljust(16, b"\0"), s_ip.packed.ljust(16, b"\0"),
-                    0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+                    _loopback_index(), INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     # A socket of its own per lookup: no reply to an earlier, abandoned lookup can be read as
     # this one's, and threads need not share anything.
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
