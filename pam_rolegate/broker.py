@@ -173,6 +173,11 @@ class Broker:
         runtime_changed = cfg.runtime_dir != old.runtime_dir
         if runtime_changed:
             cfg = dataclasses.replace(cfg, runtime_dir=old.runtime_dir)
+        # The doors this broker opened at start stay as they are until a restart, and so does what
+        # sessions are told to use: a session must never be pointed at a door that is not there.
+        delivery_changed = (cfg.delivery, cfg.container_port) != (old.delivery, old.container_port)
+        if delivery_changed:
+            cfg = dataclasses.replace(cfg, delivery=old.delivery, container_port=old.container_port)
         fleet, doc = self.fleet, None
         try:
             if cfg.rules_from is None:
@@ -191,7 +196,7 @@ class Broker:
             return False
         restart = [what for what, changed in (("runtime_dir", runtime_changed),
                                               ("imds.mode/port", (cfg.imds.mode, cfg.imds.port) != (old.imds.mode, old.imds.port)),
-                                              ("container_port", cfg.container_port != old.container_port)) if changed]
+                                              ("delivery/container_port", delivery_changed)) if changed]
         self._put_in_force(cfg, path=path, rules_from=cfg.rules_from,
                            note=f"{', '.join(restart)} changes need a restart" if restart else None)
         if fleet is not None:

@@ -192,6 +192,28 @@ def test_lifecycle__sighup_reload_changes_rules_keeps_old_on_error_and_revokes(h
         host.broker.send_signal(signal.SIGHUP)
 
 
+def test_lifecycle__a_reload_that_changes_delivery_keeps_the_running_one_until_a_restart(host):
+    """The broker opened its doors at start: sessions must never be pointed at one that is not there
+    (a container URI with no container door), so delivery waits for a restart, and the log says so."""
+    try:
+        host.write_config(FAST.format(delivery="container"))
+        mark = host.log_mark()
+        host.broker.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded:" in host.log_since(mark), 10, "the reload")
+        assert "delivery/container_port changes need a restart" in host.log_since(mark), \
+            f"the reload should say delivery waits for a restart:\n{host.log_since(mark)}"
+        held = Held(host, "carol")
+        try:
+            assert held.info["FILE"].startswith(RUNTIME_DIR), \
+                f"a login after the reload should still get file delivery (no container door runs): {held.info}"
+            assert "assumed-role/" in held.info["ARN"], f"its credentials file does not work: {held.info}"
+        finally:
+            held.release()
+    finally:
+        host.write_config(FAST.format(delivery="file"))
+        host.broker.send_signal(signal.SIGHUP)
+
+
 LONG_CLIENT = """
 import boto3, time
 sts = boto3.client("sts", region_name="us-east-1")
