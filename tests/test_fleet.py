@@ -12,6 +12,7 @@ import signal
 import socket
 import stat
 import time
+import types
 
 import boto3
 import pytest
@@ -550,3 +551,27 @@ def test_fleet__rules_cache_may_not_be_the_config_itself():
                      "/etc/rolegate/rolegate.yaml")
     assert err.value.line == 4 and "must not be the config file itself" in err.value.message, \
         f"a cache on the config file would let every fetch overwrite the config: {err.value}"
+
+
+def test_fleet__a_poll_confirming_old_rules_never_pushes_back_newer_ones_put_in_force_meanwhile(monkeypatch):
+    """The poll read version 5 again while a SIGHUP's fetch put version 6 in force: the poll's
+    'unchanged' must not make version 5 current again, nor write it over version 6's copy."""
+    require_sandbox()
+    base = f"/run/rg-fleet-race-{os.getpid()}"
+    cfg = cfg_with(f"rules_from: {SOURCE}\nrules_cache: {base}/rules.yaml\n")
+    logged = []
+    log = types.SimpleNamespace(decision=lambda *a, **kw: logged.append((a, kw)))
+    v5 = fleet.Document(SOURCE, "roles: []\n", 5, 1_700_000_000.0, SOURCE)
+    v6 = fleet.Document(SOURCE, "roles: []\n# six\n", 6, 1_700_000_100.0, SOURCE)
+
+    def observe(outcome):  # runs once the poll has compared, before it confirms: the race's window
+        if outcome == "unchanged":
+            rules.accept(v6)  # the SIGHUP's apply lands there
+
+    rules = fleet.FleetRules(cfg, engine=lambda: None, apply=lambda f, d: None, log=log, observer=observe)
+    rules.accept(v5)
+    monkeypatch.setattr(fleet, "fetch", lambda cfg, engine, clock=None:
+                        fleet.Document(SOURCE, v5.text, 5, 1_700_000_200.0, SOURCE))
+    assert rules.poll_once() == "unchanged", "the poll should have found the text it knew"
+    assert rules.current is v6, f"the poll pushed back the newer rules: version {rules.current.version} in force"
+    assert fleet.read_cache(cfg).version == 6, "the poll wrote the older version over the newer copy"

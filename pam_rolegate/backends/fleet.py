@@ -195,24 +195,35 @@ class FleetRules:
 
     def accept(self, doc):
         """`doc`'s rules are now in force (called under the broker's lock); keep a fresh one on disk."""
-        self.current = doc
-        self._keep(doc)
+        with self._keep_lock:
+            self.current = doc
+            self._keep(doc)
+
+    def _confirm(self, seen, doc):
+        """The poll found the text of `seen` (in force when it looked) again, as `doc`: `doc` stands for
+        it now, unless another document was put in force meanwhile (a SIGHUP's fetch), which it
+        must not push back."""
+        with self._keep_lock:
+            if self.current is not seen:
+                return
+            self.current = doc
+            self._keep(doc)
 
     def _keep(self, doc):
         """The last good copy follows `doc` (a document from the store now in force or confirmed):
-        written when its version or fetch time is not what the copy holds, else left untouched."""
+        written when its version or fetch time is not what the copy holds, else left untouched.
+        Called with _keep_lock held, which orders it with what is put in force."""
         if doc is None or doc.where != doc.source:
             return  # nothing, or the cache itself
-        with self._keep_lock:
-            held = (self.cfg.rules_cache, doc.version, doc.fetched)
-            if held == self._kept:
-                return
-            try:
-                write_cache(self.cfg, doc)
-                self._kept = held
-            except (StoreError, OSError) as err:
-                self.log.decision("failed", action="rules-cache", source=self.source, reason=str(err),
-                                  kept="the rules in force; the copy on disk is older")
+        held = (self.cfg.rules_cache, doc.version, doc.fetched)
+        if held == self._kept:
+            return
+        try:
+            write_cache(self.cfg, doc)
+            self._kept = held
+        except (StoreError, OSError) as err:
+            self.log.decision("failed", action="rules-cache", source=self.source, reason=str(err),
+                              kept="the rules in force; the copy on disk is older")
 
     # -- polling -------------------------------------------------------------------------------------
 
@@ -229,8 +240,9 @@ class FleetRules:
         current = self.current
         if current is not None and current.text == doc.text:  # a new version of the same text changes nothing
             self._observe("unchanged")
-            self.current = doc  # confirmed now (and from the store, if the copy on disk was serving)
-            self._keep(doc)  # a new version of the same text: the copy says so (version, fetch time)
+            # Confirmed now (and from the store, if the copy on disk was serving); a new version of
+            # the same text: the copy says so (version, fetch time).
+            self._confirm(current, doc)
             if was_failing:
                 self.log.decision("reloaded", source=self.source, version=doc.version,
                                   note="the parameter is readable again; rules unchanged")
