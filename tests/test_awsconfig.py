@@ -45,6 +45,12 @@ CASES = [
     ("crlf-line-ends", "[default]\r\nregion = eu-west-2\r\n", "default", "eu-west-2"),
     ("duplicate-section-refused", "[default]\nregion = eu-west-2\n[default]\noutput = json\n", "default", None),
     ("line-outside-a-section", "region = eu-west-2\n[default]\n", "default", None),
+    # Long runs of blanks inside a line are cut before parsing (awsconfig.BLANK_RUN): same answers.
+    ("blanks-before-the-equals", "[default]\nregion" + " " * 40 + "= eu-west-2\n", "default", "eu-west-2"),
+    ("blanks-in-another-value", "[default]\noutput = json" + " " * 40 + "x\nregion = eu-west-2\n", "default",
+     "eu-west-2"),
+    ("blanks-in-a-profile-header", "[profile" + " " * 20 + "x]\nregion = eu-west-2\n", "x", "eu-west-2"),
+    ("blanks-in-a-broken-line", "[default]\nregion = eu-west-2\na" + " " * 40 + "b\n", "default", None),
 ]
 
 
@@ -152,3 +158,19 @@ def test_cli__env_drops_the_region_where_the_users_config_names_one(tmp_path, mo
         lines = out.getvalue()
         assert ("AWS_REGION=" in lines) == kept, f"rolegate env with {environ}: {lines}"
         assert "AWS_SHARED_CREDENTIALS_FILE=" in lines, f"rolegate env lost the credentials pointer: {lines}"
+
+
+def test_awsconfig__a_line_of_blanks_is_parsed_in_linear_time():
+    """configparser's option pattern is quadratic in a run of blanks; the broker parses users' files
+    holding the GIL, so one crafted ~/.aws/config must not stall every thread (13 s for this file,
+    measured before the blanks were cut)."""
+    import time
+
+    text = "[default]\nregion = eu-west-2\n" + "a" + " " * 60000 + "b\n"
+    start = time.monotonic()
+    awsconfig.profile_region(text)
+    crowded = "[default]\n" + ("a" + " " * 15 + "b\n") * 3500  # ~64 KiB of runs just over the cut
+    awsconfig.profile_region(crowded)
+    took = time.monotonic() - start
+    print(f"\nawsconfig: a 60 KB blank line and 3,500 runs of 15 blanks parsed in {took * 1000:.1f} ms")
+    assert took < 1.0, f"parsing blank-heavy files took {took:.2f}s: the parse is not linear"

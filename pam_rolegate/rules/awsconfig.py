@@ -17,6 +17,7 @@ the SDKs then fail on the file whatever the environment says, and rolegate keeps
 """
 
 import configparser
+import re
 import shlex
 
 DEFAULT_PROFILE = "default"
@@ -51,11 +52,20 @@ def _profiles(parser):
     return found
 
 
+# configparser's option pattern backtracks over a run of whitespace inside a line once for every
+# character before it: a 60 KB line of spaces took 13 s here, holding the GIL (every thread of the
+# broker) for all of it. Runs inside a line are cut to this length before parsing, which makes the
+# cost linear and changes nothing a real file means (no region, profile name or key holds 8
+# blanks in a row); leading indentation, which decides what continues what, is left alone.
+BLANK_RUN = 8
+_LONG_BLANKS = re.compile(r"(?<=\S)([^\S\n]{%d})[^\S\n]+" % BLANK_RUN)
+
+
 def profile_region(text, profile=DEFAULT_PROFILE):
     """The region `text` (an AWS config file's contents) names for `profile`, or None."""
     parser = configparser.RawConfigParser()
     try:
-        parser.read_string(text)
+        parser.read_string(_LONG_BLANKS.sub(r"\1", text))
     except configparser.Error:
         return None
     section = _profiles(parser).get(profile)
