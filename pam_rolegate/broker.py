@@ -14,8 +14,9 @@ from .rules import config as config_mod
 from .hookside import protocol
 from .backends import store
 from .backends.homefiles import HomeReader
-from .doors.sockets import (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID, MAX_USER_CONNECTIONS,
-                            MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers, RefusalLog)
+from .doors.sockets import (ALWAYS_ADMITTED_POOL, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID,
+                            MAX_USER_CONNECTIONS, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers,
+                            RefusalLog)
 from .errors import ConfigError, StoreError
 from .backends.fleet import FleetRules
 from .core.lifecycle import FD_RESERVE, Lifecycle
@@ -30,7 +31,7 @@ PAM_DIR = os.path.dirname(protocol.PAM_SOCKET)
 
 def door_descriptors(cfg):
     """Connections the doors this config opens may hold at once, all at their caps."""
-    total = MAX_CONNECTIONS + MAX_USER_CONNECTIONS
+    total = MAX_CONNECTIONS + MAX_USER_CONNECTIONS + ALWAYS_ADMITTED_POOL
     if cfg.delivery == "container" or cfg.imds.mode == "emulate":
         from .doors.web import HttpDoor
 

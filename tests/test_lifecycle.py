@@ -354,7 +354,8 @@ def test_lifecycle__session_watches_leave_every_doors_cap_of_descriptors_free(de
     cfg = types.SimpleNamespace(delivery=delivery, imds=types.SimpleNamespace(mode=imds),
                                 refresh=types.SimpleNamespace(workers=1, rate=1.0), reap_interval=2.0)
     doors = broker.door_descriptors(cfg)
-    assert doors == sockets.MAX_CONNECTIONS + sockets.MAX_USER_CONNECTIONS + http_doors * HttpDoor.max_connections, \
+    assert doors == sockets.MAX_CONNECTIONS + sockets.MAX_USER_CONNECTIONS + sockets.ALWAYS_ADMITTED_POOL + \
+        http_doors * HttpDoor.max_connections, \
         f"{delivery}/{imds}: the doors' caps add up to {doors}"
     registry = types.SimpleNamespace(cfg=cfg)
     life = Lifecycle(registry, None, ErrorLog(), reserve=doors + FD_RESERVE)

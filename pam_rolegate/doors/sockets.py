@@ -42,10 +42,12 @@ MAX_CONNECTIONS_PER_UID = 1024  # user door: one uid's connections, waiting and 
 # fill this door for everyone else; more than 8 lines' worth would not fit beside the other doors
 # and the session watches in a 20,000-descriptor limit (the broker reserves every door's cap).
 MAX_USER_CONNECTIONS = 8 * MAX_CONNECTIONS_PER_UID
-# ...except that a uid holding fewer than this is admitted even then: 8 users at their full line
-# would otherwise lock every other user out (`rolegate env` from an SSM shell included). One
-# descriptor each, and local accounts are few, so what it adds past the total stays bounded.
+# ...except that a uid holding fewer than this is admitted even then, from a pool of its own: 8
+# users at their full line would otherwise lock every other user out (`rolegate env` from an SSM
+# shell included). The pool is bounded too (the broker reserves its descriptors with the door's):
+# a user with many uids (subordinate uids through newuidmap) may drain it, never past it.
 ALWAYS_ADMITTED_PER_UID = 16
+ALWAYS_ADMITTED_POOL = 1024
 # Enough to read a uid's next frames while its two workers run; few enough that a burst puts only
 # this many of its tasks ahead of another uid's on the door's loop.
 MAX_SERVING_PER_UID = 4  # user door: one uid's connections being read and answered at once; the rest wait
@@ -149,6 +151,9 @@ class Door:
                  max_connections=MAX_CONNECTIONS):
         self.name = name
         self.max_connections = max_connections
+        # The user door's pool for uids that hold few connections when it is full (see
+        # ALWAYS_ADMITTED_POOL); the PAM door's callers are root's logins, which need none.
+        self.admitted_pool = ALWAYS_ADMITTED_POOL if per_uid_connections else 0
         self.path = path
         self.handlers = handlers
         self.log = log
@@ -253,7 +258,8 @@ class Door:
         held = self._held.get(uid, 0)
         # A door full of other users' lines still admits a uid's first few connections: filling it
         # must not lock out the users who hold none (the kernel's listen queue is theirs too).
-        full = self._total >= self.max_connections and held >= ALWAYS_ADMITTED_PER_UID
+        full = self._total >= self.max_connections and (
+            held >= ALWAYS_ADMITTED_PER_UID or self._total >= self.max_connections + self.admitted_pool)
         if full or (self.per_uid_connections and held >= self.per_uid_connections):
             self.refusals.refused(uid, peer.pid, door=self.name, reason="too many connections")
             _turn_away(conn)
