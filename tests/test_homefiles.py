@@ -5,6 +5,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 
 import pytest
@@ -192,34 +193,62 @@ def test_homefiles__a_home_owned_by_someone_else_is_refused(home):
 
 def test_homefiles__a_stuck_read_costs_the_login_its_budget_at_most():
     # A fake read stands for a dead NFS server (the kernel's part cannot be had here); what is
-    # tested is the pool's logic: the wait is bounded and stuck readers do not pile up.
-    release = __import__("threading").Event()
+    # tested is the pool's logic: the wait is bounded, stuck readers do not pile up, and once every
+    # reader is stuck later logins skip the read at once instead of each waiting out its budget.
+    import threading
+
+    release = threading.Event()
 
     def stuck(uid, parts, limit):
         release.wait(10)
         return b""
 
-    reader = homefiles.HomeReader(readers=1, max_waiting=2, read=stuck)
+    def at_once(match, what):
+        started = time.monotonic()
+        with pytest.raises(Unreadable, match=match):
+            reader.read(1000, timeout=5)
+        assert time.monotonic() - started < 0.1, f"{what}: a login must skip the read at once"
+
+    reader = homefiles.HomeReader(readers=2, max_waiting=3, read=stuck)
     try:
         started = time.monotonic()
         with pytest.raises(Unreadable, match="longer than"):
-            reader.read(1000, timeout=0.1)
+            reader.read(1000, timeout=0.1)  # holds reader 1, past its budget
         assert time.monotonic() - started < 0.5, "the wait outlived its budget"
-        with pytest.raises(Unreadable, match="longer than"):
-            reader.read(1000, timeout=0.1)  # queued behind the stuck one, then given up (cancelled)
-        gate = __import__("threading").Thread(target=reader.read, args=(1000,), kwargs={"timeout": 3})
-        gate.start()  # a second read waiting behind the stuck one (it runs once that ends): the cap (2) is reached
+        waits = [threading.Thread(target=lambda: pytest.raises(Unreadable, reader.read, 1000, timeout=1.0))
+                 for _ in range(2)]  # the second on reader 2, the third queued behind them
+        for w in waits:
+            w.start()
         time.sleep(0.2)
-        started = time.monotonic()
-        with pytest.raises(Unreadable, match="too many reads"):
-            reader.read(1000, timeout=5)
-        assert time.monotonic() - started < 0.1, "past the waiting cap a login must skip the read at once"
+        at_once("too many reads", "past the waiting cap")
+        for w in waits:
+            w.join(5)
+        at_once("readers are stuck", "with every reader stuck")
         release.set()
-        gate.join(5)
-        assert reader.read(1000, timeout=2) == b"", "once the stuck read ends, reads work again (nothing leaked a slot)"
+        deadline = time.monotonic() + 5
+        while True:  # the stuck reads finish on their own and give their readers back
+            try:
+                assert reader.read(1000, timeout=2) == b"", "a read after the stuck ones ended returned the wrong bytes"
+                break
+            except Unreadable:
+                assert time.monotonic() < deadline, "reads never worked again after the stuck ones ended"
+                time.sleep(0.05)
     finally:
         release.set()
         reader.close()
+
+
+def test_homefiles__a_stuck_read_does_not_hold_the_brokers_exit():
+    """The readers are daemon threads: a stop must not wait for a home that never answers."""
+    code = ("import threading, sys\nfrom pam_rolegate.backends import homefiles\n"
+            "r = homefiles.HomeReader(readers=1, read=lambda *a: threading.Event().wait())\n"
+            "try:\n    r.read(1000, timeout=0.1)\nexcept homefiles.Unreadable:\n    pass\n"
+            "r.close()\nprint('closed', flush=True)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - started
+    assert done.returncode == 0 and "closed" in done.stdout, f"the test process failed: {done.stderr}"
+    assert took < 5, f"the process took {took:.1f}s to exit with a read stuck: the reader held its exit"
 
 
 def test_homefiles__the_cost_of_the_read_at_a_login(home):

@@ -682,6 +682,26 @@ def test_login__a_login_shell_selecting_a_profile_gets_that_profiles_region_rule
         f"AWS_PROFILE={profile}: region variables should be {expected!r}: {got} {done.stderr[-1000:]}"
 
 
+def test_login__a_login_shell_with_a_dotfile_managers_linked_config_gets_its_own_region(lab):
+    """~/.aws/config as a link into the user's dotfiles: the broker (root) does not follow it and keeps
+    rolegate's region at login, and the login shell's snippet then asks `rolegate region`, which
+    reads it as the user: the user's region wins in the login shell."""
+    lab.configure()
+
+    def linked(path):
+        dotfiles = os.path.join(os.path.dirname(os.path.dirname(path)), "dotfiles")
+        os.makedirs(dotfiles, exist_ok=True)
+        own_region_file(os.path.join(dotfiles, "aws-config"))
+        run(["chown", "-R", "alice:", dotfiles])
+        os.symlink(os.path.join(dotfiles, "aws-config"), path)
+    cleanup = alice_aws_config(linked)
+    try:
+        got, _ = region_session(lab, "ssh-login")
+    finally:
+        cleanup()
+    assert_region(got, OWN_REGION, True, "alice's ssh login shell with a linked ~/.aws/config")
+
+
 def _symlink_to_root_file(path):
     with open("/root/rg-region-secret", "w") as fh:
         fh.write(f"[default]\nregion = {SECRET_REGION}\n")

@@ -19,10 +19,13 @@ if [ -n "$__rolegate_have" ]; then
     unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_SECURITY_TOKEN
     # Whose region wins: the broker decided at login, for profile `default` in ~/.aws/config. A
     # shell that selects another profile (botocore's order) or config file asks `rolegate region`,
-    # which decides with the same rule; the usual shell starts no program here.
+    # which decides with the same rule, and so does one whose config is reached through a link
+    # (a dotfile manager's), which the broker, as root, does not follow; `rolegate region` reads
+    # as the user. The usual shell starts no program here.
     case "${AWS_CONFIG_FILE:-}" in
         "$__rolegate_dir"*) ;; # process delivery: rolegate's config file, the user's is not in use
-        *) if [ -n "${AWS_CONFIG_FILE:-}" ] || [ "${AWS_DEFAULT_PROFILE:-${AWS_PROFILE:-default}}" != default ]; then
+        *) if [ -n "${AWS_CONFIG_FILE:-}" ] || [ "${AWS_DEFAULT_PROFILE:-${AWS_PROFILE:-default}}" != default ] \
+               || [ -L "${HOME:-/nonexistent}/.aws" ] || [ -L "${HOME:-/nonexistent}/.aws/config" ]; then
                [ -x "$__rolegate_bin" ] && __rolegate_out=$("$__rolegate_bin" region --shell sh) \
                    && eval "$__rolegate_out"
            fi ;;

@@ -35,7 +35,6 @@ import os
 import pwd
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
 from ..errors import RolegateError
 
@@ -286,44 +285,91 @@ def read_user_file(uid, parts, limit=MAX_CONFIG_BYTES):
             os.close(home_fd)
 
 
+class _Job:
+    __slots__ = ("uid", "parts", "limit", "done", "result", "error", "state")
+
+    def __init__(self, uid, parts, limit):
+        self.uid, self.parts, self.limit = uid, parts, limit
+        self.done = threading.Event()
+        self.result = self.error = None
+        self.state = "queued"  # -> running -> finished; or given up while queued -> dropped
+
+
 class HomeReader:
-    """A small pool of reader threads with a waiting cap; `read` never waits past its timeout."""
+    """A few reader threads with a waiting cap; `read` never waits past its timeout.
+
+    Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit,
+    so one read stuck on a dead server would hold the broker's stop for as long as it hangs. When
+    every reader holds a read its caller gave up on (the homes are not answering), later reads are
+    refused at once instead of each waiting out its budget in the queue."""
 
     def __init__(self, readers=READERS, max_waiting=MAX_WAITING, read=read_user_file):
-        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="home-read")
         self._read = read
+        self._readers = readers
         self._max_waiting = max_waiting
-        self._waiting = 0
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._queue = []  # jobs not yet taken, oldest first
+        self._waiting = 0  # jobs queued or running
+        self._overdue = 0  # running jobs whose caller gave up on them
+        self._closed = False
+        for n in range(readers):
+            threading.Thread(target=self._serve, name=f"home-read-{n}", daemon=True).start()
 
-    def _run(self, uid, parts, limit):
-        try:
-            return self._read(uid, parts, limit)
-        finally:
+    def _serve(self):
+        while True:
+            with self._work:
+                while not self._queue and not self._closed:
+                    self._work.wait()
+                if self._closed:
+                    return
+                job = self._queue.pop(0)
+                job.state = "running"
+            try:
+                job.result = self._read(job.uid, job.parts, job.limit)
+            except BaseException as err:  # handed to the caller, who raises or has gone
+                job.error = err
             with self._lock:
+                if job.state == "overdue":
+                    self._overdue -= 1
+                job.state = "finished"
                 self._waiting -= 1
+            job.done.set()
 
     def read(self, uid, parts=AWS_CONFIG, limit=MAX_CONFIG_BYTES, timeout=READ_BUDGET):
         """The file's bytes, or Unreadable (the reason) within `timeout` seconds."""
         if timeout <= 0:
             raise Unreadable("no time left in the login's budget")
-        with self._lock:
+        job = _Job(uid, parts, limit)
+        with self._work:
+            if self._closed:
+                raise Unreadable("the broker is stopping")
+            if self._overdue >= self._readers:
+                raise Unreadable(f"all {self._readers} readers are stuck on earlier reads (homes not answering?)")
             if self._waiting >= self._max_waiting:
                 raise Unreadable("too many reads of home directories pending (homes not answering?)")
             self._waiting += 1
-        try:
-            future = self._pool.submit(self._run, uid, parts, limit)
-        except RuntimeError:  # the pool is shut down: the broker is stopping
+            self._queue.append(job)
+            self._work.notify()
+        if not job.done.wait(timeout):
             with self._lock:
-                self._waiting -= 1
-            raise Unreadable("the broker is stopping") from None
-        try:
-            return future.result(timeout=timeout)
-        except FutureTimeout:
-            if future.cancel():  # still queued behind stuck reads: it will never run, nor count
-                with self._lock:
+                if job.state == "queued":  # never started: it will not run, nor count
+                    self._queue.remove(job)
+                    job.state = "dropped"
                     self._waiting -= 1
-            raise Unreadable(f"the read took longer than {timeout:.2f} s (left to finish on its own)") from None
+                elif job.state == "running":  # left to finish on its own, holding its reader
+                    job.state = "overdue"
+                    self._overdue += 1
+            if job.state != "finished":
+                raise Unreadable(f"the read took longer than {timeout:.2f} s (left to finish on its own)")
+        if job.error is not None:
+            raise job.error
+        return job.result
 
     def close(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._work:
+            self._closed = True
+            for job in self._queue:
+                job.state = "dropped"
+            self._queue.clear()
+            self._work.notify_all()
