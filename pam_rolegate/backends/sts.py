@@ -387,7 +387,7 @@ class StsEngine:
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 # A 429 is throttling unless STS itself named another error in it (a parseable
                 # AccessDenied stays a denial whatever status a proxy put on it).
-                named = code in _DENIED_CODES or code in _INVALID_CODES
+                named = code in _DENIED_CODES or code in _INVALID_CODES or code == "ExpiredToken"
                 if code in _THROTTLE_CODES or (status == _THROTTLE_STATUS and not named):
                     last = Throttled(f"{what}: STS is throttling requests ({code or 'no STS error'}, HTTP {status}); "
                                      f"retry later")
