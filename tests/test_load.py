@@ -679,7 +679,7 @@ def test_fairness__one_users_1000_simultaneous_credentials_wait_in_line_and_cost
 # more, each timed to its reply; print those; then wait for every held connection's reply (with
 # epoll: far more than select's 1024 descriptors) and print what they got and when the last came.
 # Meanwhile the project's client pings twice as this user: with a deadline shorter than the line's
-# (it must end with `busy`), and with a longer one (it must get through once the line has drained);
+# (it must end within it, `busy` or not connected), and with a longer one (it must get through once the line has drained);
 # and a hammer sends `hammer` more pings, one connection each, as fast as they are answered.
 HOLD_CODE = r"""
 import json, selectors, socket, struct, sys, threading, time
@@ -823,9 +823,14 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
         f"the hammer's pings should be told busy while the line was full, answered once it drained: {hammer}"
     assert sum(count for count, _ in hammer.values()) >= 100, f"the hammer made few requests, proving little: {hammer}"
     assert hammer["busy"][1] < 1.0, f"a hammer ping past the bound waited {hammer['busy'][1]:.2f}s to be told busy"
-    assert held["pings"] == {"short": "busy", "long": "ok"}, \
-        f"the client's busy handling: a ping with a short deadline should end busy, one with a deadline past " \
-        f"the line's should get through once it drained: {held['pings']}"
+    # The short ping ends within its deadline either way: told `busy`, or, when the hammer has the
+    # kernel's listen queue full for all of its 0.3 s, never connected (the client's bounded connect).
+    short = held["pings"]["short"]
+    assert short == "busy" or ("BrokerUnavailable" in short and "in time" in short), \
+        f"the client's busy handling: a ping with a short deadline should end busy (or give up connecting " \
+        f"in time), never get through past the bound: {held['pings']}"
+    assert held["pings"]["long"] == "ok", \
+        f"a ping with a deadline past the line's should get through once it drained: {held['pings']}"
     uid = _uid(HOLDER)
     lines = [l for l in host.log_since(mark).splitlines() if "refused: " in l and f"uid={uid} " in l]
     assert lines and 'reason="too many connections"' in lines[0] and "door=user" in lines[0], \
