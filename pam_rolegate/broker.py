@@ -19,6 +19,7 @@ from .doors.sockets import (ALWAYS_ADMITTED_POOL, MAX_CONNECTIONS, MAX_CONNECTIO
                             RefusalLog)
 from .errors import ConfigError, StoreError
 from .backends.fleet import FleetRules
+from .backends.firewall import door_ports
 from .core.lifecycle import FD_RESERVE, Lifecycle
 from .hookside.log import Log
 from .backends.metrics import Metrics
@@ -32,10 +33,11 @@ PAM_DIR = os.path.dirname(protocol.PAM_SOCKET)
 def door_descriptors(cfg):
     """Connections the doors this config opens may hold at once, all at their caps."""
     total = MAX_CONNECTIONS + MAX_USER_CONNECTIONS + ALWAYS_ADMITTED_POOL
-    if cfg.delivery == "container" or cfg.imds.mode == "emulate":
+    http_doors = len(door_ports(cfg))  # one loopback HTTP door per port the firewall shares out
+    if http_doors:
         from .doors.web import HttpDoor
 
-        total += HttpDoor.max_connections * ((cfg.delivery == "container") + (cfg.imds.mode == "emulate"))
+        total += HttpDoor.max_connections * http_doors
     return total
 
 
@@ -237,12 +239,12 @@ class Broker:
 WATCHED_SESSIONS = 65536
 
 
-def _raise_fd_limit(door_descriptors, log):
+def _raise_fd_limit(doors, log):
     """Take enough descriptors for every door at its cap, our own files, and WATCHED_SESSIONS
     pidfds: raised past the hard limit where root may (up to fs.nr_open), else to the hard limit,
     saying so when the doors' caps do not fit (then sessions are polled, never a door starved)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = door_descriptors + FD_RESERVE + WATCHED_SESSIONS
+    want = doors + FD_RESERVE + WATCHED_SESSIONS
     try:
         with open("/proc/sys/fs/nr_open") as fh:
             want = min(want, int(fh.read()))
@@ -257,8 +259,8 @@ def _raise_fd_limit(door_descriptors, log):
         except (ValueError, OSError):
             continue
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < door_descriptors + FD_RESERVE:
-        log.error(f"only {soft} file descriptors: the doors may hold {door_descriptors} connections at once; "
+    if soft < doors + FD_RESERVE:
+        log.error(f"only {soft} file descriptors: the doors may hold {doors} connections at once; "
                   "sessions will be polled rather than watched; raise LimitNOFILE in rolegated.service")
 
 

@@ -351,7 +351,7 @@ def test_lifecycle__session_watches_leave_every_doors_cap_of_descriptors_free(de
     from pam_rolegate.doors import sockets
     from pam_rolegate.doors.web import HttpDoor
 
-    cfg = types.SimpleNamespace(delivery=delivery, imds=types.SimpleNamespace(mode=imds),
+    cfg = types.SimpleNamespace(delivery=delivery, imds=types.SimpleNamespace(mode=imds, port=254), container_port=255,
                                 refresh=types.SimpleNamespace(workers=1, rate=1.0), reap_interval=2.0)
     doors = broker.door_descriptors(cfg)
     assert doors == sockets.MAX_CONNECTIONS + sockets.MAX_USER_CONNECTIONS + sockets.ALWAYS_ADMITTED_POOL + \
