@@ -638,14 +638,14 @@ class DecisionLog:
         self.lines.append(("error", {"text": text}))
 
 
-def root_config(tmp_path, linger, match="{user: root}"):
-    """A config whose one rule gives root's logins matching `match` a role."""
+def root_config(tmp_path, linger, match="{user: root}", role="root-role", extra=""):
+    """A config whose first rule gives root's logins matching `match` a role; `extra`: more rules."""
     from pam_rolegate.rules import config as config_mod
 
     path = tmp_path / "rolegate.yaml"
     path.write_text(f"version: 1\nregion: us-east-1\nsource: profile:test\nsession:\n  duration: 900\n"
                     f"  linger: {linger}\nroles:\n  - match: {match}\n"
-                    f"    role: arn:aws:iam::{ACCOUNT}:role/root-role\n")
+                    f"    role: arn:aws:iam::{ACCOUNT}:role/{role}\n{extra}")
     return config_mod.load(str(path))
 
 
@@ -754,9 +754,9 @@ class BlockingEngine(FakeEngine):
         return super().assume(request, budget)
 
 
-def reload_without_root(reg, tmp_path, match="{user: nobody-else}"):
+def reload_without_root(reg, tmp_path, match="{user: nobody-else}", **kw):
     """What the broker does when new rules come into force (SIGHUP, fleet): returns recheck's count."""
-    reg.reconfigure(root_config(tmp_path, "1h", match=match), reg.engine)
+    reg.reconfigure(root_config(tmp_path, "1h", match=match, **kw), reg.engine)
     return reg.recheck()
 
 
@@ -811,26 +811,115 @@ def test_registry__a_refresh_answered_after_a_reload_revoked_its_grant_brings_no
 
 
 def test_registry__a_login_the_new_rules_still_map_is_granted_though_the_sts_call_it_shared_was_not(tmp_path):
-    # sshd's login asks STS; su's login of the same grant waits for that call. The reload keeps
-    # the role for su only: sshd's login is refused, su's asks STS itself and is granted.
-    from pam_rolegate.rules import mapping
-
+    # Two sshd logins of root share one grant: the first asks STS for root-role; the reload then
+    # gives root's sshd logins other-role, and the second login, decided under the new rules,
+    # waits on the first one's call. The first is refused, the second asks STS itself for its
+    # own role and is granted, at the same location.
     reg, _clock, engine, store = make_registry(tmp_path, "1h", engine_type=BlockingEngine)
     engine.block_next()
     with ThreadPoolExecutor(2) as pool:
-        sshd = pool.submit(reg.open, root_login(), "pam", os.getpid(), None)
-        assert engine.entered.wait(10), "sshd's login never reached STS"
-        su = pool.submit(reg.open, mapping.LoginFacts(user="root", service="su"), "pam", os.getpid(), None)
-        wait_for(lambda: sum(reg._pending.values()) == 2, 10, "su's login to join the grant's STS call")
-        time.sleep(0.2)  # su's login from its hold to waiting on sshd's call: no lock or I/O between
-        assert reload_without_root(reg, tmp_path, match="{user: root, service: su}") == 0, "recheck found a grant"
+        first = pool.submit(reg.open, root_login(), "pam", os.getpid(), None)
+        assert engine.entered.wait(10), "the first login never reached STS"
+        reload_without_root(reg, tmp_path, match="{user: root}", role="other-role")
+        second = pool.submit(reg.open, root_login(), "pam", os.getpid(), None)
+        wait_for(lambda: sum(reg._pending.values()) == 2, 10, "the second login to join the grant's STS call")
+        time.sleep(0.2)  # from its hold to waiting on the first call: no lock or I/O between
         engine.release.set()
-        sshd, su = sshd.result(10), su.result(10)
-    assert not sshd.granted, "sshd's login was granted though the reload took its rule while STS answered"
-    assert su.granted, f"su's login, which the new rules map, was refused: {su.reason}"
-    assert list(store.files) == [su.grant.id] and su.grant.service == "su", \
-        f"su's grant and file should be the only ones: {store.files} {su.grant}"
-    assert engine.calls == 2, f"su's login should have asked STS itself once: {engine.calls} calls in all"
+        first, second = first.result(10), second.result(10)
+    assert not first.granted, "the first login was granted though the reload took its role while STS answered"
+    assert second.granted, f"the second login, which the new rules map, was refused: {second.reason}"
+    assert second.grant.role.endswith("/other-role"), f"the second login got {second.grant.role}"
+    assert list(store.files) == [second.grant.id], f"one grant's file expected: {store.files}"
+    assert engine.calls == 2, f"the second login should have asked STS itself once: {engine.calls} calls in all"
+
+
+def profiles_extra(*pairs):
+    """Rules for root giving named profiles: (name, role) pairs."""
+    return "".join(f"  - match: {{user: root}}\n    profile: {name}\n    role: arn:aws:iam::{ACCOUNT}:role/{role}\n"
+                   for name, role in pairs)
+
+
+def make_profiles_registry(tmp_path, *pairs, linger="1h"):
+    from pam_rolegate.core.registry import Registry
+
+    clock = FakeClock(2_000_000_000.0)
+    engine, store = FakeEngine(clock), MemoryStore()
+    cfg = root_config(tmp_path, linger, extra=profiles_extra(*pairs))
+    reg = Registry(cfg, engine, store, DecisionLog(), clock=clock, rolegate_cmd="/usr/bin/rolegate")
+    return reg, clock, engine, store
+
+
+def test_registry__named_profiles_are_named_in_the_files_and_assumed_on_first_use_only(tmp_path):
+    reg, _clock, engine, store = make_profiles_registry(tmp_path, ("deploy", "deploy-role"), ("data", "data-role"))
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    assert engine.calls == 1, f"a login with two named profiles made {engine.calls} AssumeRole calls, not 1"
+    assert opened.grant.profiles == ((("deploy", f"arn:aws:iam::{ACCOUNT}:role/deploy-role"),
+                                      ("data", f"arn:aws:iam::{ACCOUNT}:role/data-role"))), opened.grant.profiles
+    text = store.files[opened.grant.id].decode()
+    for name in ("deploy", "data"):
+        line = f"[{name}]\ncredential_process = /usr/bin/rolegate credentials --grant {opened.grant.id} --profile {name}"
+        assert line in text, f"the credentials file lacks profile {name}'s section:\n{text}"
+    assert text.index("[default]") < text.index("[deploy]"), f"default should come first:\n{text}"
+    deploy = reg.named(opened.grant.id, "deploy", 0, 60)
+    assert deploy is not None and deploy.role.endswith("/deploy-role"), f"deploy gave {deploy}"
+    again = reg.named(opened.grant.id, "deploy", 0, 60)
+    assert again.credentials == deploy.credentials and engine.calls == 2, \
+        f"a second use of deploy should reuse its keys: {engine.calls} calls in all"
+    assert deploy.id not in store.files, "a named profile's keys were written to a file"
+    assert reg.named(opened.grant.id, "nope", 0, 60) is None, "a profile the rules do not give was handed out"
+    assert reg.named(opened.grant.id, "data", 4242, 60) is None, "another uid got root's named profile"
+    assert engine.calls == 2, f"refused asks must not call STS: {engine.calls} calls in all"
+
+
+def test_registry__a_reload_that_moves_a_live_login_to_another_role_keeps_its_location(tmp_path):
+    reg, clock, engine, store = make_registry(tmp_path, "1h")
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key, old_file = opened.grant.id, store.files[opened.grant.id]
+    assert reload_without_root(reg, tmp_path, match="{user: root}", role="other-role") == 0, \
+        "a move must not count as a revocation"
+    assert key not in store.files, "the old role's file stayed after the reload moved the login"
+    assert reg.live_grant(key) is None, "the old role is still served while the move is under way"
+    assert reg.next_due(key) <= clock(), "the moved grant is not due at once"
+    moved = reg.refresh(key)
+    assert moved is not None and moved.id == key and moved.role.endswith("/other-role"), f"moved to {moved}"
+    assert store.files.get(key) not in (None, old_file), "the new role's file is not at the same location"
+    _grants, sessions, _lingering = reg.snapshot()
+    assert [s.id for s in sessions] == [opened.session.id], f"the live session was lost in the move: {sessions}"
+    assert [f for event, f in reg.log.lines if event == "moved" and f.get("grant") == key], \
+        f"no `moved` line: {reg.log.lines}"
+
+
+def test_registry__a_move_whose_new_role_fails_ends_the_sessions_never_keeping_the_old_role(tmp_path):
+    from pam_rolegate.errors import StsError
+
+    reg, _clock, engine, store = make_registry(tmp_path, "1h")
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key = opened.grant.id
+    reload_without_root(reg, tmp_path, match="{user: root}", role="other-role")
+
+    def refuse(request, budget=None):
+        raise StsError("AccessDenied: not allowed", "access_denied")
+    engine.assume = refuse
+    assert reg.refresh(key) is None, "a failed move returned a grant"
+    assert key not in store.files and reg.live_grant(key) is None, "the old role came back after a failed move"
+    assert reg.snapshot() == ([], [], set()), f"a failed move left something behind: {reg.snapshot()}"
+
+
+def test_registry__a_reload_that_adds_a_named_profile_rewrites_live_files_without_sts(tmp_path):
+    reg, _clock, engine, store = make_profiles_registry(tmp_path, ("deploy", "deploy-role"))
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    reg.reconfigure(root_config(tmp_path, "1h", extra=profiles_extra(("deploy", "deploy-role"), ("data", "data-role"))),
+                    reg.engine)
+    assert reg.recheck() == 0, "adding a profile revoked something"
+    text = store.files[opened.grant.id].decode()
+    assert "[data]" in text and "[deploy]" in text, f"the live file does not name the new profile:\n{text}"
+    assert engine.calls == 1, f"renaming profiles called STS: {engine.calls}"
+    held = reg.named(opened.grant.id, "deploy", 0, 60)
+    reg.reconfigure(root_config(tmp_path, "1h", extra=profiles_extra(("data", "data-role"))), reg.engine)
+    assert reg.recheck() == 1, "the dropped profile's held keys were not revoked"
+    assert "[deploy]" not in store.files[opened.grant.id].decode(), "a dropped profile is still named"
+    assert held.id not in {g.id for g in reg.snapshot()[0]}, "a dropped profile's keys are still held"
+    assert reg.named(opened.grant.id, "deploy", 0, 60) is None, "a dropped profile is still handed out"
 
 
 def test_refresh__reload_while_every_worker_is_busy_does_not_stop_refreshing(host, sleepers):

@@ -114,16 +114,19 @@ def run_check_user(args, deps):
     from ..backends import sts
 
     engine = _engine(cfg, deps) if args.assume else None
-    request = sts.build_request(cfg, decision.rule, ident, host=engine.host_facts() if engine else None)
-    deps.say(f"session:   {request.session_name}")
-    deps.say(f"source id: {request.source_identity}")
-    deps.say(f"duration:  {request.duration}s")
-    if not args.assume:
-        return EXIT_OK
-    creds = engine.assume(request)
-    who = engine.caller_identity(creds)
-    deps.say(f"assumed:   {who['Arn']}")
-    deps.say(f"key:       {creds.masked_key}, expires {creds.expiration:%Y-%m-%dT%H:%M:%SZ}")
+    host = engine.host_facts() if engine else None
+    for name, rule in (("default", decision.rule),) + decision.profiles:
+        request = sts.build_request(cfg, rule, ident, host=host)
+        if name != "default":
+            deps.say(f"[{name}]")
+        deps.say(f"session:   {request.session_name}")
+        deps.say(f"source id: {request.source_identity}")
+        deps.say(f"duration:  {request.duration}s")
+        if args.assume:
+            creds = engine.assume(request)
+            who = engine.caller_identity(creds)
+            deps.say(f"assumed:   {who['Arn']}")
+            deps.say(f"key:       {creds.masked_key}, expires {creds.expiration:%Y-%m-%dT%H:%M:%SZ}")
     return EXIT_OK
 
 
@@ -279,7 +282,7 @@ def run_region(args, deps):
 def run_credentials(args, deps):
     from ..hookside import protocol
 
-    reply = _broker_call(protocol.GetCredentials(grant=args.grant), deps)
+    reply = _broker_call(protocol.GetCredentials(grant=args.grant, profile=args.profile), deps)
     deps.say(json.dumps({k: reply.get(k) for k in
                          ("Version", "AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")}))
     return EXIT_OK
@@ -303,9 +306,10 @@ def run_status(args, deps):
     if not grants:
         deps.say("no grants" + ("" if os.getuid() == 0 else " for you") + " on this host")
         return EXIT_OK
-    rows = [("PRINCIPAL", "TARGET", "ROLE", "SERVICE", "STATE", "SESSIONS", "EXPIRES", "NEXT REFRESH")]
+    rows = [("PRINCIPAL", "TARGET", "PROFILE", "ROLE", "SERVICE", "STATE", "SESSIONS", "EXPIRES", "NEXT REFRESH")]
     for g in grants:
-        rows.append((g["principal"], g["target"], g["role"], g.get("service") or "-", g.get("state") or "live",
+        rows.append((g["principal"], g["target"], g.get("profile") or "default", g["role"], g.get("service") or "-",
+                     g.get("state") or "live",
                      str(g["sessions"]), g["expires"] or "-",
                      g["next_refresh"] + (f" (failed {g['failures']}x)" if g.get("failures") else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -322,8 +326,59 @@ def run_whoami(args, deps):
         endpoint = _load_config(args, deps).sts_endpoint
     except (ConfigError, OSError):
         endpoint = None
-    who = sts.session_identity(region, endpoint)
+    who = sts.session_identity(region, endpoint, profile=args.profile)
     deps.say(who["Arn"])
+    return EXIT_OK
+
+
+def session_grant(environ, runtime_dir):
+    """The grant id this environment's rolegate variables point at (.../grants/ID/FILE), or None."""
+    from ..hookside import protocol
+
+    prefix = runtime_dir.rstrip("/") + "/grants/"
+    for var in protocol.POINTER_VARS:
+        path = environ.get(var, "")
+        if path.startswith(prefix):
+            return path[len(prefix):].split("/", 1)[0] or None
+    return None
+
+
+def run_profiles(args, deps):
+    """This session's profiles (or, outside one, every login's of yours): default and named, the
+    role of each, whether the broker holds its credentials now and until when."""
+    from ..hookside import protocol
+
+    reply = _broker_call(protocol.Status(), deps, timeout=30.0)
+    grants = reply.get("grants") or []
+    runtime_dir = reply.get("runtime_dir") or "/run/rolegate"
+    mine = session_grant(deps.environ, runtime_dir)
+    views = [g for g in grants if not g.get("profile") and g.get("state") == "live" and g.get("sessions")]
+    if mine is not None:
+        views = [g for g in views if g["grant"] == mine]
+    rows = []
+    for view in views:
+        held = {g["profile"]: g for g in grants if g.get("profile") and g["principal"] == view["principal"]
+                and g["target"] == view["target"] and g.get("service") == view.get("service")}
+        rows.append({"profile": "default", "role": view["role"], "service": view.get("service"),
+                     "held": True, "expires": view["expires"]})
+        for name, role in view.get("profiles") or []:
+            g = held.get(name)
+            now_held = g is not None and g["role"] == role and g.get("seconds_left", 0) > 0
+            rows.append({"profile": name, "role": role, "service": view.get("service"), "held": now_held,
+                         "expires": g["expires"] if now_held else None})
+    if args.json:
+        deps.say(json.dumps({"profiles": rows}, indent=2))
+        return EXIT_OK
+    if not rows:
+        deps.say("no rolegate profiles in this session" if mine else "no live rolegate session of yours on this host")
+        return EXIT_FAIL
+    table = [("PROFILE", "ROLE", "SERVICE", "HELD")]
+    for r in rows:
+        table.append((r["profile"], r["role"], r["service"] or "-",
+                      f"until {r['expires']}" if r["held"] else "no (assumed on first use)"))
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    for t in table:
+        deps.say("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
     return EXIT_OK
 
 
@@ -449,13 +504,19 @@ def parser():
 
     s = sub.add_parser("credentials", help="credential_process JSON for your grant")
     s.add_argument("--grant", help="the grant id (written into the session's AWS config file)")
+    s.add_argument("--profile", help="one of the grant's named profiles (assumed on first use)")
     s.set_defaults(run=run_credentials)
+
+    s = sub.add_parser("profiles", help="the profiles this session can use, their roles, which are held and until when")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=run_profiles)
 
     s = sub.add_parser("status", help="grants, roles and expiry (yours; root sees all)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run_status)
 
     s = sub.add_parser("whoami", help="GetCallerIdentity with this session's credentials")
+    s.add_argument("--profile", help="a profile's instead of the default's (as aws --profile)")
     s.set_defaults(run=run_whoami)
 
     s = sub.add_parser("doctor", help="check every piece of the installation: PASS/WARN/FAIL with the fix")

@@ -51,22 +51,31 @@ def fs_type(path, mountinfo="/proc/self/mountinfo"):
     return best_type
 
 
-def credentials_ini(creds):
-    """The AWS shared-credentials format, profile `default`."""
-    lines = ["# written by rolegate; replaced before it expires, removed at logout", "[default]",
-             f"aws_access_key_id = {creds.access_key_id}",
-             f"aws_secret_access_key = {creds.secret_access_key}"]
-    if creds.session_token:
-        lines.append(f"aws_session_token = {creds.session_token}")
-    if creds.expiration is not None:
-        lines.append(f"# expires {creds.expiration.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+def credentials_ini(creds, named=()):
+    """The AWS shared-credentials format: profile `default` with `creds` (None: no default, the
+    endpoint serves it), then one section per named profile, `named` being (name, command) pairs
+    whose credential_process fetches it. Every SDK reads credential_process from this file too:
+    botocore and the JS SDK merge it into the config file's profiles."""
+    lines = ["# written by rolegate; replaced before it expires, removed at logout"]
+    if creds is not None:
+        lines += ["[default]", f"aws_access_key_id = {creds.access_key_id}",
+                  f"aws_secret_access_key = {creds.secret_access_key}"]
+        if creds.session_token:
+            lines.append(f"aws_session_token = {creds.session_token}")
+        if creds.expiration is not None:
+            lines.append(f"# expires {creds.expiration.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    for name, command in named:
+        lines += [f"[{name}]", f"credential_process = {command}"]
     return ("\n".join(lines) + "\n").encode()
 
 
-def process_config_ini(region, command):
-    """An AWS config file whose default profile fetches credentials through credential_process."""
-    return (f"# written by rolegate for this session\n[default]\nregion = {region}\n"
-            f"credential_process = {command}\n").encode()
+def process_config_ini(region, command, named=()):
+    """An AWS config file whose default profile, and each named one ((name, command) pairs), fetch
+    credentials through credential_process. A config file names profiles `[profile NAME]`."""
+    text = f"# written by rolegate for this session\n[default]\nregion = {region}\ncredential_process = {command}\n"
+    for name, cmd in named:
+        text += f"[profile {name}]\nregion = {region}\ncredential_process = {cmd}\n"
+    return text.encode()
 
 
 class CredentialStore:

@@ -238,7 +238,7 @@ def _parse_time(text):
 # -- STS ------------------------------------------------------------------------------------
 
 
-def aws_client(service, creds, region, timeout, endpoint=None):
+def aws_client(service, creds, region, timeout, endpoint=None, profile=None):
     """A boto3 client of `service` that uses exactly `creds` (None: the SDK's default chain, for
     `whoami`) and gives up after `timeout` seconds. Every AWS client rolegate makes comes from here.
 
@@ -256,7 +256,7 @@ def aws_client(service, creds, region, timeout, endpoint=None):
     # The regional endpoint, never the global sts.amazonaws.com: botocore before 1.33 (Debian 12's
     # 1.29) defaults to the global one for us-east-1 and other early regions, which an STS VPC
     # endpoint's private DNS (regional names only) does not cover.
-    core = botocore.session.Session()
+    core = botocore.session.Session(profile=profile)  # profile: `whoami --profile`, with creds None
     core.set_config_variable("sts_regional_endpoints", "regional")
     core.register_component("response_parser_factory", _status_named_parsers())
     keys = {} if creds is None else {"aws_access_key_id": creds.access_key_id,
@@ -536,6 +536,10 @@ def caller_identity(creds, region, timeout=3.0, client_factory=default_client_fa
 
     try:
         reply = client_factory(creds, region, timeout, endpoint).get_caller_identity()
+    except bex.ProfileNotFound as err:
+        raise AccessDenied(f"{err}; `rolegate profiles` lists the ones rolegate gives you") from None
+    except bex.CredentialRetrievalError as err:  # a named profile's credential_process said no
+        raise AccessDenied(str(err)) from None
     except bex.NoCredentialsError:
         raise AccessDenied("this session has no AWS credentials: no rolegate grant, and none of your own") from None
     except bex.ClientError as err:
@@ -551,7 +555,10 @@ def caller_identity(creds, region, timeout=3.0, client_factory=default_client_fa
     return {"Account": reply["Account"], "Arn": reply["Arn"], "UserId": reply["UserId"]}
 
 
-def session_identity(region, endpoint=None, timeout=5.0):
-    """GetCallerIdentity with whatever the SDK's default chain finds: what this session really has.
-    `endpoint`: the config's sts_endpoint, when the caller could read the config."""
-    return caller_identity(None, region, timeout, endpoint=endpoint)
+def session_identity(region, endpoint=None, timeout=5.0, profile=None):
+    """GetCallerIdentity with whatever the SDK's default chain finds (for `profile`, when given):
+    what this session really has. `endpoint`: the config's sts_endpoint, when the caller could read
+    the config."""
+    def factory(creds, region, timeout, endpoint):
+        return aws_client("sts", creds, region, timeout, endpoint, profile=profile)
+    return caller_identity(None, region, timeout, factory, endpoint=endpoint)

@@ -47,6 +47,7 @@ def grant_from_record(d):
     r["tags"] = tuple(tuple(t) for t in r["tags"])
     r["policy_arns"] = tuple(r["policy_arns"])
     d["request"] = AssumeRequest(**r)
+    d["profiles"] = tuple(tuple(p) for p in d.get("profiles", ()))  # absent in 0.2's records
     return Grant(**d)
 
 

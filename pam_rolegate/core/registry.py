@@ -5,11 +5,16 @@ reaping through it, and every change is reported to the listeners it was handed 
 journals them, lifecycle schedules and watches). Nothing on a login's path here costs more
 with the number of live sessions: each lookup goes through an index.
 
-A *grant* is (target user, principal, role): one credentials file shared by its sessions,
-removed when its last session ends. Its credentials may then *linger* in memory for
-`session.linger` (never past its refresh time), so the next login of that grant needs no STS
-call. A *session* is one PAM session (the process that opened it, named by pid and start
-time) or one PAM-less shell (the shell that asked, by the same two numbers).
+A *grant* is (target user, principal, service): one credentials location shared by its
+sessions, removed when its last session ends. It holds the role the rules in force give that
+login (the default profile), and when the rules move the login to another role the grant follows
+at the same location, so live sessions see the new role without a new login. Its files also name
+the login's *named profiles* (rules with `profile:`), each fetched through credential_process on
+first use: a named grant (target, principal, service, profile) held in memory only, single flight,
+lingering between uses like a released grant. A grant's credentials may *linger* in memory for
+`session.linger` after its last session (never past its refresh time), so the next login of that
+grant needs no STS call. A *session* is one PAM session (the process that opened it, named by pid
+and start time) or one PAM-less shell (the shell that asked, by the same two numbers).
 """
 
 import dataclasses
@@ -21,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..rules import mapping, names
 from ..rules.config import MIN_REFRESH_INTERVAL
@@ -75,6 +80,9 @@ class Grant:
     next_refresh: float
     failures: int = 0
     token: Optional[str] = None  # delivery container: what the endpoint asks of this grant's callers
+    profile: Optional[str] = None  # a named profile's grant (memory only); None: a login's default
+    # A default grant's named profiles, ((name, role), ...): the sections its files carry.
+    profiles: Tuple[Tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,15 @@ class _Flight:
         self.error = None
 
 
-def grant_id(target_uid, principal, role):
-    digest = hashlib.sha256(f"{target_uid}\0{principal}\0{role}".encode()).hexdigest()[:12]
+def grant_id(target_uid, principal, service, profile=None):
+    """Where a login's credentials live: the same for every role the rules give it over time."""
+    digest = hashlib.sha256(f"{target_uid}\0{principal}\0{service}\0{profile or ''}".encode()).hexdigest()[:12]
     return f"{target_uid}-{names.sts_name(principal)}-{digest}"
+
+
+def profile_sections(rules):
+    """((name, role), ...) of a decision's named profiles: what a grant's files carry."""
+    return tuple((name, rule.role) for name, rule in rules)
 
 
 def iso(dt):
@@ -160,6 +174,7 @@ class Registry:
         self._inflight = {}  # grant id -> _Flight
         self._pending = {}  # grant id -> opens/refreshes in progress (keeps the grant from release)
         self._revoked = set()  # revoked while held: released without linger when let go
+        self._moving = set()  # moving to another role: no files, nothing handed out meanwhile
         # Bumped by every reconfigure. A decision carries the generation it was made under, so
         # what it obtains outside the lock (an STS call) is checked against the rules in force
         # when it comes back: recheck cannot see a grant whose first AssumeRole is still out.
@@ -211,17 +226,28 @@ class Registry:
         env = {"AWS_REGION": self.cfg.region, "AWS_DEFAULT_REGION": self.cfg.region, var: path}
         if self.cfg.delivery == "container":
             env[CONTAINER_URI_VAR] = self.container_uri(grant)
+            # The named profiles' sections: a credentials file with no [default], so the default
+            # still comes from the endpoint. Set whether or not the rules name profiles now, so
+            # ones a reload adds reach this session too.
+            env["AWS_SHARED_CREDENTIALS_FILE"] = self.store.path(grant.id, store.CREDENTIALS)
         return env
 
+    def _named_commands(self, grant):
+        return [(name, f"{self.rolegate_cmd} credentials --grant {grant.id} --profile {name}")
+                for name, _role in grant.profiles]
+
     def _write_files(self, grant):
+        named = self._named_commands(grant)
         if self.cfg.delivery == "container":
             self.store.write(grant.id, store.TOKEN, grant.token.encode(), grant.target_uid, grant.target_gid)
+            self.store.write(grant.id, store.CREDENTIALS, store.credentials_ini(None, named),
+                             grant.target_uid, grant.target_gid)
         elif self.cfg.delivery == "process":
             command = f"{self.rolegate_cmd} credentials --grant {grant.id}"
-            self.store.write(grant.id, store.AWS_CONFIG, store.process_config_ini(self.cfg.region, command),
+            self.store.write(grant.id, store.AWS_CONFIG, store.process_config_ini(self.cfg.region, command, named),
                              grant.target_uid, grant.target_gid)
         else:
-            self.store.write(grant.id, store.CREDENTIALS, store.credentials_ini(grant.credentials),
+            self.store.write(grant.id, store.CREDENTIALS, store.credentials_ini(grant.credentials, named),
                              grant.target_uid, grant.target_gid)
 
     def _fresh(self, grant):
@@ -237,12 +263,12 @@ class Registry:
 
     def _check_still_given(self, key, ident, rule, decided):
         """Raise _RulesChanged unless grant `key` stands and the rules in force still give `ident`
-        the role `rule` (chosen under generation `decided`) gave it. Pure: the identity was
-        resolved before; lock held."""
+        the role `rule` (chosen under generation `decided`) gave it, for the same profile. Pure:
+        the identity was resolved before; lock held."""
         if key in self._revoked:
             raise _RulesChanged(key)
         if decided != self._generation:
-            now = mapping.decide(self.cfg, ident).rule
+            now = mapping.profile_rule(self.cfg, ident, rule.profile)
             if now is None or now.role != rule.role:
                 raise _RulesChanged(key)
 
@@ -306,16 +332,21 @@ class Registry:
 
     # -- obtaining credentials (single flight) ------------------------------------------------
 
-    def _obtain(self, ident, rule, rhost, decided, budget=None, force=False, write=True, again=False):
-        """The grant for (ident, rule): reused while fresh, else one AssumeRole however many ask.
-        New credentials go to the grant's files when it has sessions, or `write` asks (a login).
-        `decided` is the generation `rule` was chosen under: credentials that come back after a
-        reload took that rule, or revoked the grant, are dropped unwritten (raises _RulesChanged)."""
-        key = grant_id(ident.target_uid, ident.principal, rule.role)
+    def _obtain(self, key, ident, rule, rhost, decided, profiles=(), budget=None, force=False, write=True,
+                again=False):
+        """Grant `key` holding `rule`'s role: reused while fresh and still that role, else one
+        AssumeRole however many ask. New credentials go to the grant's files when it has sessions,
+        or `write` asks (a login). `decided` is the generation `rule` was chosen under: credentials
+        that come back after a reload took that rule, or revoked the grant, are dropped unwritten
+        (raises _RulesChanged). `profiles`: the named profiles its files name (profile_sections)."""
         with self._lock:
-            current = self._grants.get(key)
+            current = held = self._grants.get(key)
+            if current is not None and current.role != rule.role:
+                current = None  # the rules moved this login: what it held is never handed out again
             if current is not None and not force and self._fresh(current):
-                return current
+                if current.profiles == profiles:
+                    return current
+                return self._renamed(current, profiles)
             flight = self._inflight.get(key)
             leader = flight is None
             if leader:
@@ -329,7 +360,7 @@ class Registry:
                 # service, or decided under the new rules): it asks STS itself, once, within
                 # what is left of its budget.
                 left = None if budget is None else budget - (time.monotonic() - waited)
-                return self._obtain(ident, rule, rhost, decided, left, force, write, again=True)
+                return self._obtain(key, ident, rule, rhost, decided, profiles, left, force, write, again=True)
             if flight.error is not None:
                 raise flight.error
             return flight.grant
@@ -351,7 +382,8 @@ class Registry:
                 id=key, principal=ident.principal, principal_uid=ident.principal_uid, target=ident.target,
                 target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
                 role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds),
-                token=current.token if current is not None and current.token else secrets.token_urlsafe(32))
+                token=held.token if held is not None and held.token else secrets.token_urlsafe(32),
+                profile=rule.profile, profiles=profiles)
             with self._lock:
                 self._check_still_given(key, ident, rule, decided)
                 # A lingering grant has no files until a session revives it; a background
@@ -360,6 +392,11 @@ class Registry:
             if files:
                 self._write_files(grant)
             with self._lock:
+                if decided != self._generation:
+                    # Checked above, but the rules may have changed since, while the files were
+                    # written: due now, so lifecycle judges it again by the rules in force.
+                    grant = dataclasses.replace(grant, next_refresh=self.clock())
+                self._moving.discard(key)
                 self._put_grant(grant)
             flight.grant = grant
             return grant
@@ -370,6 +407,15 @@ class Registry:
             with self._lock:
                 self._inflight.pop(key, None)
             flight.done.set()
+
+    def _renamed(self, grant, profiles):
+        """`grant` naming `profiles` in its files from now on (the rules changed its named profiles;
+        its role stands). Lock held; the files are rewritten now when it has any."""
+        grant = dataclasses.replace(grant, profiles=profiles)
+        self._put_grant(grant)
+        if self._by_grant.get(grant.id) and grant.id not in self._lingering:
+            self._write_files(grant)
+        return grant
 
     # -- the doors' API ------------------------------------------------------------------------
 
@@ -388,7 +434,7 @@ class Registry:
                               reason="no rule matches")
             return Opened(False, decision.reason)
         rule = decision.rule
-        key = grant_id(ident.target_uid, ident.principal, rule.role)
+        key = grant_id(ident.target_uid, ident.principal, ident.service)
         with self._lock:
             existing = self._sessions.get(sid) if sid else None
             if kind == "shell" and existing is None:
@@ -396,7 +442,8 @@ class Registry:
             self._hold(key)
         linger = True
         try:
-            grant = self._obtain(ident, rule, facts.rhost, decided, budget=budget)
+            grant = self._obtain(key, ident, rule, facts.rhost, decided, profile_sections(decision.profiles),
+                                 budget=budget)
             with self._lock:
                 # A reload may have unmapped this login while it was under way (the grant may
                 # have been fresh, so no STS call checked): then no session, and the release
@@ -448,15 +495,43 @@ class Registry:
         rule = mapping.decide(cfg, ident).rule
         if rule is None:
             return None
-        key = grant_id(ident.target_uid, ident.principal, rule.role)
+        key = grant_id(ident.target_uid, ident.principal, ident.service)
+        return self._in_memory(key, ident, rule, facts.rhost, decided, min_left)
+
+    def named(self, view_key, profile, uid, min_left):
+        """Named profile `profile` of the live grant `view_key` (the login whose files name it),
+        for `uid` (its target account, or root): obtained on first use, then held in memory only,
+        lingering between uses like a background grant. None when that grant is not live, not
+        `uid`'s, or the rules in force give its login no such profile; the caller cannot tell
+        which (no probing of other people's grants)."""
+        view = self.live_grant(view_key)
+        if view is None or view.profile is not None or uid not in (0, view.target_uid):
+            return None
+        facts = mapping.LoginFacts(user=view.target, service=view.service, rhost=view.rhost,
+                                   ruser=view.principal if view.principal != view.target else None)
+        ident = mapping.resolve(facts)
+        cfg, decided = self._rules()
+        rule = mapping.profile_rule(cfg, ident, profile)
+        if rule is None:
+            return None
+        key = grant_id(ident.target_uid, ident.principal, ident.service, profile)
+        return self._in_memory(key, ident, rule, view.rhost, decided, min_left)
+
+    def _in_memory(self, key, ident, rule, rhost, decided, min_left):
+        """Grant `key` for a caller outside any session's files (IMDS, a named profile): obtained
+        or reused, with at least `min_left` seconds left, then kept in memory for
+        max(linger, BACKGROUND_MIN_HOLD) past this use (never past its refresh time)."""
+        service = ident.service
         with self._lock:
             before = self._grants.get(key)
             self._hold(key)
         linger = True
         try:
-            grant = self._obtain(ident, rule, facts.rhost, decided, write=False)
-            if grant.credentials.seconds_left(self.now_dt()) < min_left:
-                grant = self._obtain(ident, rule, facts.rhost, decided, force=True, write=False)
+            grant = self._obtain(key, ident, rule, rhost, decided, write=False)
+            # Never more than half a session's life: a role whose sessions last 15 minutes must
+            # not be assumed anew at every call for an SDK's 15-minute margin.
+            if grant.credentials.seconds_left(self.now_dt()) < min(min_left, grant.request.duration / 2):
+                grant = self._obtain(key, ident, rule, rhost, decided, force=True, write=False)
             with self._lock:
                 self._check_still_given(key, ident, rule, decided)
                 if not self._by_grant.get(key):  # nobody logged in holds it: keep it in memory only
@@ -466,10 +541,10 @@ class Registry:
                     self._tell("grant_lingering", grant, self._lingering[key])
         except _RulesChanged:
             linger = False
-            self._unmapped_midway(ident, facts.service)
+            self._unmapped_midway(ident, service)
             return None
         except Exception as err:
-            self._failed(ident, rule, facts.service, err)
+            self._failed(ident, rule, service, err)
             raise
         finally:
             with self._lock:
@@ -477,8 +552,9 @@ class Registry:
                 self._release_if_unused(key, "released", linger=linger)
         if before is None or before.credentials != grant.credentials:
             self.log.decision("granted", principal=ident.principal, target=ident.target, role=rule.role,
-                              service=facts.service, grant=key, rule=rule.index, key=grant.credentials.masked_key,
-                              expires=iso(grant.credentials.expiration))
+                              service=service, profile=rule.profile, action="profile" if rule.profile else None,
+                              grant=key, rule=rule.index,
+                              key=grant.credentials.masked_key, expires=iso(grant.credentials.expiration))
         return grant
 
     def _make_room_for_shell(self, uid):
@@ -506,7 +582,7 @@ class Registry:
     def live_grant(self, key):
         """The grant with files in place (not lingering, not revoked), or None."""
         with self._lock:
-            if key in self._lingering or key in self._revoked:
+            if key in self._lingering or key in self._revoked or key in self._moving:
                 return None
             return self._grants.get(key)
 
@@ -613,22 +689,43 @@ class Registry:
                 self._release_if_unused(key, "released")
                 return None
             self._hold(key)
+        moved, was = False, grant.role
         try:
-            rule, ident, decided = self._current_rule(grant)
-            if rule is None or rule.role != grant.role:
-                self.revoke(key, "the rules no longer map this login to this role")
-                return None
-            new = self._obtain(ident, rule, grant.rhost, decided, force=True)
-            self.log.decision("refreshed", grant=key, principal=grant.principal, role=grant.role,
+            for attempt in (1, 2):
+                rule, ident, decided, profiles = self._current_rule(grant)
+                if rule is None:
+                    self.revoke(key, "the rules no longer map this login")
+                    return None
+                moved = moved or rule.role != grant.role
+                if rule.role != grant.role:
+                    self._moving_out(grant, rule)
+                try:
+                    new = self._obtain(key, ident, rule, grant.rhost, decided, profiles, force=True)
+                except _RulesChanged:
+                    new = None
+                with self._lock:
+                    settled = new is not None and decided == self._generation
+                if settled:
+                    break
+                # A reload came while STS answered: what came back was dropped (or written under
+                # the rules it replaced). Judge the grant again by the rules now in force, once:
+                # left alone it would never be looked at again, this refresh being its only entry
+                # in lifecycle's schedule.
+                if attempt == 2:
+                    self.revoke(key, "the rules changed twice during one refresh")
+                    return None
+                if new is not None:
+                    grant = new
+            self.log.decision("moved" if moved else "refreshed", grant=key, principal=grant.principal,
+                              role=new.role, was=was if moved else None,
                               key=new.credentials.masked_key, expires=iso(new.credentials.expiration))
             return new
-        except _RulesChanged:
-            # STS answered after a reload took this grant's rule: the new credentials were dropped.
-            # Revoke it now (a no-op when the reload's recheck did already): left alone it would
-            # never be refreshed again, this refresh being its only entry in lifecycle's schedule.
-            self.revoke(key, "the rules no longer map this login to this role")
-            return None
         except Exception as err:  # STS, IMDS, NSS, a full tmpfs: one grant's trouble stays its own
+            if moved:
+                # Its old role is gone and the new one could not be had: end its sessions, as
+                # before grants could move; the next login asks again.
+                self.revoke(key, f"the rules moved this login to another role, which failed: {err}")
+                return None
             with self._lock:
                 current = self._grants.get(key)
                 if current is None:
@@ -642,18 +739,37 @@ class Registry:
             return None
         finally:
             with self._lock:
+                self._moving.discard(key)
                 self._unhold(key)
                 self._release_if_unused(key, "released")
 
+    def _moving_out(self, grant, rule):
+        """The rules moved `grant`'s login from its role to `rule`'s: from now until the new role's
+        credentials are written, its files are gone and no door hands out the old role's keys."""
+        with self._lock:
+            if grant.id in self._moving:
+                return  # the reload's recheck did already
+            self._moving.add(grant.id)
+            try:
+                self.store.remove(grant.id)
+            except OSError as err:
+                self.log.error(f"could not remove grant {grant.id}: {err}")
+        self.log.decision("released", grant=grant.id, principal=grant.principal, role=grant.role,
+                          reason=f"the rules now give this login {rule.role}", files="removed")
+
     def _current_rule(self, grant):
-        """(rule, identity, generation) the current rules give this grant's login. A user NSS cannot
-        resolve now (LDAP/SSSD down) raises: that is a failed refresh, not a revocation."""
+        """(rule, identity, generation, profiles) the current rules give this grant's login, for its
+        profile (rule None: none). A user NSS cannot resolve now (LDAP/SSSD down) raises: that is a
+        failed refresh, not a revocation."""
         facts = mapping.LoginFacts(user=grant.target, service=grant.service,
                                    ruser=grant.principal if grant.principal != grant.target else None,
                                    rhost=grant.rhost)
         cfg, decided = self._rules()
         ident = mapping.resolve(facts)
-        return mapping.decide(cfg, ident).rule, ident, decided
+        if grant.profile is not None:
+            return mapping.profile_rule(cfg, ident, grant.profile), ident, decided, ()
+        decision = mapping.decide(cfg, ident)
+        return decision.rule, ident, decided, profile_sections(decision.profiles)
 
     def revoke(self, key, reason):
         """The rules no longer give this grant: end its sessions and remove it now, lingering or not."""
@@ -685,11 +801,28 @@ class Registry:
         revoked = 0
         for grant in grants:
             try:
-                rule, _ident, _decided = self._current_rule(grant)
+                rule, _ident, _decided, profiles = self._current_rule(grant)
             except mapping.UnknownUser:
                 continue  # NSS trouble is no revocation; the next refresh asks again
-            if rule is None or rule.role != grant.role:
-                revoked += self.revoke(grant.id, "the rules no longer map this login to this role")
+            if rule is None:
+                revoked += self.revoke(grant.id, "the rules no longer map this login")
+                continue
+            with self._lock:
+                current = self._grants.get(grant.id)
+                if current is None or grant.id in self._revoked:
+                    continue
+                live = bool(self._by_grant.get(grant.id)) and grant.id not in self._lingering
+                if rule.role == current.role:
+                    if current.profiles != profiles:
+                        self._renamed(current, profiles)
+                    continue
+                if not live:  # memory only (lingering, IMDS, a named profile): nobody to move
+                    revoked += self.revoke(grant.id, f"the rules now give this login {rule.role}")
+                    continue
+                # Sessions live on it: due now, so lifecycle's refresh moves it to the new role
+                # at the same location (refresh() calls STS; this must not, under the lock).
+                self._moving_out(current, rule)
+                self._put_grant(dataclasses.replace(current, next_refresh=self.clock()))
         return revoked
 
     def process_ended(self, pid, started):

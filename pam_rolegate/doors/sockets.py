@@ -24,7 +24,7 @@ from ..backends import homefiles
 from ..hookside import procs, protocol
 from ..hookside.client import peer_credentials
 from ..errors import ProtocolError, StoreError, StsError
-from ..core.registry import ShellLimit, epoch_to_dt, iso
+from ..core.registry import SDK_MIN_LEFT, ShellLimit, epoch_to_dt, iso
 
 # Capacity, each number with its reason (see README "Capacity and fairness").
 BACKLOG = 4096  # net.core.somaxconn's default cap: a storm of logins waits in the kernel queue
@@ -539,13 +539,35 @@ class Handlers:
             if not reply.get("granted"):
                 return protocol.ErrorReply(protocol.E_NO_GRANT, reply.get("reason"))
             key = reply.get("grant")
+        if req.profile is not None:
+            return self._named_credentials(peer, req, key)
         grant = self.registry.live_grant(key)
         if grant is None or (peer.uid != 0 and peer.uid != grant.target_uid):
             # The same answer whether the grant exists or is someone else's: no probing.
             if grant is not None:
                 self.refusals.refused(peer.uid, peer.pid, action=req.ACTION, grant=key)
             return protocol.ErrorReply(protocol.E_NO_GRANT, f"no live grant {key} for uid {peer.uid}; log in again")
-        grant = self.registry.credentials(key) or grant
+        return self._credentials_reply(self.registry.credentials(key) or grant)
+
+    def _named_credentials(self, peer, req, key):
+        """A named profile's credential_process: obtained on first use (README "Several roles per
+        person"). One answer for a grant that is not the caller's, not live, or names no such
+        profile: nobody learns about another user's grants by asking."""
+        try:
+            grant = self.registry.named(key, req.profile, peer.uid, SDK_MIN_LEFT)
+        except mapping.UnknownUser as err:
+            return protocol.ErrorReply(protocol.E_UNKNOWN_USER, str(err))
+        except StsError as err:
+            return protocol.ErrorReply(protocol.E_STS_FAILED, f"{err.code}: {err}")
+        if grant is None:
+            view = self.registry.live_grant(key)
+            if view is not None and peer.uid not in (0, view.target_uid):
+                self.refusals.refused(peer.uid, peer.pid, action=req.ACTION, grant=key)
+            return protocol.ErrorReply(protocol.E_NO_GRANT, f"no profile {req.profile!r} in a live grant {key} for "
+                                                            f"uid {peer.uid}; `rolegate profiles` lists yours")
+        return self._credentials_reply(grant)
+
+    def _credentials_reply(self, grant):
         c = grant.credentials
         return protocol.Reply({"Version": 1, "AccessKeyId": c.access_key_id, "SecretAccessKey": c.secret_access_key,
                                "SessionToken": c.session_token, "Expiration": iso(c.expiration)})
@@ -561,6 +583,7 @@ class Handlers:
                     "expires": iso(g.credentials.expiration), "seconds_left": int(g.credentials.seconds_left(now)),
                     "next_refresh": iso(epoch_to_dt(g.next_refresh)), "failures": g.failures,
                     "sessions": counts.get(g.id, 0), "service": g.service,
+                    "profile": g.profile, "profiles": [list(p) for p in g.profiles],
                     # lingering: no session and no files; held in memory for the next login or IMDS call
                     "state": "lingering" if g.id in lingering else "live",
                     "path": None if g.id in lingering else reg.pointer(g)[1]}
@@ -569,4 +592,5 @@ class Handlers:
         if peer.uid == 0:  # sessions name processes and hosts: root's to see
             listed = [{"id": s.id, "grant": s.grant_id, "kind": s.kind, "pid": s.pid, "service": s.service,
                        "rhost": s.rhost, "tty": s.tty} for s in sessions]
-        return protocol.Stream({"delivery": reg.cfg.delivery}, {"grants": entries, "sessions": listed})
+        return protocol.Stream({"delivery": reg.cfg.delivery, "runtime_dir": reg.cfg.runtime_dir},
+                               {"grants": entries, "sessions": listed})

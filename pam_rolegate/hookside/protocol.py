@@ -173,7 +173,7 @@ class Env(Request):
 
 class GetCredentials(Request):
     ACTION = "credentials"
-    FIELDS = {"grant": (str, False)}
+    FIELDS = {"grant": (str, False), "profile": (str, False)}
 
 
 class Status(Request):

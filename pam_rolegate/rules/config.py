@@ -54,6 +54,9 @@ ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/([\w+=,.@-]+/)*[\w+=,
 POLICY_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}|aws):policy/([\w+=,.@-]+/)*[\w+=,.@-]{1,128}", re.ASCII)
 REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+", re.ASCII)
 _DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
+# A profile name lands in an INI section header and in a credential_process command line: no
+# spaces, brackets or shell characters, whatever a YAML string allows.
+PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
 _USER_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]*\$?", re.ASCII)
 # Directories the broker would hide under a tmpfs mount, or share with others.
 _SYSTEM_DIRS = frozenset({"/", "/run", "/var/run", "/tmp", "/var/tmp", "/dev", "/dev/shm", "/etc", "/var", "/usr",
@@ -96,6 +99,9 @@ class Rule:
     duration: Optional[int] = None  # overrides session.duration
     external_id: Optional[str] = None
     policy_arns: Tuple[str, ...] = ()
+    # A named profile (`aws --profile NAME`) this rule gives beside the default; None: the rule
+    # is one of the default's candidates, exactly as before profiles existed.
+    profile: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -522,8 +528,8 @@ class _Reader:
         """Every rule IMDS requests can match hands out sessions long enough for IMDS (see above).
         `keys` is None for a fleet rules document, whose session.duration is the config's."""
         for rule in cfg.roles:
-            if rule.match.services and IMDS_SERVICE not in rule.match.services:
-                continue
+            if rule.profile is not None or (rule.match.services and IMDS_SERVICE not in rule.match.services):
+                continue  # IMDS serves the default only: a named profile is never its answer
             duration = cfg.duration_for(rule)
             if duration >= IMDS_MIN_DURATION:
                 continue
@@ -657,12 +663,18 @@ class _Reader:
 
     def rule(self, index, node, session):
         what = f"roles[{index}]"
-        keys = self.mapping(node, what, ("match", "role", "duration", "external_id", "policy_arns"),
+        keys = self.mapping(node, what, ("match", "role", "profile", "duration", "external_id", "policy_arns"),
                             required=("match", "role"))
         match = self.match(keys["match"][1], what)
         role = self.string(keys["role"][1], f"{what}.role", ROLE_ARN_RE,
                            " (expected arn:aws:iam::123456789012:role/NAME)")
         kw = {"index": index, "line": node.start_mark.line + 1, "match": match, "role": role}
+        if "profile" in keys:
+            kw["profile"] = self.string(keys["profile"][1], f"{what}.profile", PROFILE_RE,
+                                        " (1-64 of A-Z a-z 0-9 _.-, starting with a letter or digit)")
+            if kw["profile"] == "default":
+                self.fail(keys["profile"][1], f"{what}.profile: 'default' is the profile a rule without "
+                                              f"'profile' gives; leave the key out")
         if "duration" in keys:
             kw["duration"] = self.duration(keys["duration"][1], f"{what}.duration")
             if session.refresh_before >= kw["duration"]:

@@ -37,9 +37,11 @@ class Identity:
 
 @dataclass(frozen=True)
 class Decision:
-    rule: object  # config.Rule or None
+    rule: object  # config.Rule or None: the default profile's
     reason: str
     identity: Identity
+    # (name, config.Rule) for each named profile the login gets, in the order the config names them
+    profiles: Tuple[Tuple[str, object], ...] = ()
 
 
 class UnknownUser(LookupError):
@@ -97,16 +99,40 @@ def _why_not(match, ident):
     return None
 
 
-def decide(config, ident):
-    """First matching rule wins. Returns a Decision whose reason explains the outcome."""
-    misses = []
+def named_profiles(config, ident):
+    """((name, rule), ...): for each profile name, the first rule naming it that accepts `ident`.
+    First match per name, as the default is the first match among rules without a name: a later
+    rule with the same name is a fallback for logins the earlier one does not accept."""
+    found = {}
     for rule in config.roles:
+        if rule.profile is not None and rule.profile not in found and _why_not(rule.match, ident) is None:
+            found[rule.profile] = rule
+    return tuple(found.items())
+
+
+def profile_rule(config, ident, profile):
+    """The rule that gives `ident` the profile `profile` (None: the default), or None."""
+    if profile is None:
+        return decide(config, ident).rule
+    return dict(named_profiles(config, ident)).get(profile)
+
+
+def decide(config, ident):
+    """The default: the first matching rule without a profile wins; named profiles beside it.
+    Returns a Decision whose reason explains the outcome."""
+    misses = []
+    profiles = named_profiles(config, ident)
+    for rule in config.roles:
+        if rule.profile is not None:
+            continue
         why = _why_not(rule.match, ident)
         if why is None:
-            return Decision(rule, f"rule {rule.index} (line {rule.line}) matches", ident)
+            return Decision(rule, f"rule {rule.index} (line {rule.line}) matches", ident, profiles)
         misses.append(f"rule {rule.index}: {why}")
     detail = "; ".join(misses) if misses else "the config has no rules"
-    return Decision(None, f"no rule matches ({detail})", ident)
+    if profiles:
+        detail += "; a login needs a default role to carry its named profiles"
+    return Decision(None, f"no rule matches ({detail})", ident, profiles)
 
 
 def explain(decision):
@@ -121,4 +147,7 @@ def explain(decision):
     ]
     if decision.rule is not None:
         lines.append(f"role:      {decision.rule.role}")
+    for name, rule in decision.profiles:
+        unused = "" if decision.rule is not None else " (unused: no default role)"
+        lines.append(f"profile:   {name} = {rule.role} (rule {rule.index}, line {rule.line}){unused}")
     return lines
