@@ -7,8 +7,10 @@ Tables, all from one run on this machine, so ratios compare like with like:
   burst    c simultaneous opens on the PAM door: granted/total, p50, p99, broker CPU per open
   scale    open/close/env with n live sessions: p50, p99, broker RSS, journal bytes per change
   refresh  a refresh pass of N grants: time, STS calls, a login's p99 during the pass
+  profiles a user with 1, 5 and 20 named profiles: login time ÷ empty hook and STS calls at login,
+           then the STS calls and time of each profile's first use and of a second use
 
-    sudo scripts/bench [--rounds N] [--only hook,burst,scale,refresh] [--max-sessions N] [--grants N,N]
+    sudo scripts/bench [--rounds N] [--only hook,burst,scale,refresh,profiles] [--grants N,N] [--profiles N,N]
 """
 
 import argparse
@@ -142,7 +144,8 @@ def interleaved(h, cases, rounds):
     return [(label, samples[label], calls[label]) for label, _s, _u in cases]
 
 
-def hook_table(h, hook, rounds):
+def bench_stacks(h, hook):
+    """PAM services rg-none (pam_permit), rg-empty (an empty pam_python hook), rg-hook (rolegate)."""
     empty = os.path.join(h.workdir, "empty_hook.py")
     with open(empty, "w") as fh:
         fh.write(EMPTY_HOOK)
@@ -151,6 +154,10 @@ def hook_table(h, hook, rounds):
             fh.write(f"session required pam_python.so {module}\n")
     with open("/etc/pam.d/rg-none", "w") as fh:
         fh.write("session required pam_permit.so\n")
+
+
+def hook_table(h, hook, rounds):
+    bench_stacks(h, hook)
     floor = ("empty pam_python hook", "rg-empty", "alice")
     # A PAM-less shell holds alice's grant: her logins are warm.
     holder = subprocess.Popen(["setpriv", "--reuid", "alice", "--regid", "alice", "--init-groups", "sh", "-c",
@@ -317,10 +324,70 @@ def refresh_table(h, holder, counts):
     h.broker.send_signal(signal.SIGHUP)
 
 
+# -- profiles ----------------------------------------------------------------------------------------
+
+
+def profiles_config(counts, linger):
+    """CONFIG plus, for each n in counts, user pfN with a default role and n named profiles."""
+    text = config(linger=linger)
+    for n in counts:
+        text += f"  - match: {{user: pf{n}}}\n    role: arn:aws:iam::{ACCOUNT}:role/pf-default\n"
+        for i in range(n):
+            text += f"  - match: {{user: pf{n}}}\n    profile: p{i}\n    role: arn:aws:iam::{ACCOUNT}:role/pf-{i}\n"
+    return text
+
+
+def as_user(user, argv):
+    start = time.perf_counter()
+    done = run(["setpriv", "--reuid", user, "--regid", user, "--init-groups"] + argv, check=False)
+    return (time.perf_counter() - start) * 1000, done
+
+
+def profiles_table(h, hook, holder, counts, rounds):
+    bench_stacks(h, hook)
+    for n in counts:
+        h.add_user(f"pf{n}")
+    # Logins with linger 0: each one assumes its default role anew, as the first login of a day does.
+    h.write_config(profiles_config(counts, linger=0))
+    h.broker.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    rows = interleaved(h, [("empty", "rg-empty", "alice")] + [(n, "rg-hook", f"pf{n}") for n in counts], rounds)
+    base = statistics.median(rows[0][1])
+    print(f"\nNamed profiles: a login of a user with N named profiles (pamtester, sshd's PATH, linger 0 so "
+          f"every login assumes the default role; {rounds} rounds in turn with the empty hook, median "
+          f"{base:.1f} ms), then each profile's first use and a second use through `rolegate credentials "
+          f"--profile` as the user (what credential_process runs)\n")
+    print(f"{'N':>4} {'login ms':>9} {'÷empty':>7} {'STS/login':>10} {'STS/login if eager':>19} "
+          f"{'first use ms':>13} {'STS/first use':>14} {'2nd use ms':>11} {'STS/2nd use':>12}")
+    for n, samples, calls in rows[1:]:
+        reply = call(protocol.OpenSession(user=f"pf{n}", service="sshd", pid=holder.pids[2]))
+        grant = reply.get("grant")
+        first, second, first_calls, second_calls = [], [], 0, 0
+        for i in range(n):
+            for bucket in (first, second):
+                before = h.moto.assume_role_calls()
+                ms, done = as_user(f"pf{n}", ["rolegate", "credentials", "--grant", grant, "--profile", f"p{i}"])
+                if done.returncode != 0:
+                    raise SystemExit(f"profile p{i} of pf{n} failed: {done.stderr}")
+                bucket.append(ms)
+                if bucket is first:
+                    first_calls += h.moto.assume_role_calls() - before
+                else:
+                    second_calls += h.moto.assume_role_calls() - before
+        call(protocol.CloseSession(session=reply.get("session")))
+        print(f"{n:4d} {statistics.median(samples):9.1f} {statistics.median(samples) / base:7.2f} "
+              f"{calls / rounds:10.2f} {1 + n:19d} {statistics.median(first):13.1f} {first_calls / n:14.2f} "
+              f"{statistics.median(second):11.1f} {second_calls / n:12.2f}")
+    h.write_config(config())
+    h.broker.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--only", default="hook,burst,scale,refresh")
+    p.add_argument("--only", default="hook,burst,scale,refresh,profiles")
+    p.add_argument("--profiles", default="1,5,20")
     p.add_argument("--bursts", default="8,32,128,512")
     p.add_argument("--sessions", default="10,100,1000,10000")
     p.add_argument("--grants", default="500,2000")
@@ -344,6 +411,8 @@ def main():
             scale_table(h, holder, [int(n) for n in args.sessions.split(",")])
         if "refresh" in only:
             refresh_table(h, holder, [int(n) for n in args.grants.split(",")])
+        if "profiles" in only:
+            profiles_table(h, hook, holder, [int(n) for n in args.profiles.split(",")], args.rounds)
     finally:
         holder.stop()
         h.stop()

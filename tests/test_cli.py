@@ -46,6 +46,30 @@ def test_cli__check_user_without_a_rule_says_why(write_config):
     assert code == 1 and "no rule matches" in out and "user root is not nobody-else" in out, out
 
 
+PROFILES = CONFIG + """  - match: {user: root}
+    profile: deploy
+    role: arn:aws:iam::123456789012:role/deploy-role
+  - match: {user: nobody-else}
+    profile: data
+    role: arn:aws:iam::123456789012:role/data-role
+"""
+
+
+def test_cli__check_user_shows_every_named_profile_and_assumes_each(moto, write_config):
+    path = write_config(PROFILES)
+    code, out, _ = call(["--config", path, "check-user", "root"])
+    assert code == 0 and "profile:   deploy = arn:aws:iam::123456789012:role/deploy-role (rule 3, line 9)" in out, out
+    assert "data" not in out, f"a profile whose rule does not match root was shown:\n{out}"
+    code, out, err = call(["--config", path, "check-user", "root", "--assume"])
+    assert code == 0, f"--assume failed: {err}"
+    for role in ("root-role", "deploy-role"):
+        assert f"assumed:   arn:aws:sts::123456789012:assumed-role/{role}/root@" in out, f"{role} not assumed:\n{out}"
+    code, out, _ = call(["--config", path, "policy"])
+    roles = json.loads(out)["gatekeeper_policy"]["Statement"][0]["Resource"]
+    assert {"arn:aws:iam::123456789012:role/deploy-role", "arn:aws:iam::123456789012:role/data-role"} <= set(roles), \
+        f"the policy must cover named profiles' roles too: {roles}"
+
+
 def test_cli__policy_lists_exactly_the_configured_roles(write_config):
     code, out, _ = call(["--config", write_config(CONFIG), "policy", "--gatekeeper", "arn:aws:iam::1:role/gk"])
     docs = json.loads(out)

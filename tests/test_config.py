@@ -387,6 +387,19 @@ BROKEN = [
      "  - match: {user: a}\n    role: " + ARN + "\n    duration: 15m\n", 8, 15, "roles[1] gets 900s (roles[1].duration)"),
     ("imds emulate with a 15m rule for imds", HEAD + "imds: {mode: emulate}\nsession: {duration: 15m}\nroles:\n"
      "  - match: {user: a, service: [sshd, imds]}\n    role: " + ARN + "\n", 4, 10, "at least 30m"),
+    # named profiles: the name lands in an INI section header and a credential_process command line
+    ("profile named default", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: default\n",
+     6, 14, "'default' is the profile a rule without 'profile' gives"),
+    ("profile with a space", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: 'a b'\n",
+     6, 14, "roles[1].profile"),
+    ("profile with a bracket", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: 'a]'\n",
+     6, 14, "A-Z a-z 0-9 _.-"),
+    ("profile starting with a dash", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: -x\n",
+     6, 14, "roles[1].profile"),
+    ("profile of 65 characters", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: " + "p" * 65
+     + "\n", 6, 14, "1-64"),
+    ("profile a list", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: [a, b]\n",
+     6, 14, "single text value"),
     ("top level not a mapping", "- version: 1\n", 1, 1, "the config must be a mapping"),
     ("non-text top-level key", HEAD + "1: x\n", 3, 1, "keys must be plain words"),
 ]
@@ -772,3 +785,26 @@ def test_config__unprivileged_check_config_says_what_it_could_not_check():
             f"an unprivileged check-config must still refuse a world-writable parent ({code}):\n{out}"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_config__named_profiles_keep_their_rules_and_the_default_is_the_first_rule_without_one():
+    from pam_rolegate.rules import mapping
+
+    text = (HEAD + "imds: {mode: emulate}\nsession: {refresh_before: 5m}\nroles:\n"
+            "  - match: {user: a}\n    profile: deploy\n    role: arn:aws:iam::123456789012:role/deploy\n"
+            "    duration: 15m\n"  # a named profile is never IMDS's answer: 15m is fine under emulate
+            "  - match: {user: a}\n    role: arn:aws:iam::123456789012:role/default\n"
+            "  - match: {}\n    profile: deploy\n    role: arn:aws:iam::123456789012:role/deploy-fallback\n"
+            "  - match: {user: a}\n    profile: data.v2_x\n    role: arn:aws:iam::123456789012:role/data\n")
+    cfg = config.parse(text, PATH)
+    assert [r.profile for r in cfg.roles] == ["deploy", None, "deploy", "data.v2_x"], cfg.roles
+    ident = mapping.Identity(principal="a", principal_uid=1000, groups=(), target="a", target_uid=1000,
+                             target_gid=1000, service="sshd")
+    d = mapping.decide(cfg, ident)
+    assert d.rule.role.endswith("/default"), f"the default must skip rules with a profile: {d.rule}"
+    assert [(n, r.role.rsplit("/", 1)[1]) for n, r in d.profiles] == [("deploy", "deploy"), ("data.v2_x", "data")], \
+        f"first match per name, in config order: {d.profiles}"
+    other = mapping.decide(cfg, mapping.Identity(**dict(ident.__dict__, principal="b", target="b")))
+    assert other.rule is None and [n for n, _ in other.profiles] == ["deploy"], \
+        f"b matches only the fallback deploy rule: {other}"
+    assert "needs a default role" in other.reason, f"the reason should say why b gets nothing: {other.reason}"

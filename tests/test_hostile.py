@@ -73,8 +73,8 @@ class Sleepers:
             p.wait(10)
 
 
-def open_session(user, pid, timeout=30.0):
-    return client.call(protocol.OpenSession(user=user, service="sshd", pid=pid), path=PAM_SOCKET, timeout=timeout)
+def open_session(user, pid, timeout=30.0, service="sshd"):
+    return client.call(protocol.OpenSession(user=user, service=service, pid=pid), path=PAM_SOCKET, timeout=timeout)
 
 
 # -- 1. fuzzing the user door -----------------------------------------------------------------------
@@ -641,7 +641,8 @@ def _key_in(path):
 def test_sts__a_valid_grant_keeps_being_served_while_sts_answers_garbage(host, sts_switch):
     sleeper = Sleepers(1)
     try:
-        held = open_session("dora", sleeper.pids[0])
+        # The service _pam_login's logins use: sessions of one grant are one (account, person, service).
+        held = open_session("dora", sleeper.pids[0], service="rghostile")
         assert isinstance(held, protocol.Reply) and held.get("granted"), f"dora got no grant while STS worked: {held}"
         path = held.get("env")["AWS_SHARED_CREDENTIALS_FILE"]
         mark = host.log_mark()

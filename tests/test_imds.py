@@ -47,8 +47,10 @@ roles:
     role: arn:aws:iam::{account}:role/developer
   - match: {{user: frank}}
     role: arn:aws:iam::{account}:role/frank-role
-"""
-DEFAULTS = {"mode": "emulate", "delivery": "file", "v1": "false", "duration": "1h", "refresh_before": "20m"}
+{extra}"""
+# extra: more rules, after these (tests/test_profiles.py gives alice named profiles there)
+DEFAULTS = {"mode": "emulate", "delivery": "file", "v1": "false", "duration": "1h", "refresh_before": "20m",
+            "extra": ""}
 
 # Who STS says the caller is, through the SDK's default chain; argv[1] is STS's URL.
 WHOAMI = """
