@@ -427,6 +427,33 @@ class Held:
         self.proc.wait(30)
 
 
+class Shell:
+    """An ssh session kept open, running the commands sent to it one at a time in its own environment."""
+
+    def __init__(self, host, user):
+        loop = "while read -r c; do eval \"$c\" 2>&1; echo __DONE__; done"
+        self.proc = subprocess.Popen(host.ssh_cmd(user, loop), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+
+    def do(self, command, timeout=60):
+        self.proc.stdin.write((command + "\n").encode())
+        self.proc.stdin.flush()
+        out, fd = b"", self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"__DONE__\n" not in out and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            chunk = os.read(fd, 65536) if ready else b""
+            if not chunk:
+                break
+            out += chunk
+        assert b"__DONE__\n" in out, f"the held session did not finish {command!r}: {out!r}"
+        return out.decode().replace("__DONE__\n", "").strip()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
 def wait_gone(path, timeout=10):
     deadline = time.monotonic() + timeout
     while os.path.exists(path) and time.monotonic() < deadline:

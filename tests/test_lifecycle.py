@@ -320,6 +320,41 @@ def test_lifecycle__a_refresh_the_pool_refused_is_logged_and_tried_again():
     assert any("g1" in e and "again" in e for e in log.errors), f"the refused submit was not logged: {log.errors}"
 
 
+def test_lifecycle__a_grant_made_due_while_its_refresh_runs_is_refreshed_again():
+    # A reload's recheck makes a live grant due at once (its login moved to another role) while a
+    # refresh of that grant is out: the scheduler skips the new entry as busy, so the worker must
+    # put the grant's time back when it finishes, or the move would wait for the next refresh.
+    from pam_rolegate.core.lifecycle import Lifecycle
+
+    class DueOnceMore(AlwaysDue):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.due = 0, 0.0
+            self.twice = threading.Event()
+
+        def next_due(self, key):
+            return self.due
+
+        def refresh(self, key):
+            self.calls += 1
+            if self.calls == 1:
+                life.grant_saved(types.SimpleNamespace(id=key, next_refresh=0.0))  # the reload, mid-refresh
+                time.sleep(0.3)  # the scheduler meets that entry while this one is busy
+            else:
+                self.due = float("inf")
+                self.twice.set()
+
+    registry = DueOnceMore()
+    life = Lifecycle(registry, None, ErrorLog())
+    life.grant_saved(types.SimpleNamespace(id="g1", next_refresh=0.0))
+    life.start()
+    try:
+        assert registry.twice.wait(10), f"the grant made due during its refresh was not refreshed again " \
+                                        f"({registry.calls} refresh)"
+    finally:
+        life.stop()
+
+
 def test_lifecycle__a_rules_change_leaves_the_refresh_pool_and_rate_alone():
     # configure() runs on every rules change (each fleet update). Rebuilding each time raced the
     # scheduler's submit and handed the rate limit a fresh burst; only refresh.* changes may.

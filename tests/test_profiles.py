@@ -8,15 +8,13 @@ delivery works, container's loopback endpoint included.
 
 import json
 import os
-import select
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from harness import ACCOUNT, RUNTIME_DIR, VENV, run
+from harness import ACCOUNT, RUNTIME_DIR, VENV, Shell, run
 from test_imds import AWS_CLI, alice_aws_config, lab, role_arn_prefix  # noqa: F401 (lab: the fixture)
 
 ROLEGATE = os.path.join(VENV, "bin", "rolegate")
@@ -152,33 +150,6 @@ def test_profiles__a_source_profile_chain_from_the_users_own_config_starts_at_a_
     assert got.get("OUTPUT") == "json", f"alice's own `output` setting was lost: {got}"
 
 
-class Shell:
-    """A session kept open, running the commands sent to it one at a time in its own environment."""
-
-    def __init__(self, lab, user):
-        loop = "while read -r c; do eval \"$c\" 2>&1; echo __DONE__; done"
-        self.proc = subprocess.Popen(lab.h.ssh_cmd(user, loop), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-
-    def do(self, command, timeout=60):
-        self.proc.stdin.write((command + "\n").encode())
-        self.proc.stdin.flush()
-        out, fd = b"", self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"__DONE__\n" not in out and time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
-            chunk = os.read(fd, 65536) if ready else b""
-            if not chunk:
-                break
-            out += chunk
-        assert b"__DONE__\n" in out, f"the held session did not finish {command!r}: {out!r}"
-        return out.decode().replace("__DONE__\n", "").strip()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
-
 def moved_rules(role):
     """alice's ssh default moved to `role`; her profile a kept, b gone, c new."""
     return (rule("{user: alice, service: sshd}", role) + rule("{user: alice}", "alice-a", "a")
@@ -188,7 +159,7 @@ def moved_rules(role):
 @pytest.mark.parametrize("delivery", ["file", "process"])
 def test_profiles__a_reload_that_moves_a_live_session_to_another_role_reaches_it_at_once(lab, delivery):
     configure_profiles(lab, delivery=delivery)
-    shell = Shell(lab, "alice")
+    shell = Shell(lab.h, "alice")
     try:
         ask = f"AWS_ENDPOINT_URL_STS={lab.sts_url} {AWS_CLI} sts get-caller-identity --query Arn --output text"
         before = shell.do(ask)
@@ -240,7 +211,7 @@ def test_profiles__a_reload_that_moves_a_live_session_to_another_role_reaches_it
 
 def test_profiles__profiles_and_status_show_what_is_held_and_until_when(lab):
     configure_profiles(lab)
-    shell = Shell(lab, "alice")
+    shell = Shell(lab.h, "alice")
     try:
         first = json.loads(shell.do(f"{ROLEGATE} profiles --json"))["profiles"]
         held = {p["profile"]: p["held"] for p in first}
@@ -260,7 +231,7 @@ def test_profiles__profiles_and_status_show_what_is_held_and_until_when(lab):
 
 def test_profiles__another_user_cannot_use_alices_named_profile(lab):
     configure_profiles(lab)
-    shell = Shell(lab, "alice")
+    shell = Shell(lab.h, "alice")
     try:
         path = shell.do("echo $AWS_SHARED_CREDENTIALS_FILE")
         grant = path.split("/grants/", 1)[1].split("/", 1)[0]

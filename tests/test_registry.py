@@ -889,20 +889,81 @@ def test_registry__a_reload_that_moves_a_live_login_to_another_role_keeps_its_lo
         f"no `moved` line: {reg.log.lines}"
 
 
-def test_registry__a_move_whose_new_role_fails_ends_the_sessions_never_keeping_the_old_role(tmp_path):
+def test_registry__a_move_whose_new_role_fails_keeps_the_sessions_and_never_the_old_role(tmp_path):
     from pam_rolegate.errors import StsError
 
-    reg, _clock, engine, store = make_registry(tmp_path, "1h")
+    reg, clock, engine, store = make_registry(tmp_path, "1h")
     opened = reg.open(root_login(), "pam", os.getpid(), None)
     key = opened.grant.id
     reload_without_root(reg, tmp_path, match="{user: root}", role="other-role")
+    real = engine.assume
 
     def refuse(request, budget=None):
         raise StsError("AccessDenied: not allowed", "access_denied")
     engine.assume = refuse
     assert reg.refresh(key) is None, "a failed move returned a grant"
     assert key not in store.files and reg.live_grant(key) is None, "the old role came back after a failed move"
-    assert reg.snapshot() == ([], [], set()), f"a failed move left something behind: {reg.snapshot()}"
+    assert [s.id for s in reg.snapshot()[1]] == [opened.session.id], "a failed move ended the session"
+    failed = [f for event, f in reg.log.lines if event == "failed" and f.get("action") == "move"]
+    assert failed and failed[-1]["role"].endswith("/other-role"), f"no `failed: action=move` line: {reg.log.lines}"
+    # A login under the new rules meanwhile is refused the old role too, and gets the new one.
+    engine.assume = real
+    clock.now = reg.next_due(key)
+    moved = reg.refresh(key)
+    assert moved is not None and moved.role.endswith("/other-role") and key in store.files, \
+        f"the retried move did not land: {moved}"
+    assert reg.live_grant(key) is not None, "the moved grant is not served once its new role arrived"
+
+
+def test_registry__a_login_under_the_new_rules_finishes_a_move_and_the_pending_refresh_agrees(tmp_path):
+    reg, _clock, engine, store = make_registry(tmp_path, "1h")
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key = opened.grant.id
+    reload_without_root(reg, tmp_path, match="{user: root}", role="other-role")
+    second = reg.open(root_login(), "pam", os.getpid(), None)
+    assert second.granted and second.grant.id == key and second.grant.role.endswith("/other-role"), second
+    assert reg.live_grant(key) is not None, "the move finished by a login is not served"
+    calls = engine.calls
+    again = reg.refresh(key)  # lifecycle's due-now entry from the reload
+    assert again.role.endswith("/other-role") and key in store.files, f"the refresh undid the move: {again}"
+    assert engine.calls == calls + 1, "the refresh should re-assume the new role once"
+
+
+def test_registry__a_reload_that_moves_a_login_while_its_refresh_writes_never_leaves_the_old_role(tmp_path):
+    # The refresh checked the rules (role A), then the reload moved the login to B while the
+    # refresh wrote A's file, outside the lock: A's file must be taken back, and the refresh end
+    # on B at the same location.
+    reg, clock, engine, store = make_registry(tmp_path, "1h")
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key = opened.grant.id
+    real_write, fired = store.write, []
+
+    def write_then_reload(grant_id, name, content, uid, gid):
+        real_write(grant_id, name, content, uid, gid)
+        if not fired:
+            fired.append(content)
+            reload_without_root(reg, tmp_path, match="{user: root}", role="other-role")
+    store.write = write_then_reload
+    clock.now = opened.grant.next_refresh
+    new = reg.refresh(key)
+    assert fired, "the reload never ran during the refresh's write: the test did not test the race"
+    assert new is not None and new.role.endswith("/other-role"), f"the refresh ended on {new}"
+    assert store.files.get(key) not in (None, fired[0]), "the old role's file was left in place"
+    assert reg.live_grant(key).role.endswith("/other-role"), "the door would serve another role than the rules'"
+    assert [s.id for s in reg.snapshot()[1]] == [opened.session.id], "the session was lost"
+
+
+def test_registry__named_profiles_need_a_login_with_sessions(tmp_path):
+    reg, _clock, engine, _store = make_profiles_registry(tmp_path, ("deploy", "deploy-role"))
+    imds = reg.background(mapping_facts("root", "imds"), 60)
+    assert imds is not None
+    assert reg.named(imds.id, "deploy", 0, 60) is None, "a memory-only grant served as a view for a named profile"
+
+
+def mapping_facts(user, service):
+    from pam_rolegate.rules import mapping
+
+    return mapping.LoginFacts(user=user, service=service)
 
 
 def test_registry__a_reload_that_adds_a_named_profile_rewrites_live_files_without_sts(tmp_path):

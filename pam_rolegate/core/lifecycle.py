@@ -281,6 +281,11 @@ class Lifecycle(Listener):
             finally:
                 self._busy.discard(key)
                 slots.release()
+                # An entry pushed while this ran (a reload made the grant due at once) was
+                # skipped as busy: put its time back, or nothing would look at it again.
+                when = self.registry.next_due(key)
+                if when is not None:
+                    self._push(when, key)
 
         try:
             self._pool.submit(work)

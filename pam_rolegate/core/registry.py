@@ -174,7 +174,9 @@ class Registry:
         self._inflight = {}  # grant id -> _Flight
         self._pending = {}  # grant id -> opens/refreshes in progress (keeps the grant from release)
         self._revoked = set()  # revoked while held: released without linger when let go
-        self._moving = set()  # moving to another role: no files, nothing handed out meanwhile
+        # grant id -> the role the rules moved its login to: no files, nothing handed out, until
+        # the grant holds that role
+        self._moving = {}
         # Bumped by every reconfigure. A decision carries the generation it was made under, so
         # what it obtains outside the lock (an STS call) is checked against the rules in force
         # when it comes back: recheck cannot see a grant whose first AssumeRole is still out.
@@ -265,7 +267,7 @@ class Registry:
         """Raise _RulesChanged unless grant `key` stands and the rules in force still give `ident`
         the role `rule` (chosen under generation `decided`) gave it, for the same profile. Pure:
         the identity was resolved before; lock held."""
-        if key in self._revoked:
+        if key in self._revoked or self._moving.get(key, rule.role) != rule.role:
             raise _RulesChanged(key)
         if decided != self._generation:
             now = mapping.profile_rule(self.cfg, ident, rule.profile)
@@ -298,6 +300,7 @@ class Registry:
     def _pop_grant(self, key):
         grant = self._grants.pop(key, None)
         self._lingering.pop(key, None)
+        self._moving.pop(key, None)
         if grant is not None:
             for uid in (grant.target_uid, grant.principal_uid):
                 ids = self._by_uid.get(uid)
@@ -355,14 +358,17 @@ class Registry:
             waited = time.monotonic()
             if not flight.done.wait(budget if budget is not None else self.cfg.sts_timeout + 1):
                 raise StsError("waited too long for another login's STS call for the same grant")
-            if isinstance(flight.error, _RulesChanged) and not again:
-                # The reload took the leader's rule, not necessarily this caller's (another
-                # service, or decided under the new rules): it asks STS itself, once, within
-                # what is left of its budget.
+            other_role = flight.grant is not None and flight.grant.role != rule.role
+            if (isinstance(flight.error, _RulesChanged) or other_role) and not again:
+                # The reload took the leader's rule, not necessarily this caller's (decided under
+                # the new rules), or the leader asked for the role the rules gave before: this
+                # caller asks STS itself, once, within what is left of its budget.
                 left = None if budget is None else budget - (time.monotonic() - waited)
                 return self._obtain(key, ident, rule, rhost, decided, profiles, left, force, write, again=True)
             if flight.error is not None:
                 raise flight.error
+            if other_role:
+                raise _RulesChanged(key)
             return flight.grant
         try:
             if not force and current is not None and current.failures and self._still_usable(current):
@@ -392,11 +398,16 @@ class Registry:
             if files:
                 self._write_files(grant)
             with self._lock:
-                if decided != self._generation:
-                    # Checked above, but the rules may have changed since, while the files were
-                    # written: due now, so lifecycle judges it again by the rules in force.
-                    grant = dataclasses.replace(grant, next_refresh=self.clock())
-                self._moving.discard(key)
+                try:
+                    # Again: a reload may have moved or unmapped this login while the files were
+                    # written (outside the lock). Then what was just written is taken back.
+                    self._check_still_given(key, ident, rule, decided)
+                except _RulesChanged:
+                    if files:
+                        self._remove_files(key)
+                    raise
+                if self._moving.get(key) == rule.role:
+                    del self._moving[key]  # the move is done: the doors may hand this grant out
                 self._put_grant(grant)
             flight.grant = grant
             return grant
@@ -407,6 +418,12 @@ class Registry:
             with self._lock:
                 self._inflight.pop(key, None)
             flight.done.set()
+
+    def _remove_files(self, key):
+        try:
+            self.store.remove(key)
+        except OSError as err:
+            self.log.error(f"could not remove grant {key}: {err}")
 
     def _renamed(self, grant, profiles):
         """`grant` naming `profiles` in its files from now on (the rules changed its named profiles;
@@ -504,7 +521,8 @@ class Registry:
         lingering between uses like a background grant. None when that grant is not live, not
         `uid`'s, or the rules in force give its login no such profile; the caller cannot tell
         which (no probing of other people's grants)."""
-        view = self.live_grant(view_key)
+        with self._lock:  # a login's grant with sessions on it: what the caller's files name
+            view = self.live_grant(view_key) if self._by_grant.get(view_key) else None
         if view is None or view.profile is not None or uid not in (0, view.target_uid):
             return None
         facts = mapping.LoginFacts(user=view.target, service=view.service, rhost=view.rhost,
@@ -641,6 +659,8 @@ class Registry:
         if key in self._revoked:
             self._revoked.discard(key)
             linger = False
+        if key in self._moving:
+            linger = False  # the rules took its role: nothing of it is kept for a next login
         if grant is not None and linger and self.cfg.session.linger and not grant.failures:
             until = min(self.clock() + self.cfg.session.linger, grant.next_refresh)
             if until <= self.clock():
@@ -691,41 +711,36 @@ class Registry:
             self._hold(key)
         moved, was = False, grant.role
         try:
-            for attempt in (1, 2):
+            for _attempt in (1, 2):
+                with self._lock:  # as it is now: a login under new rules may have moved it meanwhile
+                    grant = self._grants.get(key) or grant
                 rule, ident, decided, profiles = self._current_rule(grant)
                 if rule is None:
                     self.revoke(key, "the rules no longer map this login")
                     return None
-                moved = moved or rule.role != grant.role
                 if rule.role != grant.role:
                     self._moving_out(grant, rule)
+                moved = moved or rule.role != was
                 try:
                     new = self._obtain(key, ident, rule, grant.rhost, decided, profiles, force=True)
                 except _RulesChanged:
                     new = None
-                with self._lock:
-                    settled = new is not None and decided == self._generation
-                if settled:
-                    break
-                # A reload came while STS answered: what came back was dropped (or written under
-                # the rules it replaced). Judge the grant again by the rules now in force, once:
-                # left alone it would never be looked at again, this refresh being its only entry
-                # in lifecycle's schedule.
-                if attempt == 2:
-                    self.revoke(key, "the rules changed twice during one refresh")
-                    return None
                 if new is not None:
-                    grant = new
+                    break
+                # A reload moved or unmapped this login while STS answered, and what came back
+                # was dropped: judge the grant again by the rules now in force, once.
+            else:
+                # Twice in one refresh: leave it due at once; lifecycle looks again after this.
+                with self._lock:
+                    current = self._grants.get(key)
+                    if current is not None and key not in self._revoked:
+                        self._put_grant(dataclasses.replace(current, next_refresh=self.clock()))
+                return None
             self.log.decision("moved" if moved else "refreshed", grant=key, principal=grant.principal,
                               role=new.role, was=was if moved else None,
                               key=new.credentials.masked_key, expires=iso(new.credentials.expiration))
             return new
         except Exception as err:  # STS, IMDS, NSS, a full tmpfs: one grant's trouble stays its own
-            if moved:
-                # Its old role is gone and the new one could not be had: end its sessions, as
-                # before grants could move; the next login asks again.
-                self.revoke(key, f"the rules moved this login to another role, which failed: {err}")
-                return None
             with self._lock:
                 current = self._grants.get(key)
                 if current is None:
@@ -733,13 +748,15 @@ class Registry:
                 failures = current.failures + 1
                 backoff = min(5 * 2 ** (failures - 1), BACKOFF_MAX)
                 self._put_grant(dataclasses.replace(current, failures=failures, next_refresh=self.clock() + backoff))
-            self.log.decision("failed", grant=key, principal=grant.principal, role=grant.role, action="refresh",
-                              code=getattr(err, "code", None), attempt=failures, retry_in=f"{backoff}s",
-                              reason=str(err))
+                # A move that failed stays a move: no files and nothing handed out until its new
+                # role's keys arrive, never the old role's again.
+                moving_to = self._moving.get(key)
+            self.log.decision("failed", grant=key, principal=grant.principal, role=moving_to or grant.role,
+                              action="move" if moving_to else "refresh", code=getattr(err, "code", None),
+                              attempt=failures, retry_in=f"{backoff}s", reason=str(err))
             return None
         finally:
             with self._lock:
-                self._moving.discard(key)
                 self._unhold(key)
                 self._release_if_unused(key, "released")
 
@@ -747,13 +764,10 @@ class Registry:
         """The rules moved `grant`'s login from its role to `rule`'s: from now until the new role's
         credentials are written, its files are gone and no door hands out the old role's keys."""
         with self._lock:
-            if grant.id in self._moving:
+            if self._moving.get(grant.id) == rule.role:
                 return  # the reload's recheck did already
-            self._moving.add(grant.id)
-            try:
-                self.store.remove(grant.id)
-            except OSError as err:
-                self.log.error(f"could not remove grant {grant.id}: {err}")
+            self._moving[grant.id] = rule.role
+            self._remove_files(grant.id)
         self.log.decision("released", grant=grant.id, principal=grant.principal, role=grant.role,
                           reason=f"the rules now give this login {rule.role}", files="removed")
 
@@ -813,7 +827,7 @@ class Registry:
                     continue
                 live = bool(self._by_grant.get(grant.id)) and grant.id not in self._lingering
                 if rule.role == current.role:
-                    if current.profiles != profiles:
+                    if live and current.profiles != profiles:  # memory-only grants name no profiles
                         self._renamed(current, profiles)
                     continue
                 if not live:  # memory only (lingering, IMDS, a named profile): nobody to move

@@ -38,7 +38,10 @@ class ContainerDoor(HttpDoor):
             if grant is not None:
                 self.refusals.refused(uid, None, door="container", grant=key, reason="not this grant's user or token")
             return text("no live grant for this caller; log in again", 403)
-        grant = await self.work(uid, self.registry.credentials, key) or grant
+        grant = await self.work(uid, self.registry.credentials, key)
+        if grant is None:  # revoked or moved to another role meanwhile: not what was looked up above
+            self.count("refused")
+            return text("no live grant for this caller; log in again", 403)
         c = grant.credentials
         self.count("credentials")
         return text(json.dumps({"AccessKeyId": c.access_key_id, "SecretAccessKey": c.secret_access_key,

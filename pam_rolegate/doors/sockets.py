@@ -547,7 +547,10 @@ class Handlers:
             if grant is not None:
                 self.refusals.refused(peer.uid, peer.pid, action=req.ACTION, grant=key)
             return protocol.ErrorReply(protocol.E_NO_GRANT, f"no live grant {key} for uid {peer.uid}; log in again")
-        return self._credentials_reply(self.registry.credentials(key) or grant)
+        grant = self.registry.credentials(key)
+        if grant is None:  # revoked or moved to another role meanwhile: not what was looked up above
+            return protocol.ErrorReply(protocol.E_NO_GRANT, f"no live grant {key} for uid {peer.uid}; log in again")
+        return self._credentials_reply(grant)
 
     def _named_credentials(self, peer, req, key):
         """A named profile's credential_process: obtained on first use (README "Several roles per
