@@ -24,6 +24,7 @@ from .core.lifecycle import FD_RESERVE, Lifecycle
 from .hookside.log import Log
 from .backends.metrics import Metrics
 from .core.records import Journal
+from .core.elevation import Elevations
 from .core.registry import Registry
 from .backends.sts import StsEngine
 
@@ -52,7 +53,8 @@ class Broker:
         self.registry = Registry(cfg, engine or StsEngine.from_config(cfg), self.store, self.log)
         refusals = RefusalLog(self.log)
         self.homes = HomeReader()
-        handlers = Handlers(self.registry, refusals, homes=self.homes, log=self.log)
+        self.elevations = Elevations(self.registry, self.log)
+        handlers = Handlers(self.registry, refusals, homes=self.homes, log=self.log, elevations=self.elevations)
         self.pam_door = Door("pam", os.path.join(cfg.runtime_dir, protocol.PAM_SOCKET), handlers.pam(),
                              PAM_WORKERS, self.log, refusals, mode=0o600)
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),

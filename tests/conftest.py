@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -67,14 +68,42 @@ class Moto:
         req = urllib.request.Request(self.url + "/moto-api/reset", method="POST")
         urllib.request.urlopen(req, timeout=5).close()
 
+    def record(self):
+        """Start keeping every request the server gets (moto's recorder), from now on."""
+        for action in ("reset-recording", "start-recording"):
+            req = urllib.request.Request(f"{self.url}/moto-api/recorder/{action}", method="POST")
+            urllib.request.urlopen(req, timeout=5).close()
+
+    def assume_role_requests(self):
+        """The AssumeRole requests the server got since record(), as their query parameters (what
+        reached the stand-in, not what rolegate says it sent)."""
+        import urllib.parse
+
+        with urllib.request.urlopen(self.url + "/moto-api/recorder/download-recording", timeout=5) as resp:
+            lines = resp.read().decode().splitlines()
+        found = []
+        for line in lines:
+            import base64
+
+            entry = json.loads(line)
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body).decode("utf-8")
+            params = dict(urllib.parse.parse_qsl(body, keep_blank_values=True))
+            if params.get("Action") == "AssumeRole":
+                found.append(params)
+        return found
+
 
 def start_moto(host="127.0.0.1", port=None):
     # A privileged port: tests name the stand-in in sts_endpoint/ssm_endpoint too (see free_port).
     port = port or free_port(host, privileged=True)
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     assert exe, "moto_server is not installed in the test environment (pip install 'moto[server]')"
+    # record() keeps requests here (the sandbox's private /tmp), never in the working tree.
+    env = dict(os.environ, MOTO_RECORDER_FILEPATH=os.path.join(tempfile.gettempdir(), f"moto-recording-{port}"))
     proc = subprocess.Popen([exe, "-H", host, "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -434,6 +434,7 @@ class Shell:
         loop = "while read -r c; do eval \"$c\" 2>&1; echo __DONE__; done"
         self.proc = subprocess.Popen(host.ssh_cmd(user, loop), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
+        self.do("true")  # the login (and its PAM session) is done before anyone counts on it
 
     def do(self, command, timeout=60):
         self.proc.stdin.write((command + "\n").encode())

@@ -82,7 +82,9 @@ def open_session(user, pid, timeout=30.0, service="sshd"):
 ACTIONS = sorted(protocol.REQUESTS)
 # A valid value for each declared field, as raw JSON text.
 VALID_RAW = {"user": '"carol"', "service": '"sshd"', "pid": "1", "ruser": '"carol"', "rhost": '"10.0.0.1"',
-             "tty": '"pts/1"', "budget_ms": "2500", "session": '"0123456789abcdef"', "grant": '"1000-carol-0123"'}
+             "tty": '"pts/1"', "budget_ms": "2500", "session": '"0123456789abcdef"', "grant": '"1000-carol-0123"',
+             "profile": '"admin"', "reason": '"INC-1 restart"', "seconds": "900", "id": '"0123456789ab"',
+             "answer": '"123456"'}
 REQUIRED = {a: [f for f, (_kind, req) in protocol.REQUESTS[a].FIELDS.items() if req] for a in ACTIONS}
 # Every JSON type, edge and abuse, as raw JSON text (so lone surrogates and NUL escapes stay as sent).
 RAW_VALUES = [
@@ -124,7 +126,8 @@ def _succeeds(body):
         request = protocol.decode_request(body)
     except ProtocolError:
         return False
-    return request.ACTION in (protocol.Ping.ACTION, protocol.Env.ACTION, protocol.Status.ACTION)
+    return request.ACTION in (protocol.Ping.ACTION, protocol.Env.ACTION, protocol.Status.ACTION,
+                              protocol.Approvals.ACTION)
 
 
 def _random_json(rng, depth=0):

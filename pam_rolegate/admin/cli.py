@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, TextIO
 
@@ -23,6 +24,7 @@ class Deps:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)  # where PAM's questions are answered
     engine_factory: Callable = None  # config -> sts.StsEngine; None means the real one
 
     def say(self, text=""):
@@ -308,8 +310,12 @@ def run_status(args, deps):
         return EXIT_OK
     rows = [("PRINCIPAL", "TARGET", "PROFILE", "ROLE", "SERVICE", "STATE", "SESSIONS", "EXPIRES", "NEXT REFRESH")]
     for g in grants:
+        e = g.get("elevation")
+        state = g.get("state") or "live"
+        if e:
+            state = f"elevated {e['seconds_left'] // 60}m left: {e['reason']}"
         rows.append((g["principal"], g["target"], g.get("profile") or "default", g["role"], g.get("service") or "-",
-                     g.get("state") or "live",
+                     state,
                      str(g["sessions"]), g["expires"] or "-",
                      g["next_refresh"] + (f" (failed {g['failures']}x)" if g.get("failures") else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -331,16 +337,149 @@ def run_whoami(args, deps):
     return EXIT_OK
 
 
-def session_grant(environ, runtime_dir):
-    """The grant id this environment's rolegate variables point at (.../grants/ID/FILE), or None."""
+def session_grant(environ, runtime_dir=None):
+    """The grant id this environment's rolegate variables point at (RUNTIME_DIR/grants/ID/FILE), or
+    None. Without runtime_dir, any .../grants/ID/FILE (the broker checks whose it is anyway)."""
     from ..hookside import protocol
 
-    prefix = runtime_dir.rstrip("/") + "/grants/"
     for var in protocol.POINTER_VARS:
         path = environ.get(var, "")
-        if path.startswith(prefix):
-            return path[len(prefix):].split("/", 1)[0] or None
+        if runtime_dir is not None:
+            prefix = runtime_dir.rstrip("/") + "/grants/"
+            if path.startswith(prefix):
+                return path[len(prefix):].split("/", 1)[0] or None
+        elif "/grants/" in path:
+            parts = path.rsplit("/grants/", 1)[1].split("/")
+            if len(parts) == 2 and parts[0]:
+                return parts[0]
     return None
+
+
+def _ask(event, deps):
+    """One PAM prompt, asked on the terminal (a hidden one without echo); from standard input when
+    there is no terminal (scripts, tests). None at end of input."""
+    import getpass
+
+    text = event.get("text") or ""
+    if event.get("kind") == "echo_off" and deps.stdin.isatty():
+        try:
+            return getpass.getpass(text)
+        except EOFError:
+            return None
+    deps.err.write(text)
+    deps.err.flush()
+    line = deps.stdin.readline()
+    if not line:
+        return None
+    return line.rstrip("\n")
+
+
+def run_elevate(args, deps):
+    """rolegate elevate PROFILE --reason TEXT [--for DURATION] [-- CMD ...]: PAM's questions on this
+    terminal, an approver's word where the rule wants one, then the profile for this session."""
+    import subprocess
+
+    from ..hookside import protocol
+
+    from ..rules.config import parse_duration
+
+    seconds = None
+    if args.duration:
+        try:
+            seconds = parse_duration(args.duration)
+        except (ValueError, ConfigError) as err:
+            deps.warn(f"--for: {err}")
+            return EXIT_ERROR
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    grant = session_grant(deps.environ)
+    reply = _broker_call(protocol.Elevate(grant=grant, profile=args.profile, reason=args.reason, seconds=seconds),
+                         deps)
+    rid, waiting_said = reply.get("id"), False
+    try:
+        while True:
+            answer = None
+            for event in reply.get("events") or []:
+                if event.get("kind") in ("echo_off", "echo_on"):
+                    answer = _ask(event, deps)
+                    if answer is None:
+                        raise KeyboardInterrupt
+                else:
+                    deps.warn(event.get("text") or "")
+            state = reply.get("state")
+            if state in ("granted", "denied", "failed"):
+                break
+            if answer is not None:
+                reply = _broker_call(protocol.ElevationPoll(id=rid, answer=answer), deps)
+                continue
+            if state == "awaiting-approval" and not waiting_said:
+                deps.warn(f"waiting for a member of {reply.get('approvers')} to run: rolegate approve {rid}")
+                waiting_said = True
+            time.sleep(0.2)
+            reply = _broker_call(protocol.ElevationPoll(id=rid), deps)
+    except KeyboardInterrupt:
+        try:
+            _broker_call(protocol.ElevationCancel(id=rid), deps)
+        except RolegateError:
+            pass
+        deps.warn("elevation cancelled")
+        return 130
+    if state != "granted":
+        deps.warn(f"not elevated: {reply.get('message')}")
+        return EXIT_FAIL
+    deps.warn(f"elevated: {args.profile} is {reply.get('role')} until {reply.get('until')} "
+              f"(aws --profile {args.profile}; rolegate drop {args.profile} ends it sooner)")
+    if not args.command:
+        return EXIT_OK
+    env = dict(deps.environ, AWS_PROFILE=args.profile)
+    env.pop("AWS_DEFAULT_PROFILE", None)
+    try:
+        code = subprocess.call(args.command, env=env)
+    except OSError as err:
+        deps.warn(f"cannot run {args.command[0]}: {err}")
+        code = 127
+    finally:
+        try:
+            _broker_call(protocol.Drop(grant=grant, profile=args.profile), deps)
+        except RolegateError as err:
+            deps.warn(f"could not drop {args.profile}: {err}")
+    return code
+
+
+def run_drop(args, deps):
+    from ..hookside import protocol
+
+    reply = _broker_call(protocol.Drop(grant=session_grant(deps.environ), profile=args.profile), deps)
+    deps.say(f"dropped {reply.get('dropped')} ({reply.get('role')})")
+    return EXIT_OK
+
+
+def _show_request(r):
+    return (f"{r.get('id')}: {r.get('principal')} asks for {r.get('profile')} = {r.get('role')} for "
+            f"{(r.get('seconds') or 0) // 60}m: {r.get('reason')}")
+
+
+def run_approve(args, deps):
+    from ..hookside import protocol
+
+    request = (protocol.Deny if args.verb == "deny" else protocol.Approve)(id=args.id)
+    reply = _broker_call(request, deps)
+    deps.say(("denied " if args.verb == "deny" else "approved ") + _show_request(reply.data))
+    return EXIT_OK
+
+
+def run_approvals(args, deps):
+    from ..hookside import protocol
+
+    pending = _broker_call(protocol.Approvals(), deps).get("pending") or []
+    if args.json:
+        deps.say(json.dumps({"pending": pending}, indent=2))
+        return EXIT_OK
+    if not pending:
+        deps.say("no elevation request waits for your approval")
+    for r in pending:
+        deps.say(_show_request(r))
+    return EXIT_OK
 
 
 def run_profiles(args, deps):
@@ -511,6 +650,30 @@ def parser():
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run_profiles)
 
+    s = sub.add_parser("elevate", help="an on-demand profile for this session: PAM asks who you are, then STS "
+                                       "is called with your reason in the session tags")
+    s.add_argument("profile")
+    s.add_argument("--reason", help="why (kept by CloudTrail as a session tag; required unless the rule says "
+                                    "optional)")
+    s.add_argument("--for", dest="duration", metavar="DURATION", help="how long (15m up to the rule's max, "
+                                                                      "which is the default)")
+    s.add_argument("command", nargs="*", help="-- CMD ...: run one command with it, then drop it")
+    s.set_defaults(run=run_elevate)
+
+    s = sub.add_parser("drop", help="end an elevation now")
+    s.add_argument("profile")
+    s.set_defaults(run=run_drop)
+
+    for verb, what in (("approve", "approve an elevation request (members of its approvers group)"),
+                       ("deny", "deny an elevation request (members of its approvers group)")):
+        s = sub.add_parser(verb, help=what)
+        s.add_argument("id")
+        s.set_defaults(run=run_approve)
+
+    s = sub.add_parser("approvals", help="elevation requests waiting for your approval")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=run_approvals)
+
     s = sub.add_parser("status", help="grants, roles and expiry (yours; root sees all)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run_status)
@@ -546,7 +709,15 @@ def parser():
 
 def main(argv=None, deps=None):
     deps = deps or Deps()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = []
+    if "elevate" in argv and "--" in argv[argv.index("elevate"):]:
+        # `rolegate elevate PROFILE ... -- CMD ARGS`: argparse's subparsers do not pass a `--` through
+        cut = argv.index("--", argv.index("elevate"))
+        argv, command = argv[:cut], argv[cut + 1:]
     args = parser().parse_args(argv)
+    if command:
+        args.command = list(args.command or []) + command
     try:
         return args.run(args, deps)
     except RolegateError as err:

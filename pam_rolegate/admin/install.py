@@ -17,6 +17,7 @@ TEMPLATES = {
     "profile": ("profile.d", "rolegate.sh"),
     "unit": ("systemd", "rolegated.service"),
     "config": ("rolegate", "rolegate.yaml"),
+    "elevate-pam": ("pam.d", "rolegate"),
 }
 
 
@@ -91,6 +92,7 @@ def package_files():
         PACKAGE_UNIT: (systemd_unit(rolegated_bin="/usr/bin/rolegated", rolegate_bin="/usr/bin/rolegate",
                                     docdir="/usr/share/rolegate"), 0o644),
         CONFIG: (template("config"), 0o644),
+        ELEVATE_PAM: (template("elevate-pam"), 0o644),
     }
 
 
@@ -125,6 +127,7 @@ COMMON_SESSION = "/etc/pam.d/common-session"
 PROFILE_D = "/etc/profile.d/rolegate.sh"
 UNIT = "/etc/systemd/system/rolegated.service"
 CONFIG = "/etc/rolegate/rolegate.yaml"
+ELEVATE_PAM = "/etc/pam.d/rolegate"  # the PAM service `rolegate elevate` authenticates through
 MARK_BEGIN = "# BEGIN rolegate (managed by `rolegate install`; remove with `rolegate uninstall`)"
 MARK_END = "# END rolegate"
 
@@ -231,6 +234,9 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
         say(f"config: example written to {CONFIG}; edit it, then `rolegate check-config`")
     else:
         say(f"config: {CONFIG} kept as it is")
+    if not os.path.exists(ELEVATE_PAM):  # an admin's stack (a second factor added) is theirs
+        _write_new(ELEVATE_PAM, template("elevate-pam"), record)
+        say(f"elevation: PAM service {ELEVATE_PAM} (your password; add a second factor there)")
     _write_new(UNIT, systemd_unit(runtime_dir=runtime_dir), record)
     if firewall:
         from ..rules import config as config_mod

@@ -27,6 +27,7 @@ except ImportError:  # prometheus-client < 0.17 (Debian 12 ships 0.16): the same
 
         prometheus_client.metrics._use_created = False
 
+ELEVATION_OUTCOMES = ("granted", "denied", "failed")
 LOGIN_RESULTS = {"granted": "granted", "denied": "denied", "failed": "failed"}
 RULES_OUTCOMES = ("changed", "unchanged", "invalid", "error")  # of one fetch of the fleet rules
 STS_CODES = tuple(sorted({cls.code for cls in (errors.StsError, *errors.StsError.__subclasses__())}))
@@ -97,6 +98,12 @@ class Metrics:
                                      "changed (new rules in force), unchanged, invalid (refused, the rules in "
                                      "force stay), error (the store could not be read).", ["outcome"],
                                      registry=self.registry)
+        self.elevations = Counter("rolegate_elevations", "Elevation requests (rolegate elevate) by outcome: "
+                                  "granted, denied (PAM said no, a prompt went unanswered, no approval, or "
+                                  "cancelled), failed (STS refused, or the session ended first).", ["outcome"],
+                                  registry=self.registry)
+        for outcome in ELEVATION_OUTCOMES:
+            self.elevations.labels(outcome=outcome)
         self.registry.register(_Live(counts, doors, rules))
         self._services = set()
         self._rules_seen = False
@@ -113,6 +120,11 @@ class Metrics:
         """log.Log's observer: one decision line -> the counters it feeds."""
         if event == "failed" and fields.get("action") == "refresh":
             self.refresh_failures.inc()
+            return
+        if event == "elevated" or fields.get("action") == "elevate":
+            outcome = "granted" if event == "elevated" else event
+            if outcome in ELEVATION_OUTCOMES:
+                self.elevations.labels(outcome=outcome).inc()
             return
         result = LOGIN_RESULTS.get(event)
         if result is None or "service" not in fields or "action" in fields:

@@ -48,6 +48,9 @@ CONTAINER_PATH = "/rolegate/credentials/"
 BACKGROUND_MIN_HOLD = 60
 # Refresh retries after a failure wait 5 s, 10 s, ... up to this.
 BACKOFF_MAX = 300
+# What an elevation's AssumeRole carries beside session.tags (README "Elevation on demand").
+ELEVATED_TAG = "rolegate:elevated"
+REASON_TAG = "rolegate:reason"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,23 @@ class Grant:
     profile: Optional[str] = None  # a named profile's grant (memory only); None: a login's default
     # A default grant's named profiles, ((name, role), ...): the sections its files carry.
     profiles: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Elevated:
+    """One elevation in force: profile `profile` of the login grant `view`, held as grant `grant_id`
+    (memory only, never refreshed) until `until`."""
+
+    id: str
+    view: str
+    profile: str
+    grant_id: str
+    role: str
+    principal: str
+    target_uid: int
+    reason: str
+    until: float
+    approved_by: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +197,8 @@ class Registry:
         # grant id -> the role the rules moved its login to: no files, nothing handed out, until
         # the grant holds that role
         self._moving = {}
+        self._elevated = {}  # login grant id -> {profile: Elevated}
+        self._elevated_by_grant = {}  # elevated grant id -> Elevated
         # Bumped by every reconfigure. A decision carries the generation it was made under, so
         # what it obtains outside the lock (an STS call) is checked against the rules in force
         # when it comes back: recheck cannot see a grant whose first AssumeRole is still out.
@@ -301,6 +323,16 @@ class Registry:
         grant = self._grants.pop(key, None)
         self._lingering.pop(key, None)
         self._moving.pop(key, None)
+        elevation = self._elevated_by_grant.pop(key, None)
+        if elevation is not None:  # its section leaves the login's files with it
+            of_view = self._elevated.get(elevation.view, {})
+            of_view.pop(elevation.profile, None)
+            if not of_view:
+                self._elevated.pop(elevation.view, None)
+            view = self._grants.get(elevation.view)
+            if view is not None and elevation.profile in dict(view.profiles):
+                self._renamed(view, tuple(p for p in view.profiles if p[0] != elevation.profile))
+        self._drop_elevations_of(key, "its login ended")
         if grant is not None:
             for uid in (grant.target_uid, grant.principal_uid):
                 ids = self._by_uid.get(uid)
@@ -310,6 +342,12 @@ class Registry:
                         del self._by_uid[uid]
             self._tell("grant_dropped", key)
         return grant
+
+    def _drop_elevations_of(self, key, reason):
+        """End every elevation of login grant `key` (lock held): its last session ended, or it went."""
+        for elevation in list(self._elevated.get(key, {}).values()):
+            self._pop_grant(elevation.grant_id)
+            self._ended(elevation, "dropped", reason)
 
     def _put_session(self, session):
         self._sessions[session.id] = session
@@ -336,7 +374,7 @@ class Registry:
     # -- obtaining credentials (single flight) ------------------------------------------------
 
     def _obtain(self, key, ident, rule, rhost, decided, profiles=(), budget=None, force=False, write=True,
-                again=False):
+                again=False, tags=(), duration=None):
         """Grant `key` holding `rule`'s role: reused while fresh and still that role, else one
         AssumeRole however many ask. New credentials go to the grant's files when it has sessions,
         or `write` asks (a login). `decided` is the generation `rule` was chosen under: credentials
@@ -364,7 +402,8 @@ class Registry:
                 # the new rules), or the leader asked for the role the rules gave before: this
                 # caller asks STS itself, once, within what is left of its budget.
                 left = None if budget is None else budget - (time.monotonic() - waited)
-                return self._obtain(key, ident, rule, rhost, decided, profiles, left, force, write, again=True)
+                return self._obtain(key, ident, rule, rhost, decided, profiles, left, force, write, again=True,
+                                    tags=tags, duration=duration)
             if flight.error is not None:
                 raise flight.error
             if other_role:
@@ -377,6 +416,9 @@ class Registry:
                 flight.grant = current
                 return current
             request = build_request(self.cfg, rule, ident, rhost=rhost, host=self.host)
+            if tags or duration:  # an elevation's: its reason and length
+                request = dataclasses.replace(request, tags=request.tags + tuple(tags),
+                                              duration=duration or request.duration)
             try:
                 creds = self.engine.assume(request, budget=budget)
             except StsError:
@@ -425,6 +467,12 @@ class Registry:
         except OSError as err:
             self.log.error(f"could not remove grant {key}: {err}")
 
+    def _sections(self, key, named):
+        """The sections grant `key`'s files carry: the rules' named profiles, then its elevations."""
+        with self._lock:
+            elevated = tuple((p, e.role) for p, e in self._elevated.get(key, {}).items() if p not in dict(named))
+        return tuple(named) + elevated
+
     def _renamed(self, grant, profiles):
         """`grant` naming `profiles` in its files from now on (the rules changed its named profiles;
         its role stands). Lock held; the files are rewritten now when it has any."""
@@ -459,8 +507,8 @@ class Registry:
             self._hold(key)
         linger = True
         try:
-            grant = self._obtain(key, ident, rule, facts.rhost, decided, profile_sections(decision.profiles),
-                                 budget=budget)
+            grant = self._obtain(key, ident, rule, facts.rhost, decided,
+                                 self._sections(key, profile_sections(decision.profiles)), budget=budget)
             with self._lock:
                 # A reload may have unmapped this login while it was under way (the grant may
                 # have been fresh, so no STS call checked): then no session, and the release
@@ -521,19 +569,108 @@ class Registry:
         lingering between uses like a background grant. None when that grant is not live, not
         `uid`'s, or the rules in force give its login no such profile; the caller cannot tell
         which (no probing of other people's grants)."""
-        with self._lock:  # a login's grant with sessions on it: what the caller's files name
-            view = self.live_grant(view_key) if self._by_grant.get(view_key) else None
-        if view is None or view.profile is not None or uid not in (0, view.target_uid):
+        view = self.view(view_key, uid)
+        if view is None:
             return None
-        facts = mapping.LoginFacts(user=view.target, service=view.service, rhost=view.rhost,
-                                   ruser=view.principal if view.principal != view.target else None)
-        ident = mapping.resolve(facts)
+        with self._lock:
+            elevation = self._elevated.get(view_key, {}).get(profile)
+            if elevation is not None:  # held until `until`, never refreshed: hand out what there is
+                grant = self._grants.get(elevation.grant_id)
+                return grant if grant is not None and elevation.until > self.clock() else None
+        ident = mapping.resolve(self._facts_of(view))
         cfg, decided = self._rules()
-        rule = mapping.profile_rule(cfg, ident, profile)
+        rule = dict(mapping.named_profiles(cfg, ident)).get(profile)  # never an on-demand one: elevate gives those
         if rule is None:
             return None
         key = grant_id(ident.target_uid, ident.principal, ident.service, profile)
         return self._in_memory(key, ident, rule, view.rhost, decided, min_left)
+
+    def view(self, view_key, uid):
+        """The live login grant `view_key` with sessions on it, when `uid` may use it (its target
+        account, or root); else None."""
+        with self._lock:
+            view = self.live_grant(view_key) if self._by_grant.get(view_key) else None
+        if view is None or view.profile is not None or uid not in (0, view.target_uid):
+            return None
+        return view
+
+    @staticmethod
+    def _facts_of(grant):
+        return mapping.LoginFacts(user=grant.target, service=grant.service, rhost=grant.rhost,
+                                  ruser=grant.principal if grant.principal != grant.target else None)
+
+    def on_demand_rule(self, view, profile):
+        """(rule, identity, generation) for on-demand profile `profile` of login grant `view` by the
+        rules in force (rule None: they give its login no such profile). Asks NSS."""
+        ident = mapping.resolve(self._facts_of(view))
+        cfg, decided = self._rules()
+        return dict(mapping.named_profiles(cfg, ident, on_demand=True)).get(profile), ident, decided
+
+    def elevate(self, view_key, uid, profile, reason, seconds, elevation_id, approved_by=None):
+        """AssumeRole for on-demand profile `profile` of login grant `view_key`, with the reason and
+        the elevation in its session tags, for `seconds`; then held in memory, named in the login's
+        files, until it expires, is dropped, or the login's last session ends. Returns Elevated, or
+        None when the grant is gone or the rules no longer give the profile. Raises StsError."""
+        view = self.view(view_key, uid)
+        if view is None:
+            return None
+        rule, ident, decided = self.on_demand_rule(view, profile)
+        if rule is None:
+            return None
+        key = grant_id(ident.target_uid, ident.principal, ident.service, profile)
+        tags = ((ELEVATED_TAG, "true"), (REASON_TAG, reason))
+        with self._lock:
+            self._hold(key)
+        try:
+            grant = self._obtain(key, ident, rule, view.rhost, decided, force=True, write=False, tags=tags,
+                                 duration=seconds)
+            with self._lock:
+                if self.view(view_key, uid) is None:  # the last session ended meanwhile: nothing to keep
+                    self._pop_grant(key)
+                    return None
+                until = grant.credentials.expiration.timestamp() if grant.credentials.expiration else \
+                    self.clock() + seconds
+                old = self._elevated.get(view_key, {}).get(profile)
+                if old is not None and old.grant_id != key:
+                    self._pop_grant(old.grant_id)
+                elevation = Elevated(id=elevation_id, view=view_key, profile=profile, grant_id=key, role=rule.role,
+                                     principal=ident.principal, target_uid=ident.target_uid, reason=reason,
+                                     until=until, approved_by=approved_by)
+                self._elevated.setdefault(view_key, {})[profile] = elevation
+                self._elevated_by_grant[key] = elevation
+                self._lingering[key] = until  # lifecycle's expire() ends it then
+                self._tell("grant_lingering", grant, until)
+                current = self._grants.get(view_key)
+                if current is not None and profile not in dict(current.profiles):
+                    self._renamed(current, current.profiles + ((profile, rule.role),))
+            return elevation
+        except _RulesChanged:
+            return None
+        finally:
+            with self._lock:
+                self._unhold(key)
+                self._release_if_unused(key, "released", linger=False)
+
+    def drop(self, view_key, uid, profile, event="dropped", reason="rolegate drop"):
+        """End elevation `profile` of login grant `view_key` now (uid: its account or root). Returns
+        the Elevated it ended, or None."""
+        with self._lock:
+            elevation = self._elevated.get(view_key, {}).get(profile)
+            if elevation is None or uid not in (0, elevation.target_uid):
+                return None
+            self._pop_grant(elevation.grant_id)
+        self._ended(elevation, event, reason)
+        return elevation
+
+    def _ended(self, elevation, event, reason):
+        self.log.decision(event, principal=elevation.principal, profile=elevation.profile, role=elevation.role,
+                          elevation=elevation.id, reason=reason)
+
+    def elevations(self, uid=None):
+        """Elevations in force that `uid` may see (None: all)."""
+        with self._lock:
+            return [e for of_view in self._elevated.values() for e in of_view.values()
+                    if uid is None or uid == e.target_uid]
 
     def _in_memory(self, key, ident, rule, rhost, decided, min_left):
         """Grant `key` for a caller outside any session's files (IMDS, a named profile): obtained
@@ -650,6 +787,7 @@ class Registry:
         if self._by_grant.get(key) or self._pending.get(key) or key in self._lingering:
             return False
         grant = self._grants.get(key)
+        self._drop_elevations_of(key, "the last session ended")
         try:
             removed = self.store.remove(key)
         except OSError as err:
@@ -695,8 +833,12 @@ class Registry:
                 # that session on a grant with no file. Should the login fail instead, the grant's
                 # refresh-time entry (never later than its linger) ends the linger then.
                 return False
+            elevation = self._elevated_by_grant.get(key)
             self._pop_grant(key)
-            self.log.decision("released", grant=key, reason="linger ended")
+            if elevation is not None:
+                self._ended(elevation, "expired", f"its time ran out ({iso(epoch_to_dt(elevation.until))})")
+            else:
+                self.log.decision("released", grant=key, reason="linger ended")
             return True
 
     def refresh(self, key):
@@ -783,7 +925,7 @@ class Registry:
         if grant.profile is not None:
             return mapping.profile_rule(cfg, ident, grant.profile), ident, decided, ()
         decision = mapping.decide(cfg, ident)
-        return decision.rule, ident, decided, profile_sections(decision.profiles)
+        return decision.rule, ident, decided, self._sections(grant.id, profile_sections(decision.profiles))
 
     def revoke(self, key, reason):
         """The rules no longer give this grant: end its sessions and remove it now, lingering or not."""

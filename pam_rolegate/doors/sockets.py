@@ -422,19 +422,26 @@ class Door:
 class Handlers:
     """What each action does: translate a request into the registry's API and its answer into a reply."""
 
-    def __init__(self, registry, refusals, homes=None, log=None):
+    def __init__(self, registry, refusals, homes=None, log=None, elevations=None):
         self.registry = registry
         self.refusals = refusals
         self.homes = homes  # a homefiles.HomeReader: PAM logins look for the user's own region
         self.log = log
+        self.elevations = elevations  # core.elevation.Elevations: rolegate elevate, approve, drop
 
     def pam(self):
         return {protocol.Ping.ACTION: self.ping, protocol.OpenSession.ACTION: self.open_session,
                 protocol.CloseSession.ACTION: self.close_session}
 
     def user(self):
-        return {protocol.Ping.ACTION: self.ping, protocol.Env.ACTION: self.env,
-                protocol.GetCredentials.ACTION: self.credentials, protocol.Status.ACTION: self.status}
+        handlers = {protocol.Ping.ACTION: self.ping, protocol.Env.ACTION: self.env,
+                    protocol.GetCredentials.ACTION: self.credentials, protocol.Status.ACTION: self.status}
+        if self.elevations is not None:
+            handlers.update({protocol.Elevate.ACTION: self.elevate, protocol.ElevationPoll.ACTION: self.elevation,
+                             protocol.ElevationCancel.ACTION: self.elevation_cancel,
+                             protocol.Approve.ACTION: self.approve, protocol.Deny.ACTION: self.deny,
+                             protocol.Approvals.ACTION: self.approvals, protocol.Drop.ACTION: self.drop})
+        return handlers
 
     def _forbidden(self, peer, action, why):
         self.refusals.refused(peer.uid, peer.pid, action=action, reason=why)
@@ -552,6 +559,63 @@ class Handlers:
             return protocol.ErrorReply(protocol.E_NO_GRANT, f"no live grant {key} for uid {peer.uid}; log in again")
         return self._credentials_reply(grant)
 
+    # -- elevation on demand: every handler returns at once; the CLI polls ------------------------
+
+    def _view_key(self, peer, key):
+        """The login grant a request names, or this shell's own (opened as `env` opens it)."""
+        if key is not None:
+            return key, None
+        reply = self.env(peer, protocol.Env())
+        if isinstance(reply, protocol.ErrorReply):
+            return None, reply
+        if not reply.get("granted"):
+            return None, protocol.ErrorReply(protocol.E_NO_GRANT, reply.get("reason"))
+        return reply.get("grant"), None
+
+    def _elevation_call(self, peer, action, fn, *args):
+        from ..core.elevation import Refusal
+
+        try:
+            return protocol.Reply(fn(*args))
+        except Refusal as err:
+            if err.code in (protocol.E_FORBIDDEN, protocol.E_NO_GRANT):
+                self.refusals.refused(peer.uid, peer.pid, action=action, reason=str(err)[:200])
+            return protocol.ErrorReply(err.code, str(err))
+        except mapping.UnknownUser as err:
+            return protocol.ErrorReply(protocol.E_UNKNOWN_USER, str(err))
+
+    def elevate(self, peer, req):
+        key, error = self._view_key(peer, req.grant)
+        if error is not None:
+            return error
+        return self._elevation_call(peer, req.ACTION, self.elevations.start, peer.uid, key, req.profile, req.reason,
+                                    req.seconds)
+
+    def elevation(self, peer, req):
+        return self._elevation_call(peer, req.ACTION, self.elevations.poll, peer.uid, req.id, req.answer)
+
+    def elevation_cancel(self, peer, req):
+        return self._elevation_call(peer, req.ACTION, self.elevations.poll, peer.uid, req.id, None, True)
+
+    def approve(self, peer, req):
+        return self._elevation_call(peer, req.ACTION, self.elevations.approve, peer.uid, req.id)
+
+    def deny(self, peer, req):
+        return self._elevation_call(peer, req.ACTION, self.elevations.approve, peer.uid, req.id, True)
+
+    def approvals(self, peer, req):
+        return protocol.Reply({"pending": self.elevations.pending_for(peer.uid)})
+
+    def drop(self, peer, req):
+        key, error = self._view_key(peer, req.grant)
+        if error is not None:
+            return error
+        ended = self.registry.drop(key, peer.uid, req.profile)
+        if ended is None:
+            return protocol.ErrorReply(protocol.E_NO_GRANT, f"no elevation {req.profile!r} in force in grant {key} "
+                                                            f"for uid {peer.uid}")
+        return protocol.Reply({"dropped": ended.profile, "role": ended.role})
+
     def _named_credentials(self, peer, req, key):
         """A named profile's credential_process: obtained on first use (README "Several roles per
         person"). One answer for a grant that is not the caller's, not live, or names no such
@@ -591,6 +655,13 @@ class Handlers:
                     "state": "lingering" if g.id in lingering else "live",
                     "path": None if g.id in lingering else reg.pointer(g)[1]}
                    for g in sorted(grants, key=lambda g: g.id)]
+        elevations = {e.grant_id: e for e in reg.elevations(None if peer.uid == 0 else peer.uid)}
+        for entry in entries:
+            e = elevations.get(entry["grant"])
+            if e is not None:
+                entry["elevation"] = {"id": e.id, "reason": e.reason, "until": iso(epoch_to_dt(e.until)),
+                                      "seconds_left": max(int(e.until - reg.clock()), 0),
+                                      "approved_by": e.approved_by}
         listed = []
         if peer.uid == 0:  # sessions name processes and hosts: root's to see
             listed = [{"id": s.id, "grant": s.grant_id, "kind": s.kind, "pid": s.pid, "service": s.service,

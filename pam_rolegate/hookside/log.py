@@ -17,7 +17,7 @@ except ImportError:
 
 # The decisions rolegate logs; tests and admins' alerts match on these words.
 EVENTS = ("granted", "denied", "refreshed", "released", "reaped", "failed", "reloaded", "started",
-          "stopped", "skipped", "recovered", "refused", "moved")
+          "stopped", "skipped", "recovered", "refused", "moved", "elevated", "dropped", "expired")
 DEV_LOG = "/dev/log"
 
 

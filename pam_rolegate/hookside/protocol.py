@@ -116,7 +116,8 @@ E_UNKNOWN_USER = "unknown_user"
 E_NO_GRANT = "no_grant"
 E_STS_FAILED = "sts_failed"
 E_STORE_FAILED = "store_failed"
-E_BUSY = "busy"
+E_BUSY = "busy"  # the broker's load: clients ask again until their deadline
+E_LIMITED = "limited"  # a limit of the caller's own (failed elevations, requests under way): not asked again
 E_INTERNAL = "internal"
 
 
@@ -180,9 +181,48 @@ class Status(Request):
     ACTION = "status"
 
 
-REQUESTS = {cls.ACTION: cls for cls in (Ping, OpenSession, CloseSession, Env, GetCredentials, Status)}
+# Elevation on demand (README "Elevation on demand"): start, then poll (answering PAM's prompts),
+# cancel; approvers approve or deny; drop ends one early.
+class Elevate(Request):
+    ACTION = "elevate"
+    FIELDS = {"grant": (str, False), "profile": (str, True), "reason": (str, False), "seconds": (int, False)}
+
+
+class ElevationPoll(Request):
+    ACTION = "elevation"
+    FIELDS = {"id": (str, True), "answer": (str, False)}
+
+
+class ElevationCancel(Request):
+    ACTION = "elevation_cancel"
+    FIELDS = {"id": (str, True)}
+
+
+class Approve(Request):
+    ACTION = "approve"
+    FIELDS = {"id": (str, True)}
+
+
+class Deny(Request):
+    ACTION = "deny"
+    FIELDS = {"id": (str, True)}
+
+
+class Approvals(Request):
+    ACTION = "approvals"
+
+
+class Drop(Request):
+    ACTION = "drop"
+    FIELDS = {"grant": (str, False), "profile": (str, True)}
+
+
+ELEVATION_REQUESTS = (Elevate, ElevationPoll, ElevationCancel, Approve, Deny, Approvals, Drop)
+REQUESTS = {cls.ACTION: cls for cls in (Ping, OpenSession, CloseSession, Env, GetCredentials, Status)
+            + ELEVATION_REQUESTS}
 PAM_ACTIONS = frozenset({Ping.ACTION, OpenSession.ACTION, CloseSession.ACTION})
-USER_ACTIONS = frozenset({Ping.ACTION, Env.ACTION, GetCredentials.ACTION, Status.ACTION})
+USER_ACTIONS = frozenset({Ping.ACTION, Env.ACTION, GetCredentials.ACTION, Status.ACTION}
+                         | {cls.ACTION for cls in ELEVATION_REQUESTS})
 
 
 class Reply:

@@ -90,6 +90,24 @@ class Match:
     targets: Tuple[str, ...] = ()
 
 
+# Elevation on demand: at most role chaining's cap (the gatekeeper's keys are themselves a role's).
+ELEVATE_MAX = 3600
+ELEVATE_MIN = 900  # STS's least DurationSeconds
+ELEVATE_DEFAULT_MAX = 1800
+REASON_MODES = ("required", "optional")
+# What an elevation adds to the session tags: its kind and its reason (session.tags leaves room).
+ELEVATION_TAGS = 2
+
+
+@dataclass(frozen=True)
+class Elevate:
+    """A rule's `elevate:`: no login gets its profile by itself, only `rolegate elevate`."""
+
+    reason: str = "required"  # "required" or "optional"
+    max: int = ELEVATE_DEFAULT_MAX  # seconds an elevation may last, at most
+    approvers: Optional[str] = None  # a group one of whose other members must approve
+
+
 @dataclass(frozen=True)
 class Rule:
     index: int  # 1-based position in `roles`, for explanations and logs
@@ -102,6 +120,7 @@ class Rule:
     # A named profile (`aws --profile NAME`) this rule gives beside the default; None: the rule
     # is one of the default's candidates, exactly as before profiles existed.
     profile: Optional[str] = None
+    elevate: Optional[Elevate] = None  # on demand only (rolegate elevate); needs a profile
 
 
 @dataclass(frozen=True)
@@ -464,7 +483,9 @@ class _Reader:
     def roles(self, node, session):
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, "roles must be a list of rules, each '- match: {...}' with a 'role'")
-        return tuple(self.rule(i + 1, n, session) for i, n in enumerate(node.value))
+        roles = tuple(self.rule(i + 1, n, session) for i, n in enumerate(node.value))
+        self.check_profile_kinds(roles, node)
+        return roles
 
     def rules_document(self, root, cfg):
         """A fleet rules document: its rules checked against `cfg` as if they stood in its `roles`."""
@@ -663,8 +684,8 @@ class _Reader:
 
     def rule(self, index, node, session):
         what = f"roles[{index}]"
-        keys = self.mapping(node, what, ("match", "role", "profile", "duration", "external_id", "policy_arns"),
-                            required=("match", "role"))
+        keys = self.mapping(node, what, ("match", "role", "profile", "elevate", "duration", "external_id",
+                                         "policy_arns"), required=("match", "role"))
         match = self.match(keys["match"][1], what)
         role = self.string(keys["role"][1], f"{what}.role", ROLE_ARN_RE,
                            " (expected arn:aws:iam::123456789012:role/NAME)")
@@ -675,6 +696,11 @@ class _Reader:
             if kw["profile"] == "default":
                 self.fail(keys["profile"][1], f"{what}.profile: 'default' is the profile a rule without "
                                               f"'profile' gives; leave the key out")
+        if "elevate" in keys:
+            if "profile" not in keys:
+                self.fail(keys["elevate"][0], f"{what}.elevate needs a 'profile': an elevation is a named profile "
+                                              f"a login does not get by itself (rolegate elevate PROFILE)")
+            kw["elevate"] = self.elevate(keys["elevate"][1], f"{what}.elevate", session)
         if "duration" in keys:
             kw["duration"] = self.duration(keys["duration"][1], f"{what}.duration")
             if session.refresh_before >= kw["duration"]:
@@ -696,6 +722,38 @@ class _Reader:
                                                   f"STS allows at most {names.POLICY_ARNS_MAX}")
             kw["policy_arns"] = arns
         return Rule(**kw)
+
+    def elevate(self, node, what, session):
+        keys = self.mapping(node, what, ("reason", "max", "approvers"))
+        kw = {}
+        if "reason" in keys:
+            kw["reason"] = self.string(keys["reason"][1], f"{what}.reason")
+            if kw["reason"] not in REASON_MODES:
+                self.fail(keys["reason"][1], f"{what}.reason must be one of {', '.join(REASON_MODES)}")
+        if "max" in keys:
+            kw["max"] = self.duration(keys["max"][1], f"{what}.max", ELEVATE_MIN, ELEVATE_MAX)
+        if "approvers" in keys:
+            kw["approvers"] = self.string(keys["approvers"][1], f"{what}.approvers", _USER_RE, " (expected a group name)")
+        if len(session.tags) + ELEVATION_TAGS > names.TAGS_MAX:
+            self.fail(node, f"{what}: an elevation adds {ELEVATION_TAGS} session tags to session.tags' "
+                            f"{len(session.tags)}; STS allows {names.TAGS_MAX} in all")
+        return Elevate(**kw)
+
+    def check_profile_kinds(self, roles, roles_node):
+        """A profile name is either on demand (elevate) or given at login, never both: `aws
+        --profile NAME` must not mean a standing role for some and an elevation for others."""
+        kinds = {}
+        for rule in roles:
+            if rule.profile is None:
+                continue
+            kind = rule.elevate is not None
+            first = kinds.setdefault(rule.profile, (kind, rule.index))
+            if first[0] != kind:
+                where = next(v for k, v in roles_node.value[rule.index - 1].value if k.value == "profile")
+                self.fail(where, f"roles[{rule.index}].profile {rule.profile!r} is "
+                                 f"{'on demand' if kind else 'given at login'} here but "
+                                 f"{'on demand' if first[0] else 'given at login'} in roles[{first[1]}]; "
+                                 f"use another name for one of them")
 
     def match(self, node, what):
         keys = self.mapping(node, f"{what}.match", ("user", "group", "service", "target"))

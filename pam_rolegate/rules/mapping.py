@@ -42,6 +42,7 @@ class Decision:
     identity: Identity
     # (name, config.Rule) for each named profile the login gets, in the order the config names them
     profiles: Tuple[Tuple[str, object], ...] = ()
+    on_demand: Tuple[Tuple[str, object], ...] = ()  # the same for profiles only `rolegate elevate` gives
 
 
 class UnknownUser(LookupError):
@@ -99,22 +100,25 @@ def _why_not(match, ident):
     return None
 
 
-def named_profiles(config, ident):
+def named_profiles(config, ident, on_demand=False):
     """((name, rule), ...): for each profile name, the first rule naming it that accepts `ident`.
     First match per name, as the default is the first match among rules without a name: a later
-    rule with the same name is a fallback for logins the earlier one does not accept."""
+    rule with the same name is a fallback for logins the earlier one does not accept. With
+    `on_demand`, the profiles only `rolegate elevate` gives (rules with `elevate`), else those a
+    login gets by itself; config keeps a name to one kind."""
     found = {}
     for rule in config.roles:
-        if rule.profile is not None and rule.profile not in found and _why_not(rule.match, ident) is None:
+        if rule.profile is not None and (rule.elevate is not None) == on_demand and rule.profile not in found \
+                and _why_not(rule.match, ident) is None:
             found[rule.profile] = rule
     return tuple(found.items())
 
 
 def profile_rule(config, ident, profile):
-    """The rule that gives `ident` the profile `profile` (None: the default), or None."""
+    """The rule that gives `ident` the profile `profile` (None: the default), on demand or not, or None."""
     if profile is None:
         return decide(config, ident).rule
-    return dict(named_profiles(config, ident)).get(profile)
+    return dict(named_profiles(config, ident) + named_profiles(config, ident, on_demand=True)).get(profile)
 
 
 def decide(config, ident):
@@ -122,17 +126,18 @@ def decide(config, ident):
     Returns a Decision whose reason explains the outcome."""
     misses = []
     profiles = named_profiles(config, ident)
+    on_demand = named_profiles(config, ident, on_demand=True)
     for rule in config.roles:
         if rule.profile is not None:
             continue
         why = _why_not(rule.match, ident)
         if why is None:
-            return Decision(rule, f"rule {rule.index} (line {rule.line}) matches", ident, profiles)
+            return Decision(rule, f"rule {rule.index} (line {rule.line}) matches", ident, profiles, on_demand)
         misses.append(f"rule {rule.index}: {why}")
     detail = "; ".join(misses) if misses else "the config has no rules"
-    if profiles:
+    if profiles or on_demand:
         detail += "; a login needs a default role to carry its named profiles"
-    return Decision(None, f"no rule matches ({detail})", ident, profiles)
+    return Decision(None, f"no rule matches ({detail})", ident, profiles, on_demand)
 
 
 def explain(decision):
@@ -147,7 +152,12 @@ def explain(decision):
     ]
     if decision.rule is not None:
         lines.append(f"role:      {decision.rule.role}")
+    unused = "" if decision.rule is not None else " (unused: no default role)"
     for name, rule in decision.profiles:
-        unused = "" if decision.rule is not None else " (unused: no default role)"
         lines.append(f"profile:   {name} = {rule.role} (rule {rule.index}, line {rule.line}){unused}")
+    for name, rule in decision.on_demand:
+        e = rule.elevate
+        how = f"reason {e.reason}, at most {e.max // 60}m" + (f", approved by a member of {e.approvers}"
+                                                               if e.approvers else "")
+        lines.append(f"elevate:   {name} = {rule.role} (rule {rule.index}, line {rule.line}; {how}){unused}")
     return lines

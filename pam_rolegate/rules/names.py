@@ -100,6 +100,20 @@ def tag_key_problem(key):
     return None
 
 
+def reason_problem(text):
+    """None when `text` travels whole as a session tag value (an elevation's reason), else why not:
+    nothing is cut or replaced, so CloudTrail keeps exactly what the person wrote."""
+    if not text.strip():
+        return "the reason is empty"
+    if len(text) > TAG_VALUE_MAX:
+        return f"the reason has {len(text)} characters; a session tag value holds at most {TAG_VALUE_MAX}"
+    bad = [c for c in text if not _tag_char_ok(c)]
+    if bad:
+        return (f"the reason has character {bad[0]!r}, which a session tag value cannot hold; "
+                f"allowed: letters, digits, spaces and _ . : / = + - @")
+    return None
+
+
 def tag_value(text):
     """Make a rendered tag value valid: disallowed characters become '_', then cut to 256."""
     return "".join(c if _tag_char_ok(c) else "_" for c in text)[:TAG_VALUE_MAX]
