@@ -400,6 +400,20 @@ BROKEN = [
      + "\n", 6, 14, "1-64"),
     ("profile a list", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: [a, b]\n",
      6, 14, "single text value"),
+    # elevation on demand
+    ("elevate without a profile", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    elevate: {}\n",
+     6, 5, "needs a 'profile'"),
+    ("elevate max over an hour", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: x\n"
+     "    elevate: {max: 2h}\n", 7, 20, "between 900s and 3600s"),
+    ("elevate max under 15m", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: x\n"
+     "    elevate: {max: 10m}\n", 7, 20, "between 900s and 3600s"),
+    ("elevate reason unknown", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: x\n"
+     "    elevate: {reason: maybe}\n", 7, 23, "required, optional"),
+    ("elevate unknown key", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: x\n"
+     "    elevate: {approver: ops}\n", 7, 15, "unknown key 'approver'"),
+    ("profile both on demand and at login", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n"
+     "    profile: x\n  - match: {user: b}\n    role: " + ARN + "\n    profile: x\n    elevate: {}\n",
+     9, 14, "on demand here but given at login in roles[1]"),
     ("top level not a mapping", "- version: 1\n", 1, 1, "the config must be a mapping"),
     ("non-text top-level key", HEAD + "1: x\n", 3, 1, "keys must be plain words"),
 ]
@@ -808,3 +822,13 @@ def test_config__named_profiles_keep_their_rules_and_the_default_is_the_first_ru
     assert other.rule is None and [n for n, _ in other.profiles] == ["deploy"], \
         f"b matches only the fallback deploy rule: {other}"
     assert "needs a default role" in other.reason, f"the reason should say why b gets nothing: {other.reason}"
+
+
+def test_config__elevate_keys_parse_with_their_defaults():
+    text = (HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    profile: admin\n    elevate: {}\n"
+            "  - match: {user: a}\n    role: " + ARN + "\n    profile: prod\n"
+            "    elevate: {reason: optional, max: 1h, approvers: sre-leads}\n")
+    cfg = config.parse(text, PATH)
+    first, second = (r.elevate for r in cfg.roles)
+    assert (first.reason, first.max, first.approvers) == ("required", 1800, None), first
+    assert (second.reason, second.max, second.approvers) == ("optional", 3600, "sre-leads"), second

@@ -207,3 +207,19 @@ def test_doctor__config_and_runtime_dir_walk_the_parents_as_the_broker_does(tmp_
             f"doctor's runtime-dir check must look at runtime_dir's parents: {result}"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_doctor__on_demand_rules_need_the_rolegate_pam_service(tmp_path, monkeypatch):
+    from pam_rolegate.admin import doctor, install
+    from pam_rolegate.rules import config
+
+    cfg = config.parse("version: 1\nregion: us-east-1\nroles:\n  - match: {user: a}\n"
+                       "    role: arn:aws:iam::123456789012:role/admin\n    profile: admin\n    elevate: {}\n")
+    monkeypatch.setattr(install, "ELEVATE_PAM", str(tmp_path / "rolegate"))
+    [missing] = doctor.check_elevation({"config": cfg})
+    assert missing.verdict == doctor.FAIL and "rolegate install" in missing.fix, missing
+    (tmp_path / "rolegate").write_text("@include common-auth\n")
+    [present] = doctor.check_elevation({"config": cfg})
+    assert present.verdict == doctor.PASS, present
+    [none] = doctor.check_elevation({"config": config.parse("version: 1\nregion: us-east-1\n")})
+    assert none.verdict == doctor.PASS and "no on-demand" in none.detail, none

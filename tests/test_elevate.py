@@ -314,3 +314,18 @@ def test_elevate__a_flood_of_unanswered_requests_delays_no_login_and_no_other_el
     finally:
         alice.close()
         dave.close()
+
+
+def test_elevate__one_command_runs_with_the_profile_which_is_dropped_when_it_exits(host):
+    password_stack()
+    shell = Shell(host, "alice")
+    try:
+        time.sleep(4.5)  # any back-off an earlier test's failure left
+        code, out = elevate_in(shell, [PASSWORDS["alice"]], extra=f"-- {AWS_CLI} sts get-caller-identity "
+                                                                  f"--query Arn --output text")
+        assert code == 0 and "assumed-role/admin/alice@" in out, f"the command did not run as the admin role:\n{out}"
+        assert "assumed-role/admin" not in shell.do(sts("admin")), "the profile outlived its one command"
+        code, out = elevate_in(shell, [PASSWORDS["alice"]], extra="-- sh -c 'exit 7'")
+        assert code == 7, f"elevate -- CMD should exit with CMD's code (7), not {code}:\n{out}"
+    finally:
+        shell.close()

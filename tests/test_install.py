@@ -28,6 +28,8 @@ def test_install__twice_equals_once_and_uninstall_restores_etc_byte_for_byte(hos
         f"the allow-list guard is missing from common-session:\n{common}"
     assert "pam_python.so" in common and os.path.exists("/etc/profile.d/rolegate.sh"), "pieces missing"
     assert os.path.exists("/etc/rolegate/rolegate.yaml"), "no example config was written"
+    assert "@include common-auth" in open("/etc/pam.d/rolegate").read(), \
+        "no `rolegate` PAM service (rolegate elevate's) was put in place"
     assert run(["rolegate", "check-config"], check=False).returncode == 0, "the installed example is invalid"
     again = run(["rolegate", "install", "--no-firewall"], check=False)
     assert again.returncode == 0, f"second install failed: {again.stderr}"

@@ -1009,3 +1009,69 @@ def test_refresh__reload_while_every_worker_is_busy_does_not_stop_refreshing(hos
     refreshed = wait_for(lambda: all(key_id(p) != k for p, k in keys.items()), 90,
                          "every grant to be refreshed after the reload", interval=0.5)
     assert refreshed, "unreachable"
+
+
+# -- elevation on demand (registry part; tests/test_elevate.py runs it with real PAM and sshd) -----
+
+ON_DEMAND = (f"  - match: {{user: root}}\n    profile: admin\n    role: arn:aws:iam::{ACCOUNT}:role/admin\n"
+             f"    elevate: {{max: 30m}}\n")
+
+
+def make_elevation_registry(tmp_path):
+    from pam_rolegate.core.registry import Registry
+
+    clock = FakeClock(2_000_000_000.0)
+    engine, store = FakeEngine(clock), MemoryStore()
+    reg = Registry(root_config(tmp_path, "1h", extra=ON_DEMAND), engine, store, DecisionLog(), clock=clock,
+                   rolegate_cmd="/usr/bin/rolegate")
+    return reg, clock, engine, store
+
+
+def test_registry__an_on_demand_profile_is_never_served_without_an_elevation(tmp_path):
+    reg, _clock, engine, store = make_elevation_registry(tmp_path)
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    assert "[admin]" not in store.files[opened.grant.id].decode(), "an on-demand profile is named at login"
+    assert reg.named(opened.grant.id, "admin", 0, 60) is None, "credential_process got an on-demand profile"
+    assert engine.calls == 1, f"asking for an on-demand profile called STS: {engine.calls}"
+
+
+def test_registry__an_elevation_is_named_in_the_files_until_it_expires_and_carries_its_reason(tmp_path):
+    reg, clock, engine, store = make_elevation_registry(tmp_path)
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key = opened.grant.id
+    captured = []
+    real = engine.assume
+    engine.assume = lambda request, budget=None: captured.append(request) or real(request, budget)
+    elevation = reg.elevate(key, 0, "admin", "INC-1 restart", 900, "e1")
+    assert elevation is not None and elevation.role.endswith("/admin"), elevation
+    assert captured and dict(captured[0].tags).get("rolegate:reason") == "INC-1 restart" \
+        and dict(captured[0].tags).get("rolegate:elevated") == "true" and captured[0].duration == 900, captured
+    assert "[admin]" in store.files[key].decode(), "the elevated profile is not named in the session's file"
+    served = reg.named(key, "admin", 0, 60)
+    assert served is not None and served.id == elevation.grant_id, "the elevation is not what credential_process gets"
+    assert reg.named(key, "admin", 4242, 60) is None, "another uid got root's elevation"
+    clock.now = elevation.until + 1
+    assert reg.expire(elevation.grant_id), "the elevation did not expire at its time"
+    assert "[admin]" not in store.files[key].decode(), "an expired elevation is still named in the file"
+    assert reg.named(key, "admin", 0, 60) is None, "an expired elevation is still served"
+    assert [f for e, f in reg.log.lines if e == "expired" and f.get("profile") == "admin"], "no `expired:` line"
+
+
+def test_registry__an_elevation_ends_with_drop_with_the_last_session_and_with_its_rule(tmp_path):
+    reg, _clock, _engine, store = make_elevation_registry(tmp_path)
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key = opened.grant.id
+    reg.elevate(key, 0, "admin", "one", 900, "e1")
+    assert reg.drop(key, 4242, "admin") is None, "another uid dropped root's elevation"
+    assert reg.drop(key, 0, "admin") is not None and reg.named(key, "admin", 0, 60) is None, "drop did not end it"
+    reg.elevate(key, 0, "admin", "two", 900, "e2")
+    reg.close(session_id=opened.session.id)
+    assert reg.elevations() == [], "an elevation outlived its login's last session"
+    assert [f for e, f in reg.log.lines if e == "dropped" and "last session" in f.get("reason", "")], reg.log.lines
+    again = reg.open(root_login(), "pam", os.getpid(), None)
+    reg.elevate(again.grant.id, 0, "admin", "three", 900, "e3")
+    reg.reconfigure(root_config(tmp_path, "1h"), reg.engine)  # the on-demand rule is gone
+    reg.recheck()
+    assert reg.elevations() == [] and reg.named(again.grant.id, "admin", 0, 60) is None, \
+        "an elevation survived the removal of its rule"
+    assert "[admin]" not in store.files[again.grant.id].decode(), "the removed elevation is still named"

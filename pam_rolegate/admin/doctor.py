@@ -139,6 +139,25 @@ def check_profile(ctx):
                    "rolegate install")]
 
 
+def check_elevation(ctx):
+    """Rules with `elevate` need the `rolegate` PAM service and pamela; without them every
+    `rolegate elevate` fails (never a login)."""
+    cfg = ctx.get("config")
+    if cfg is None or not any(r.elevate is not None for r in cfg.roles):
+        return [Result("elevation", PASS, "no on-demand rules")]
+    if not os.path.exists(install.ELEVATE_PAM):
+        return [Result("elevation", FAIL, f"on-demand rules, but no PAM service {install.ELEVATE_PAM}: every "
+                                          f"rolegate elevate fails", "rolegate install (or copy "
+                                          "share/rolegate/pam.d/rolegate there)")]
+    try:
+        import pamela  # noqa: F401
+    except Exception as err:  # ImportError, or libpam not loadable
+        return [Result("elevation", FAIL, f"pamela cannot be loaded ({err}): every rolegate elevate fails",
+                       "apt-get install python3-pamela (or pip install pamela in rolegate's venv)")]
+    return [Result("elevation", PASS, f"PAM service {install.ELEVATE_PAM} for "
+                                      f"{sum(r.elevate is not None for r in cfg.roles)} on-demand rules")]
+
+
 def check_runtime_dir(ctx):
     from ..backends import store
     from ..errors import StoreError
@@ -421,7 +440,7 @@ def check_fleet_rules(ctx):
     return out
 
 
-CHECKS = (check_config, check_pam_python, check_pam_stacks, check_secure_path, check_profile,
+CHECKS = (check_config, check_pam_python, check_pam_stacks, check_secure_path, check_profile, check_elevation,
           check_runtime_dir, check_broker, check_imds, check_door_share, check_gatekeeper, check_fleet_rules)
 
 
