@@ -311,6 +311,10 @@ def test_elevate__a_flood_of_unanswered_requests_delays_no_login_and_no_other_el
                                    protocol.encode_request(request)[4:].decode(), SOCKET])
             assert code.stdout.strip() in ("no_grant", "forbidden"), \
                 f"bob's {request.ACTION} on alice's request answered {code.stdout} {code.stderr}"
+        for outcome in started:  # alice's own cancel frees her slots at once (else after the prompt's 60 s)
+            as_user("alice", [sys.executable, "-c", "import sys; from pam_rolegate.hookside import client, protocol; "
+                              "client.call(protocol.ElevationCancel(id=sys.argv[1]), path=sys.argv[2], timeout=10)",
+                              outcome.split(":", 1)[1], SOCKET])
     finally:
         alice.close()
         dave.close()

@@ -18,7 +18,7 @@ import boto3
 import pytest
 
 from conftest import free_port, require_sandbox
-from harness import ACCOUNT, CONFIG_PATH, Held, run, sandbox_host
+from harness import ACCOUNT, CONFIG_PATH, Held, Shell, run, sandbox_host
 from pam_rolegate.admin import cli, doctor
 from pam_rolegate.rules import config
 from pam_rolegate.backends import fleet
@@ -294,6 +294,27 @@ def test_fleet__a_changed_parameter_is_picked_up_within_the_poll_interval(host, 
     arn = login_arn(host)
     assert ":assumed-role/fleet-b/" in arn, f"after the change {USER} should get fleet-b, got {arn!r}"
     assert "version 2" in open(CACHE).readline(), "the cache follows the parameter"
+
+
+def test_fleet__a_parameter_change_moves_a_live_session_to_its_new_role_in_place(host, ssm):
+    put(ssm, document("fleet-a"))
+    host.write_config(fleet_config(host.moto.url))
+    host.start_broker()
+    shell = Shell(host, USER)
+    try:
+        ask = "rolegate whoami 2>&1 | tail -n 1"
+        assert ":assumed-role/fleet-a/" in shell.do(ask), "the session should start on fleet-a"
+        where = shell.do("echo $AWS_SHARED_CREDENTIALS_FILE")
+        mark = host.log_mark()
+        put(ssm, document("fleet-b"))
+        wait_log(host, mark, "moved: ", POLL + 15)
+        seen = shell.do(ask)
+        assert ":assumed-role/fleet-b/" in seen, f"the live session should see fleet-b after the change: {seen}\n" \
+                                                 f"{host.log_since(mark)}"
+        assert shell.do("echo $AWS_SHARED_CREDENTIALS_FILE") == where, "the session's location changed"
+        assert "revoked=0" in host.log_since(mark), f"a move is not a revocation:\n{host.log_since(mark)}"
+    finally:
+        shell.close()
 
 
 def test_fleet__a_broken_parameter_is_refused_and_the_old_rules_stay(host, ssm):

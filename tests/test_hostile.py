@@ -170,10 +170,12 @@ def _mutate(rng, body):
     return bytes(data)
 
 
-def fuzz_frames(seed=20261130, total=10500):
+def fuzz_frames(seed=20261130, total=10500, actions=None):
     """(label, bytes to send, mode) for each connection; mode: full (then half-close and read),
-    stall (send, then wait for the broker's deadline), abort (send, then close at once)."""
+    stall (send, then wait for the broker's deadline), abort (send, then close at once).
+    `actions`: only these actions' fields and seeds (None: every action, and the framing cases)."""
     frames = []
+    only = actions is not None
 
     def add(label, body, mode="full", raw=None):
         if raw is None and _succeeds(body):
@@ -182,7 +184,7 @@ def fuzz_frames(seed=20261130, total=10500):
 
     # Every value in every field (declared, envelope and undeclared) of every action, and each
     # required field left out.
-    for action in ACTIONS + OTHER_ACTIONS:
+    for action in (actions if only else ACTIONS + OTHER_ACTIONS):
         fields = ["v", "action"] + list(protocol.REQUESTS.get(action, protocol.Request).FIELDS) + EXTRA_FIELDS
         for field in fields:
             for raw in RAW_VALUES:
@@ -191,7 +193,7 @@ def fuzz_frames(seed=20261130, total=10500):
             add(f"{action} without {field}", _body([p for p in _pairs(action) if p[0] != field]))
         add(f"{action} as sent", _body(_pairs(action)))  # the other door's actions: refused here
     # Bodies that are no JSON object, or no UTF-8.
-    for label, body in [
+    for label, body in [] if only else [
         ("not-json", b"hello"), ("empty-object-text", b" "), ("array", b"[]"), ("number", b"2"), ("string", b'"ping"'),
         ("null", b"null"), ("two-objects", b'{"v":2,"action":"status","x":1}{"v":2}'),
         ("trailing", b'{"v":2,"action":"env","user":"carol"}x'), ("open", b'{"v":2,"action":"env"'),
@@ -210,25 +212,26 @@ def fuzz_frames(seed=20261130, total=10500):
     ]:
         add(label, body)
     # Framing: lengths out of bounds, and connections closed inside a frame.
-    for n in (0, protocol.MAX_FRAME + 1, 100_000, 2 ** 31, 2 ** 32 - 1):
+    for n in () if only else (0, protocol.MAX_FRAME + 1, 100_000, 2 ** 31, 2 ** 32 - 1):
         add(f"length {n}, header only", None, raw=n.to_bytes(4, "big"))
         add(f"length {n}, some body", None, raw=n.to_bytes(4, "big") + b'{"v":2,"action":"status"}')
-    add("length > 64 KiB, whole body", None, raw=_framed(b" " * 65510 + b'{"v":2,"action":"status","x":1}'))
-    for cut in (1, 2, 3):
+    if not only:
+        add("length > 64 KiB, whole body", None, raw=_framed(b" " * 65510 + b'{"v":2,"action":"status","x":1}'))
+    for cut in () if only else (1, 2, 3):
         add(f"closed after {cut} header bytes", None, raw=b"\x00\x00\x00\x10"[:cut])
     for label, raw in [("closed mid-body", b"\x00\x00\x01\x00" + b'{"v":2,"action":"status"'),
                        ("closed before any body", b"\x00\x00\x00\x20"),
                        ("short length, longer body", b"\x00\x00\x00\x05" + b'{"v":2,"action":"credentials"}'),
                        ("two frames", _framed(b'{"v":2,"action":"credentials"}') + _framed(b'{"v":2,"action":"ping"}')),
-                       ("nothing at all", b"")]:
+                       ("nothing at all", b"")] if not only else []:
         add(label, None, raw=raw)
-    for i in range(20):
+    for i in range(0 if only else 20):
         add(f"abort {i}", None, mode="abort", raw=b"\x00\x00\x10\x00" + b"{" * i)
-    for i in range(3):
+    for i in range(0 if only else 3):
         add(f"stall {i}", None, mode="stall", raw=b"\x00\x00\x00\x64" + b'{"v":2,')
     # Random documents and mutated frames, seeded (a failure is reproducible), up to the total.
     rng = random.Random(seed)
-    seeds = [_body(_pairs(a)) for a in ACTIONS] + [f[1][4:] for f in frames[:2000:7]]
+    seeds = [_body(_pairs(a)) for a in (actions if only else ACTIONS)] + [f[1][4:] for f in frames[:2000:7]]
     while len(frames) < total:
         kind = rng.randrange(3)
         if kind == 0:
@@ -335,12 +338,23 @@ EXPECTED_CODES = {
     "credentials.grant=\"x\"": protocol.E_NO_GRANT,
 }
 ERROR_CODES = {protocol.E_BAD_REQUEST, protocol.E_UNSUPPORTED_VERSION, protocol.E_UNKNOWN_ACTION,
-               protocol.E_FORBIDDEN, protocol.E_UNKNOWN_USER, protocol.E_NO_GRANT, protocol.E_BUSY}
+               protocol.E_FORBIDDEN, protocol.E_UNKNOWN_USER, protocol.E_NO_GRANT, protocol.E_BUSY,
+               protocol.E_LIMITED}
 
 
 def test_fuzz__ten_thousand_malformed_frames_get_refusals_and_leave_the_broker_whole(host):
     frames = fuzz_frames()
     assert len(frames) >= 10_000, f"the generator made only {len(frames)} frames"
+    _fuzz_and_check(host, frames, check_labels=True)
+
+
+def test_fuzz__ten_thousand_malformed_elevation_frames_leave_the_broker_whole(host):
+    frames = fuzz_frames(seed=20261203, total=10_000, actions=[c.ACTION for c in protocol.ELEVATION_REQUESTS])
+    assert len(frames) >= 10_000, f"the generator made only {len(frames)} frames"
+    _fuzz_and_check(host, frames, check_labels=False)
+
+
+def _fuzz_and_check(host, frames, check_labels):
     pid = host.broker.pid
     rss_before = rss_kib(pid)
     mark = host.log_mark()
@@ -373,7 +387,7 @@ def test_fuzz__ten_thousand_malformed_frames_get_refusals_and_leave_the_broker_w
     for got in results:
         codes[got.get("code")] = codes.get(got.get("code"), 0) + 1
     by_label = {label: got for (label, _data, _mode), got in zip(frames, results)}
-    for label, code in EXPECTED_CODES.items():
+    for label, code in EXPECTED_CODES.items() if check_labels else ():
         assert by_label[label].get("code") == code, f"{label}: expected code {code}, got {by_label[label]}"
     assert kinds.get("reply", 0) > 9_000, f"too few frames got a reply frame (rest closed): {kinds}"
 
