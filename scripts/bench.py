@@ -159,10 +159,11 @@ def bench_stacks(h, hook):
 def hook_table(h, hook, rounds):
     bench_stacks(h, hook)
     floor = ("empty pam_python hook", "rg-empty", "alice")
-    # A PAM-less shell holds alice's grant: her logins are warm.
-    holder = subprocess.Popen(["setpriv", "--reuid", "alice", "--regid", "alice", "--init-groups", "sh", "-c",
-                               'eval "$(rolegate env)"; sleep 600'], start_new_session=True)
-    time.sleep(1.5)
+    # Another session of alice's grant stays open, so her logins are warm. Grants are per (account,
+    # person, service): it is a session of the same service, rg-hook, opened as the hook would.
+    holder = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    held = call(protocol.OpenSession(user="alice", service="rg-hook", pid=holder.pid))
+    assert held.get("granted"), f"the holder session got no grant: {held}"
     rows = interleaved(h, [("pam_permit only (pamtester itself)", "rg-none", "alice"), floor,
                            ("rolegate, unmapped user", "rg-hook", "bob"),
                            ("rolegate, warm (another session holds the grant)", "rg-hook", "alice"),
