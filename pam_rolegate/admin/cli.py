@@ -15,6 +15,7 @@ from typing import Callable, Mapping, TextIO
 from ..errors import ConfigError, RolegateError
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+ELEVATE_CLI_DEADLINE = 600  # past the broker's own bounds: 3 minutes of PAM plus 5 waiting for approval
 
 
 @dataclass(frozen=True)
@@ -396,21 +397,27 @@ def run_elevate(args, deps):
     reply = _broker_call(protocol.Elevate(grant=grant, profile=args.profile, reason=args.reason, seconds=seconds),
                          deps)
     rid, waiting_said = reply.get("id"), False
+    # The broker's own bounds (every prompt, the conversation, an approval) end a request well within
+    # this; past it the broker is not answering as it should, and waiting longer helps nobody.
+    deadline = time.monotonic() + ELEVATE_CLI_DEADLINE
     try:
         while True:
             answer = None
             for event in reply.get("events") or []:
                 if event.get("kind") in ("echo_off", "echo_on"):
-                    answer = _ask(event, deps)
-                    if answer is None:
+                    answer = (event.get("prompt"), _ask(event, deps))
+                    if answer[1] is None:
                         raise KeyboardInterrupt
                 else:
                     deps.warn(event.get("text") or "")
             state = reply.get("state")
             if state in ("granted", "denied", "failed"):
                 break
+            if time.monotonic() > deadline:
+                deps.warn(f"the broker did not finish request {rid} in {ELEVATE_CLI_DEADLINE}s; giving up")
+                raise KeyboardInterrupt
             if answer is not None:
-                reply = _broker_call(protocol.ElevationPoll(id=rid, answer=answer), deps)
+                reply = _broker_call(protocol.ElevationPoll(id=rid, prompt=answer[0], answer=answer[1]), deps)
                 continue
             if state == "awaiting-approval" and not waiting_said:
                 deps.warn(f"waiting for a member of {reply.get('approvers')} to run: rolegate approve {rid}")

@@ -12,7 +12,7 @@ cannot pass through it. pamela (one module, Debian's python3-pamela) exposes pam
 conversation function of the caller's, which is all this needs.
 """
 
-from ctypes import POINTER, cast, c_char_p, sizeof
+from ctypes import CDLL, POINTER, c_char_p, c_void_p, cast, memset, sizeof
 
 import pamela
 
@@ -20,7 +20,10 @@ SERVICE = "rolegate"  # /etc/pam.d/rolegate, installed by `rolegate install` and
 # Linux-PAM's own styles (security/_pam_types.h)
 PROMPT_ECHO_OFF, PROMPT_ECHO_ON, ERROR_MSG, TEXT_INFO = 1, 2, 3, 4
 STYLES = {PROMPT_ECHO_OFF: "echo_off", PROMPT_ECHO_ON: "echo_on", ERROR_MSG: "error", TEXT_INFO: "info"}
-PAM_SUCCESS, PAM_CONV_ERR = 0, 19
+PAM_SUCCESS, PAM_BUF_ERR, PAM_CONV_ERR = 0, 5, 19
+_LIBC = CDLL(None)  # the process's own libc: the allocator pamela's calloc and strdup use
+_LIBC.free.argtypes = [c_void_p]
+_LIBC.free.restype = None
 MAX_ANSWER = 512  # PAM_MAX_RESP_SIZE: no module reads more of an answer
 
 
@@ -40,9 +43,14 @@ def authenticate(user, converse, service=SERVICE):
 
     @pamela.CONV_FUNC
     def conv(n_messages, messages, p_response, _app_data):
-        # The responses array and each answer are malloc'd: the module frees them (PAM's contract).
+        # The responses array and each answer are malloc'd and, on success, handed to the module,
+        # which frees them (PAM's contract). On failure they are wiped and freed here, and the
+        # module gets no array at all.
         addr = pamela.CALLOC(n_messages, sizeof(pamela.PamResponse))
-        p_response[0] = cast(addr, POINTER(pamela.PamResponse))
+        if not addr:
+            return PAM_BUF_ERR
+        responses = cast(addr, POINTER(pamela.PamResponse))
+        filled, ok = [], False
         try:
             for i in range(n_messages):
                 msg = messages[i].contents
@@ -54,11 +62,22 @@ def authenticate(user, converse, service=SERVICE):
                 if style in ("echo_off", "echo_on"):
                     if answer is None:
                         return PAM_CONV_ERR
-                    p_response.contents[i].resp = pamela.STRDUP(answer.encode("utf-8")[:MAX_ANSWER])
-                    p_response.contents[i].resp_retcode = 0
+                    data = answer.encode("utf-8")[:MAX_ANSWER]
+                    responses[i].resp = pamela.STRDUP(data)
+                    responses[i].resp_retcode = 0
+                    filled.append((i, len(data)))
+            p_response[0] = responses
+            ok = True
+            return PAM_SUCCESS
         except Exception:  # a bug in the relay ends this conversation, never the broker
             return PAM_CONV_ERR
-        return PAM_SUCCESS
+        finally:
+            if not ok:
+                for i, length in filled:
+                    memset(responses[i].resp, 0, length)
+                    _LIBC.free(cast(responses[i].resp, c_void_p))
+                _LIBC.free(addr)
+                p_response[0] = POINTER(pamela.PamResponse)()
 
     try:
         handle = pamela.pam_start(service, user, conv_func=conv)

@@ -44,6 +44,8 @@ class Request:
         self.uid = uid
         self.view = view  # the login grant (registry.Grant) it elevates
         self.principal = view.principal
+        self.principal_uid = view.principal_uid
+        self.rule = rule  # as decided at the start: STS is called only if the rules in force still say so
         self.profile = profile
         self.role = rule.role
         self.approvers = rule.elevate.approvers
@@ -55,6 +57,8 @@ class Request:
         self.answers = queue.Queue(maxsize=1)
         self.approval = threading.Event()
         self.cancelled = False
+        self.prompt = 0  # the number of the prompt waiting (answers name it: no answer meets another prompt)
+        self.answered = 0  # answers handed to PAM: a failure after one counts, cancelled or not
         self.approved_by = None
         self.denied_by = None
         self.verdict = None  # PAM's: "success" or its reason
@@ -77,7 +81,7 @@ class Elevations:
         self._lock = threading.Lock()
         self._requests = {}  # id -> Request (under way, and finished ones for KEEP_DONE)
         self._under_way = collections.Counter()  # uid -> requests not finished
-        self._failures = {}  # uid -> (failures in a row, when the last one was)
+        self._failures = {}  # principal -> (failures in a row, when the last one was)
 
     # -- the user door's API -----------------------------------------------------------------------
 
@@ -89,6 +93,11 @@ class Elevations:
         view = self.registry.view(view_key, uid)
         if view is None:
             raise Refusal(protocol.E_NO_GRANT, f"no live login grant {view_key} for uid {uid}; log in again")
+        if uid not in (0, view.principal_uid):
+            # A session running as a shared account (sudo -u svc) belongs to its principal: another
+            # person who can act as svc must not make the broker run PAM for them.
+            raise Refusal(protocol.E_FORBIDDEN, f"only {view.principal} (or root) may elevate that login; "
+                                                f"elevate from a session of your own")
         rule, _ident, _decided = self.registry.on_demand_rule(view, profile)
         if rule is None:
             raise Refusal(protocol.E_FORBIDDEN, f"the rules give your login no on-demand profile {profile!r} "
@@ -108,7 +117,7 @@ class Elevations:
         now = self.clock()
         with self._lock:
             self._forget_finished(now)
-            wait = self._backoff_left(uid, now)
+            wait = self._backoff_left(view.principal, now)
             if wait > 0:
                 raise Refusal(protocol.E_LIMITED, f"too many failed elevations in a row; try again in {wait:.0f}s")
             if self._under_way[uid] >= MAX_PER_UID:
@@ -116,15 +125,21 @@ class Elevations:
                                                f"(at most {MAX_PER_UID}); finish or cancel one")
             if sum(self._under_way.values()) >= MAX_UNDER_WAY:
                 raise Refusal(protocol.E_LIMITED, "the broker has too many elevations under way; try again shortly")
+            if any(r.finished is None and r.view.id == view.id and r.profile == profile
+                   for r in self._requests.values()):
+                raise Refusal(protocol.E_LIMITED, f"an elevation to {profile} of this login is under way already")
             request = Request(uid, view, profile, rule, reason or NO_REASON, seconds, now)
             self._requests[request.id] = request
             self._under_way[uid] += 1
-        threading.Thread(target=self._run, args=(request,), name=f"elevate-{request.id}", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, args=(request,), name=f"elevate-{request.id}", daemon=True).start()
+        except RuntimeError as err:  # no thread to be had: give the slot back
+            self._finish(request, "failed", f"cannot start: {err}")
         return self._reply(request)
 
-    def poll(self, uid, request_id, answer=None, cancel=False):
-        """What happened to request `request_id` since the last poll; `answer` answers the prompt
-        it waits on; `cancel` ends it. Only its own uid may."""
+    def poll(self, uid, request_id, answer=None, cancel=False, prompt=None):
+        """What happened to request `request_id` since the last poll; `answer` answers prompt number
+        `prompt` (the one waiting); `cancel` ends it. Only its own uid may."""
         from ..hookside import protocol
 
         with self._lock:
@@ -136,9 +151,9 @@ class Elevations:
             request.approval.set()
             self._offer(request, None)
         elif answer is not None:
-            if request.state != "prompt":
-                raise Refusal(protocol.E_BAD_REQUEST, "no question is waiting for an answer")
-            if not self._offer(request, answer):
+            if request.state != "prompt" or (prompt is not None and prompt != request.prompt):
+                raise Refusal(protocol.E_BAD_REQUEST, "no question is waiting for that answer")
+            if not self._offer(request, (request.prompt, answer)):
                 raise Refusal(protocol.E_BAD_REQUEST, "an answer is already on its way")
         return self._reply(request)
 
@@ -156,9 +171,9 @@ class Elevations:
         if request.state != "awaiting-approval":
             raise Refusal(protocol.E_BAD_REQUEST, f"request {request_id} is {request.state}, not waiting for approval")
         if deny:
-            request.denied_by = name
+            request.denied_by = name[1]
         else:
-            request.approved_by = name
+            request.approved_by = name[1]
         request.approval.set()
         return request.details()
 
@@ -172,26 +187,41 @@ class Elevations:
     # -- one request -----------------------------------------------------------------------------
 
     def _run(self, request):
-        from ..backends import pamauth  # pamela loads libpam: only a broker that elevates needs it
-
-        authenticate = self.authenticate or pamauth.authenticate
         deadline = self.clock() + AUTH_DEADLINE
         outcome = "denied"
         try:
+            from ..backends import pamauth  # pamela loads libpam: only a broker that elevates needs it
+
+            authenticate = self.authenticate or pamauth.authenticate
+
             def converse(style, text):
                 if request.cancelled:
                     return None
-                request.events.append({"kind": style, "text": text})
                 if style not in ("echo_off", "echo_on"):
+                    request.events.append({"kind": style, "text": text})
                     return None
+                while True:  # an answer left over from an earlier prompt is never this one's
+                    try:
+                        request.answers.get_nowait()
+                    except queue.Empty:
+                        break
+                request.prompt += 1
+                request.events.append({"kind": style, "text": text, "prompt": request.prompt})
                 request.state = "prompt"
-                try:
-                    answer = request.answers.get(timeout=max(min(PROMPT_TIMEOUT, deadline - self.clock()), 0))
-                except queue.Empty:
-                    request.cancelled = True
-                    request.message = f"no answer within {PROMPT_TIMEOUT:g}s"
-                    return None
+                while True:
+                    try:
+                        got = request.answers.get(timeout=max(min(PROMPT_TIMEOUT, deadline - self.clock()), 0))
+                    except queue.Empty:
+                        request.cancelled = True
+                        request.message = f"no answer within {PROMPT_TIMEOUT:g}s"
+                        return None
+                    if got is None:  # cancelled
+                        return None
+                    number, answer = got
+                    if number == request.prompt:
+                        break
                 request.state = "authenticating"
+                request.answered += 1
                 return answer
 
             try:
@@ -199,10 +229,14 @@ class Elevations:
                 request.verdict = "success"
             except pamauth.Refused as err:
                 request.verdict = err.reason
-                if request.cancelled:
-                    self._finish(request, "denied", request.message or "cancelled", counted=False)
-                else:
-                    self._finish(request, "denied", f"authentication failed: {err.reason}", counted=True)
+                # A failure after an answer counts, cancelled or not: a guess then a cancel must not
+                # escape the back-off. One that never got an answer (unanswered, cancelled) does not.
+                counted = request.answered > 0
+                message = f"authentication failed: {err.reason}" if counted else request.message or "cancelled"
+                self._finish(request, "denied", message, counted=counted)
+                return
+            if request.cancelled:
+                self._finish(request, "denied", "cancelled")
                 return
             if request.approvers:
                 request.state = "awaiting-approval"
@@ -213,10 +247,14 @@ class Elevations:
                 if request.denied_by:
                     self._finish(request, "denied", f"denied by {request.denied_by}", counted=False)
                     return
+            if request.cancelled:
+                self._finish(request, "denied", "cancelled")
+                return
             request.state = "assuming"
             try:
                 elevation = self.registry.elevate(request.view.id, request.uid, request.profile, request.reason,
-                                                  request.seconds, request.id, approved_by=request.approved_by)
+                                                  request.seconds, request.id, approved_by=request.approved_by,
+                                                  expected=request.rule)
             except StsError as err:
                 outcome = "failed"
                 self._finish(request, "failed", f"STS refused the role: {getattr(err, 'code', '')}: {err}")
@@ -244,11 +282,11 @@ class Elevations:
             if self._under_way[request.uid] <= 0:
                 del self._under_way[request.uid]
             if state == "granted":
-                self._failures.pop(request.uid, None)
+                self._failures.pop(request.principal, None)
             elif counted:
-                count, _last = self._failures.get(request.uid, (0, 0.0))
-                self._failures[request.uid] = (count + 1, now)
-            retry_in = self._backoff_left(request.uid, now)
+                count, _last = self._failures.get(request.principal, (0, 0.0))
+                self._failures[request.principal] = (count + 1, now)
+            retry_in = self._backoff_left(request.principal, now)
         if state != "granted":
             self.log.decision("denied" if state == "denied" else "failed", action="elevate",
                               principal=request.principal, profile=request.profile, role=request.role,
@@ -270,12 +308,12 @@ class Elevations:
         while request.events and len(events) < MAX_EVENTS:
             events.append(request.events.popleft())
         reply = request.details()
-        reply.update(events=events, message=request.message,
+        reply.update(events=events, message=request.message, prompt=request.prompt if request.state == "prompt" else None,
                      until=_iso(request.until) if request.until else None)
         return reply
 
-    def _backoff_left(self, uid, now):
-        count, last = self._failures.get(uid, (0, 0.0))
+    def _backoff_left(self, principal, now):
+        count, last = self._failures.get(principal, (0, 0.0))
         return 0 if not count else last + min(2 ** (count + 1), FAILURE_BACKOFF_MAX) - now
 
     def _forget_finished(self, now):
@@ -288,11 +326,16 @@ class Elevations:
             pw = pwd.getpwuid(uid)
         except KeyError:
             return None, ()
-        return pw.pw_name, mapping.user_groups(pw.pw_name, pw.pw_gid)
+        return (uid, pw.pw_name), mapping.user_groups(pw.pw_name, pw.pw_gid)
 
     @staticmethod
-    def _may_approve(request, name, groups):
-        return bool(request.approvers) and name is not None and name != request.principal \
+    def _may_approve(request, who, groups):
+        """A member of the approvers group who is not the requester, by uid as well as by name (one
+        person may have several names for one uid, through NSS)."""
+        if not request.approvers or who is None:
+            return False
+        uid, name = who
+        return uid not in (request.uid, request.principal_uid) and name != request.principal \
             and request.approvers in groups
 
 

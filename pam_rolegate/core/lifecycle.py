@@ -251,12 +251,15 @@ class Lifecycle(Listener):
 
     def tick(self):
         for key in dict.fromkeys(self._due()):
-            when = self.registry.next_due(key)
-            if when is None or when > self.clock() or key in self._busy:
-                continue  # dropped, rescheduled (a newer entry is in the heap), or under way
-            if self.registry.expire(key):
-                continue
-            self._refresh_later(key)
+            try:
+                when = self.registry.next_due(key)
+                if when is None or when > self.clock() or key in self._busy:
+                    continue  # dropped, rescheduled (a newer entry is in the heap), or under way
+                if self.registry.expire(key):
+                    continue
+                self._refresh_later(key)
+            except Exception as err:  # one grant's trouble must not cost the others of this batch
+                self.log.error(f"lifecycle: grant {key}: {type(err).__name__}: {err}")
         if self.journal is not None and self.journal.needs_compaction():
             self.journal.compact(self.registry)
 

@@ -32,7 +32,7 @@ from ..rules import mapping, names
 from ..rules.config import MIN_REFRESH_INTERVAL
 from ..hookside import procs
 from ..backends import store
-from ..errors import StsError
+from ..errors import StoreError, StsError
 from ..hookside.protocol import CONTAINER_TOKEN_VAR, CONTAINER_URI_VAR
 from ..backends.sts import AssumeRequest, Credentials, build_request
 
@@ -48,9 +48,7 @@ CONTAINER_PATH = "/rolegate/credentials/"
 BACKGROUND_MIN_HOLD = 60
 # Refresh retries after a failure wait 5 s, 10 s, ... up to this.
 BACKOFF_MAX = 300
-# What an elevation's AssumeRole carries beside session.tags (README "Elevation on demand").
-ELEVATED_TAG = "rolegate:elevated"
-REASON_TAG = "rolegate:reason"
+ELEVATED_TAG, REASON_TAG = names.ELEVATED_TAG, names.REASON_TAG  # an elevation's, beside session.tags
 
 
 @dataclass(frozen=True)
@@ -323,16 +321,6 @@ class Registry:
         grant = self._grants.pop(key, None)
         self._lingering.pop(key, None)
         self._moving.pop(key, None)
-        elevation = self._elevated_by_grant.pop(key, None)
-        if elevation is not None:  # its section leaves the login's files with it
-            of_view = self._elevated.get(elevation.view, {})
-            of_view.pop(elevation.profile, None)
-            if not of_view:
-                self._elevated.pop(elevation.view, None)
-            view = self._grants.get(elevation.view)
-            if view is not None and elevation.profile in dict(view.profiles):
-                self._renamed(view, tuple(p for p in view.profiles if p[0] != elevation.profile))
-        self._drop_elevations_of(key, "its login ended")
         if grant is not None:
             for uid in (grant.target_uid, grant.principal_uid):
                 ids = self._by_uid.get(uid)
@@ -341,6 +329,19 @@ class Registry:
                     if not ids:
                         del self._by_uid[uid]
             self._tell("grant_dropped", key)
+        elevation = self._elevated_by_grant.pop(key, None)
+        if elevation is not None:  # its section leaves the login's files with it
+            of_view = self._elevated.get(elevation.view, {})
+            of_view.pop(elevation.profile, None)
+            if not of_view:
+                self._elevated.pop(elevation.view, None)
+            view = self._grants.get(elevation.view)
+            if view is not None and elevation.profile in dict(view.profiles):
+                try:
+                    self._renamed(view, tuple(p for p in view.profiles if p[0] != elevation.profile))
+                except (OSError, StoreError) as err:  # a full tmpfs: the section's command is refused anyway
+                    self.log.error(f"could not rewrite grant {view.id}'s files: {err}")
+        self._drop_elevations_of(key, "its login ended")
         return grant
 
     def _drop_elevations_of(self, key, reason):
@@ -385,9 +386,10 @@ class Registry:
             if current is not None and current.role != rule.role:
                 current = None  # the rules moved this login: what it held is never handed out again
             if current is not None and not force and self._fresh(current):
-                if current.profiles == profiles:
+                full = self._sections(key, profiles)
+                if current.profiles == full:
                     return current
-                return self._renamed(current, profiles)
+                return self._renamed(current, full)
             flight = self._inflight.get(key)
             leader = flight is None
             if leader:
@@ -431,7 +433,7 @@ class Registry:
                 target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
                 role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds),
                 token=held.token if held is not None and held.token else secrets.token_urlsafe(32),
-                profile=rule.profile, profiles=profiles)
+                profile=rule.profile, profiles=self._sections(key, profiles))
             with self._lock:
                 self._check_still_given(key, ident, rule, decided)
                 # A lingering grant has no files until a session revives it; a background
@@ -450,6 +452,11 @@ class Registry:
                     raise
                 if self._moving.get(key) == rule.role:
                     del self._moving[key]  # the move is done: the doors may hand this grant out
+                sections = self._sections(key, profiles)
+                if sections != grant.profiles:  # an elevation began or ended while STS answered
+                    grant = dataclasses.replace(grant, profiles=sections)
+                    if files:
+                        self._write_files(grant)
                 self._put_grant(grant)
             flight.grant = grant
             return grant
@@ -507,8 +514,8 @@ class Registry:
             self._hold(key)
         linger = True
         try:
-            grant = self._obtain(key, ident, rule, facts.rhost, decided,
-                                 self._sections(key, profile_sections(decision.profiles)), budget=budget)
+            grant = self._obtain(key, ident, rule, facts.rhost, decided, profile_sections(decision.profiles),
+                                 budget=budget)
             with self._lock:
                 # A reload may have unmapped this login while it was under way (the grant may
                 # have been fresh, so no STS call checked): then no session, and the release
@@ -606,7 +613,7 @@ class Registry:
         cfg, decided = self._rules()
         return dict(mapping.named_profiles(cfg, ident, on_demand=True)).get(profile), ident, decided
 
-    def elevate(self, view_key, uid, profile, reason, seconds, elevation_id, approved_by=None):
+    def elevate(self, view_key, uid, profile, reason, seconds, elevation_id, approved_by=None, expected=None):
         """AssumeRole for on-demand profile `profile` of login grant `view_key`, with the reason and
         the elevation in its session tags, for `seconds`; then held in memory, named in the login's
         files, until it expires, is dropped, or the login's last session ends. Returns Elevated, or
@@ -615,8 +622,8 @@ class Registry:
         if view is None:
             return None
         rule, ident, decided = self.on_demand_rule(view, profile)
-        if rule is None:
-            return None
+        if rule is None or (expected is not None and (rule.role, rule.elevate) != (expected.role, expected.elevate)):
+            return None  # the rules changed since the person was asked (another role, approvers, max)
         key = grant_id(ident.target_uid, ident.principal, ident.service, profile)
         tags = ((ELEVATED_TAG, "true"), (REASON_TAG, reason))
         with self._lock:
@@ -925,7 +932,7 @@ class Registry:
         if grant.profile is not None:
             return mapping.profile_rule(cfg, ident, grant.profile), ident, decided, ()
         decision = mapping.decide(cfg, ident)
-        return decision.rule, ident, decided, self._sections(grant.id, profile_sections(decision.profiles))
+        return decision.rule, ident, decided, profile_sections(decision.profiles)
 
     def revoke(self, key, reason):
         """The rules no longer give this grant: end its sessions and remove it now, lingering or not."""
@@ -969,8 +976,9 @@ class Registry:
                     continue
                 live = bool(self._by_grant.get(grant.id)) and grant.id not in self._lingering
                 if rule.role == current.role:
-                    if live and current.profiles != profiles:  # memory-only grants name no profiles
-                        self._renamed(current, profiles)
+                    sections = self._sections(grant.id, profiles)
+                    if live and current.profiles != sections:  # memory-only grants name no profiles
+                        self._renamed(current, sections)
                     continue
                 if not live:  # memory only (lingering, IMDS, a named profile): nobody to move
                     revoked += self.revoke(grant.id, f"the rules now give this login {rule.role}")

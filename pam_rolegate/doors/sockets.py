@@ -592,7 +592,8 @@ class Handlers:
                                     req.seconds)
 
     def elevation(self, peer, req):
-        return self._elevation_call(peer, req.ACTION, self.elevations.poll, peer.uid, req.id, req.answer)
+        return self._elevation_call(peer, req.ACTION, self.elevations.poll, peer.uid, req.id, req.answer, False,
+                                    req.prompt)
 
     def elevation_cancel(self, peer, req):
         return self._elevation_call(peer, req.ACTION, self.elevations.poll, peer.uid, req.id, None, True)

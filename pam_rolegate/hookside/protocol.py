@@ -190,7 +190,7 @@ class Elevate(Request):
 
 class ElevationPoll(Request):
     ACTION = "elevation"
-    FIELDS = {"id": (str, True), "answer": (str, False)}
+    FIELDS = {"id": (str, True), "answer": (str, False), "prompt": (int, False)}  # prompt: which one `answer` answers
 
 
 class ElevationCancel(Request):

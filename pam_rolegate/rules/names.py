@@ -100,6 +100,11 @@ def tag_key_problem(key):
     return None
 
 
+# What an elevation's AssumeRole adds to session.tags (README "Elevation on demand"); reserved there.
+ELEVATED_TAG = "rolegate:elevated"
+REASON_TAG = "rolegate:reason"
+
+
 def reason_problem(text):
     """None when `text` travels whole as a session tag value (an elevation's reason), else why not:
     nothing is cut or replaced, so CloudTrail keeps exactly what the person wrote."""
