@@ -7,7 +7,19 @@ import textwrap
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from harness import E2E_CONFIG, make_host, run  # noqa: E402
+from harness import ACCOUNT, E2E_CONFIG, make_host, run  # noqa: E402
+
+# alice also gets a named profile, and one she must ask for (README "Several roles per person",
+# "Elevation on demand").
+CONFIG = E2E_CONFIG + f"""  - match: {{user: alice}}
+    profile: deploy
+    role: arn:aws:iam::{ACCOUNT}:role/deploy
+  - match: {{user: alice}}
+    profile: admin
+    role: arn:aws:iam::{ACCOUNT}:role/alice-admin
+    elevate: {{reason: required, max: 15m}}
+"""
+ALICE_PASSWORD = "demo-Passw0rd"
 
 SHOW = ('echo "  AWS_SHARED_CREDENTIALS_FILE=${AWS_SHARED_CREDENTIALS_FILE:-(unset)}"; '
         'echo "  AWS_REGION=${AWS_REGION:-(unset)}"; '
@@ -34,14 +46,20 @@ def main():
         for user, groups in (("alice", ()), ("bob", ()), ("dave", ("admins",))):
             h.add_user(user, groups=groups)
         h.allow_sudo("dave")
-        h.write_config()
-        print("  users: alice (mapped by name), bob (no rule), dave (group admins, may sudo)")
+        run(["chpasswd"], input=f"alice:{ALICE_PASSWORD}\n")
+        h.write_config(CONFIG)
+        print(f"  users: alice (mapped by name; password {ALICE_PASSWORD}), bob (no rule), dave (group admins, "
+              f"may sudo)")
         print("  config /etc/rolegate/rolegate.yaml:")
-        print(textwrap.indent(E2E_CONFIG.strip(), "    "))
+        print(textwrap.indent(CONFIG.strip(), "    "))
         show(run(["rolegate", "check-config"], check=False))
         say("2. Install: the pam-auth-update profile (hook guarded by a service allow-list), the "
             "profile.d snippet, then start rolegated and sshd on 127.0.0.1.")
         hook = h.install_pam(options="")
+        from pam_rolegate.admin import install
+
+        with open(install.ELEVATE_PAM, "w") as fh:  # what `rolegate install` puts there: the user's password
+            fh.write(install.template("elevate-pam"))
         print(f"  hook: {hook}")
         print("  " + "\n  ".join(l for l in open("/etc/pam.d/common-session").read().splitlines() if "rolegate" in l
                                  or "pam_python" in l or "pam_succeed_if" in l))
@@ -51,6 +69,14 @@ def main():
         say("3. alice logs in over ssh and asks STS who she is: her own role, with her name as "
             "the session name and SourceIdentity.")
         show(h.session("ssh", "alice", SHOW % h.moto.url))
+        say("3b. alice's named profile `deploy` is in the same file, assumed only when first used; "
+            "`admin` is on demand: she asks for it with a reason, PAM asks her password (fed here on "
+            "standard input), and it lasts for one command.")
+        env = f"export AWS_ENDPOINT_URL_STS={h.moto.url} AWS_EC2_METADATA_DISABLED=true; "
+        show(h.session("ssh", "alice", env + "rolegate profiles; echo \"  rolegate whoami --profile deploy: "
+                                             "$(rolegate whoami --profile deploy 2>&1 | tail -n 1)\"; "
+                                             f"echo '{ALICE_PASSWORD}' | rolegate elevate admin --reason "
+                                             "'DEMO-1 look around' -- rolegate whoami 2>&1; rolegate profiles"))
         say("4. bob has no rule: he logs in normally and gets nothing. (On a real host the IMDS "
             "firewall keeps him from the instance role too; this sandbox switches IMDS off for sessions.)")
         show(h.session("ssh", "bob", SHOW % h.moto.url))
