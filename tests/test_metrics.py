@@ -77,6 +77,24 @@ def test_metrics__decision_lines_feed_the_login_and_refresh_counters():
     assert out.getvalue().count("\n") == 14, f"every decision must still be logged:\n{out.getvalue()}"
 
 
+def test_metrics__elevations_are_counted_by_outcome_and_never_as_logins():
+    m = fresh_metrics()
+    lg = log.Log("test", stream=io.StringIO(), use_syslog=False, observer=m.observe)
+    lg.decision("elevated", principal="alice", profile="admin", role="r", reason="INC-1", until="t", pam="success")
+    for _ in range(2):
+        lg.decision("denied", action="elevate", principal="alice", profile="admin", role="r", reason="auth failed")
+    lg.decision("failed", action="elevate", principal="alice", profile="admin", role="r", reason="sts")
+    lg.decision("dropped", principal="alice", profile="admin", role="r", reason="rolegate drop")
+    lg.decision("granted", principal="alice", target="alice", role="r", service="sshd", profile="deploy",
+                action="profile", grant="g")  # a named profile's first use: not a login
+    got = scraped(m)
+    for outcome, n in (("granted", 1), ("denied", 2), ("failed", 1)):
+        assert value(got, "rolegate_elevations_total", outcome=outcome) == n, \
+            f"elevations{{outcome={outcome}}} should be {n}: {got}"
+    logins = {k: v for k, v in got.items() if k[0] == "rolegate_logins_total"}
+    assert not logins, f"elevations and named profiles were counted as logins: {logins}"
+
+
 def test_metrics__an_observer_that_raises_never_fails_a_decision():
     def broken(event, fields):
         raise RuntimeError("observer bug")
