@@ -1075,3 +1075,19 @@ def test_registry__an_elevation_ends_with_drop_with_the_last_session_and_with_it
     assert reg.elevations() == [] and reg.named(again.grant.id, "admin", 0, 60) is None, \
         "an elevation survived the removal of its rule"
     assert "[admin]" not in store.files[again.grant.id].decode(), "the removed elevation is still named"
+
+
+def test_registry__a_restart_forgets_elevations_and_their_sections(tmp_path):
+    from pam_rolegate.core.registry import Registry
+
+    reg, clock, engine, store = make_elevation_registry(tmp_path)
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    reg.elevate(opened.grant.id, 0, "admin", "INC-1", 900, "e1")
+    grants, sessions = reg.consistent(lambda g, s: (g, s))
+    assert "[admin]" in store.files[opened.grant.id].decode()
+    again = Registry(reg.cfg, engine, store, DecisionLog(), clock=clock, rolegate_cmd="/usr/bin/rolegate")
+    kept, _reaped = again.restore(grants, sessions)
+    assert kept == 1, "the live session should be kept across the restart"
+    assert again.elevations() == [] and again.named(opened.grant.id, "admin", 0, 60) is None, \
+        "an elevation survived the restart"
+    assert "[admin]" not in store.files[opened.grant.id].decode(), "the restarted broker left the ended section"

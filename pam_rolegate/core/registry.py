@@ -1016,6 +1016,20 @@ class Registry:
                                       reason="ended while the broker was down")
             for key in list(self._grants):
                 self._release_if_unused(key, "released", linger=False)
+            # Elevations are not kept across a restart (their grants had no sessions, so they went
+            # just now): their sections leave the files of the logins that carried them.
+            ended = {}
+            for grant in grants.values():
+                if grant.profile is not None and dict(grant.request.tags).get(ELEVATED_TAG):
+                    view = grant_id(grant.target_uid, grant.principal, grant.service)
+                    ended.setdefault(view, set()).add(grant.profile)
+            for view_key, names_ended in ended.items():
+                view = self._grants.get(view_key)
+                if view is not None and names_ended & set(dict(view.profiles)):
+                    try:
+                        self._renamed(view, tuple(p for p in view.profiles if p[0] not in names_ended))
+                    except (OSError, StoreError) as err:
+                        self.log.error(f"could not rewrite grant {view_key}'s files: {err}")
             for key in self.store.grant_ids():
                 if key not in self._grants:
                     self.store.remove(key)
