@@ -188,18 +188,36 @@ def pending_for(user):
     return json.loads(done.stdout)["pending"]
 
 
+def elevate_in_background(shell, profile, reason, out_file="/tmp/alice-elevate.out"):
+    """alice's `rolegate elevate` left running in her held session (it waits for an approver);
+    its output, then EXIT=code, go to `out_file`."""
+    shell.do(f"rm -f {out_file}; (printf '%s\\n' '{PASSWORDS['alice']}' | {ROLEGATE} elevate {profile} "
+             f"--reason '{reason}' > {out_file} 2>&1; echo EXIT=$? >> {out_file}) &")
+    return out_file
+
+
+def finished_output(shell, out_file):
+    text = shell.do(f"cat {out_file} 2>/dev/null || true")
+    return text if "EXIT=" in text else ""  # not finished yet
+
+
+def waited(probe, timeout=30):
+    """probe()'s first truthy answer within `timeout` seconds, else its last one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
 def test_elevate__an_approver_other_than_the_requester_must_approve_before_sts_is_called(host):
     password_stack()
     shell = Shell(host, "alice")
     try:
         before = host.moto.assume_role_calls()
-        out_file = "/tmp/alice-elevate-prod.out"
-        shell.do(f"(printf '%s\\n' '{PASSWORDS['alice']}' | {ROLEGATE} elevate prod --reason 'CHG-42 deploy' "
-                 f"> {out_file} 2>&1; echo EXIT=$? >> {out_file}) &")
-        deadline, pending = time.monotonic() + 30, []
-        while time.monotonic() < deadline and not pending:
-            pending = pending_for("carol")
-            time.sleep(0.2)
+        out_file = elevate_in_background(shell, "prod", "CHG-42 deploy")
+        pending = waited(lambda: pending_for("carol"))
         assert pending and pending[0]["principal"] == "alice" and pending[0]["reason"] == "CHG-42 deploy" \
             and pending[0]["role"] == arn("prod"), f"carol should see alice's request, role and reason: {pending}"
         rid = pending[0]["id"]
@@ -213,28 +231,18 @@ def test_elevate__an_approver_other_than_the_requester_must_approve_before_sts_i
         done = as_user("carol", [ROLEGATE, "approve", rid])
         assert done.returncode == 0 and "approved" in done.stdout and "CHG-42 deploy" in done.stdout, \
             f"carol's approval failed: {done.stdout} {done.stderr}"
-        deadline, text = time.monotonic() + 30, ""
-        while time.monotonic() < deadline and "EXIT=" not in text:
-            text = shell.do(f"cat {out_file} 2>/dev/null || true")
-            time.sleep(0.2)
+        text = waited(lambda: finished_output(shell, out_file))
         assert "EXIT=0" in text and "waiting for a member of approvers" in text, \
             f"alice's elevate should wait, say so, and succeed once approved:\n{text}"
         assert "assumed-role/prod/" in shell.do(sts("prod")), "the approved profile does not work"
         shell.do(f"{ROLEGATE} drop prod")
         # A deny ends the next one with a clear message, and no STS call.
         calls = host.moto.assume_role_calls()
-        shell.do(f"rm -f {out_file}; (printf '%s\\n' '{PASSWORDS['alice']}' | {ROLEGATE} elevate prod "
-                 f"--reason 'CHG-43' > {out_file} 2>&1; echo EXIT=$? >> {out_file}) &")
-        deadline, pending = time.monotonic() + 30, []
-        while time.monotonic() < deadline and not pending:
-            pending = pending_for("dave")
-            time.sleep(0.2)
+        elevate_in_background(shell, "prod", "CHG-43")
+        pending = waited(lambda: pending_for("dave"))
         assert pending, "dave should see the second request"
         assert as_user("dave", [ROLEGATE, "deny", pending[0]["id"]]).returncode == 0, "dave's deny failed"
-        deadline, text = time.monotonic() + 30, ""
-        while time.monotonic() < deadline and "EXIT=" not in text:
-            text = shell.do(f"cat {out_file} 2>/dev/null || true")
-            time.sleep(0.2)
+        text = waited(lambda: finished_output(shell, out_file))
         assert "EXIT=1" in text and "denied by dave" in text, f"a denied request should say so:\n{text}"
         assert host.moto.assume_role_calls() == calls, "STS was called for a denied request"
     finally:

@@ -11,22 +11,12 @@ from pam_rolegate.backends import pamauth
 from pam_rolegate.core import elevation as el
 from pam_rolegate.hookside import protocol
 from pam_rolegate.rules import config
+from test_registry import DecisionLog as Log
 
 RULE = config.Rule(index=1, line=1, match=config.Match(), role="arn:aws:iam::123456789012:role/admin",
                    profile="admin", elevate=config.Elevate())
 APPROVED_RULE = config.Rule(index=2, line=2, match=config.Match(), role="arn:aws:iam::123456789012:role/prod",
                             profile="prod", elevate=config.Elevate(approvers="root"))
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def decision(self, event, **fields):
-        self.lines.append((event, fields))
-
-    def error(self, text):
-        self.lines.append(("error", {"text": text}))
 
 
 class Registry:
@@ -136,12 +126,18 @@ def test_elevation__a_second_request_for_the_same_profile_waits_its_turn():
     coord.poll(1000, rid, cancel=True)
 
 
-def test_elevation__the_requester_cannot_approve_even_under_another_name(monkeypatch):
-    registry = Registry()
+def awaiting_approval(registry):
+    """alice's request for `prod`, past PAM, waiting for an approver: (coordinator, request id)."""
     coord = el.Elevations(registry, Log(), authenticate=scripted())
     rid = coord.start(1000, "view-1", "prod", "CHG-1", None)["id"]
     coord.poll(1000, rid, answer="right", prompt=prompt_of(coord, rid))
     wait_state(coord, 1000, rid, ("awaiting-approval",))
+    return coord, rid
+
+
+def test_elevation__the_requester_cannot_approve_even_under_another_name(monkeypatch):
+    registry = Registry()
+    coord, rid = awaiting_approval(registry)
     # uid 1000 named "alice2" by NSS, in the approvers group: still the requester.
     monkeypatch.setattr(el.Elevations, "_who", staticmethod(lambda uid: ((uid, "alice2"), ("root",))))
     with pytest.raises(el.Refusal):
@@ -155,10 +151,7 @@ def test_elevation__the_requester_cannot_approve_even_under_another_name(monkeyp
 
 def test_elevation__a_rules_change_while_waiting_for_approval_grants_nothing(monkeypatch):
     registry = Registry()
-    coord = el.Elevations(registry, Log(), authenticate=scripted())
-    rid = coord.start(1000, "view-1", "prod", "CHG-1", None)["id"]
-    coord.poll(1000, rid, answer="right", prompt=prompt_of(coord, rid))
-    wait_state(coord, 1000, rid, ("awaiting-approval",))
+    coord, rid = awaiting_approval(registry)
     registry.rules["prod"] = APPROVED_RULE.__class__(**{**APPROVED_RULE.__dict__,
                                                        "elevate": config.Elevate(approvers="root", max=900)})
     monkeypatch.setattr(el.Elevations, "_who", staticmethod(lambda uid: ((uid, "carol"), ("root",))))

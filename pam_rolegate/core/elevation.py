@@ -16,6 +16,7 @@ import threading
 import time
 
 from ..errors import StsError
+from ..hookside import protocol
 from ..rules import config as config_mod, mapping, names
 
 PROMPT_TIMEOUT = 60.0  # a prompt unanswered this long ends the attempt (not counted as a failure)
@@ -88,8 +89,6 @@ class Elevations:
     def start(self, uid, view_key, profile, reason, seconds):
         """Begin an elevation of login grant `view_key`'s on-demand profile `profile`. Returns the
         first reply (id, state, events); raises Refusal."""
-        from ..hookside import protocol
-
         view = self.registry.view(view_key, uid)
         if view is None:
             raise Refusal(protocol.E_NO_GRANT, f"no live login grant {view_key} for uid {uid}; log in again")
@@ -101,7 +100,7 @@ class Elevations:
         rule, _ident, _decided = self.registry.on_demand_rule(view, profile)
         if rule is None:
             raise Refusal(protocol.E_FORBIDDEN, f"the rules give your login no on-demand profile {profile!r} "
-                                                f"(`rolegate profiles` lists the ones you may elevate to)")
+                                                f"(`rolegate check-user YOUR_NAME` lists the ones you may elevate to)")
         reason = (reason or "").strip()
         if not reason and rule.elevate.reason == "required":
             raise Refusal(protocol.E_BAD_REQUEST, f"profile {profile} needs a reason: rolegate elevate {profile} "
@@ -140,8 +139,6 @@ class Elevations:
     def poll(self, uid, request_id, answer=None, cancel=False, prompt=None):
         """What happened to request `request_id` since the last poll; `answer` answers prompt number
         `prompt` (the one waiting); `cancel` ends it. Only its own uid may."""
-        from ..hookside import protocol
-
         with self._lock:
             request = self._requests.get(request_id)
         if request is None or request.uid != uid:
@@ -160,8 +157,6 @@ class Elevations:
     def approve(self, uid, request_id, deny=False):
         """Approve (or deny) a request waiting for a member of its approvers group other than the
         person who asked. Returns its details."""
-        from ..hookside import protocol
-
         name, groups = self._who(uid)
         with self._lock:
             request = self._requests.get(request_id)
@@ -188,7 +183,6 @@ class Elevations:
 
     def _run(self, request):
         deadline = self.clock() + AUTH_DEADLINE
-        outcome = "denied"
         try:
             from ..backends import pamauth  # pamela loads libpam: only a broker that elevates needs it
 
@@ -256,14 +250,11 @@ class Elevations:
                                                   request.seconds, request.id, approved_by=request.approved_by,
                                                   expected=request.rule)
             except StsError as err:
-                outcome = "failed"
                 self._finish(request, "failed", f"STS refused the role: {getattr(err, 'code', '')}: {err}")
                 return
             if elevation is None:
-                outcome = "failed"
                 self._finish(request, "failed", "your session ended or the rules changed; nothing was granted")
                 return
-            outcome = "granted"
             request.until = elevation.until
             self.log.decision("elevated", principal=request.principal, profile=request.profile, role=request.role,
                               reason=request.reason, until=_iso(elevation.until), elevation=request.id,
@@ -272,9 +263,9 @@ class Elevations:
         except Exception as err:  # a bug ends this request, never the broker
             self.log.error(f"elevation {request.id}: {type(err).__name__}: {err}")
             if request.finished is None:
-                self._finish(request, "failed", f"internal error: {type(err).__name__}", log_outcome=outcome)
+                self._finish(request, "failed", f"internal error: {type(err).__name__}")
 
-    def _finish(self, request, state, message, counted=False, log_outcome=None):
+    def _finish(self, request, state, message, counted=False):
         now = self.clock()
         with self._lock:
             request.state, request.message, request.finished = state, message, now

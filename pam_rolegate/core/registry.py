@@ -48,7 +48,6 @@ CONTAINER_PATH = "/rolegate/credentials/"
 BACKGROUND_MIN_HOLD = 60
 # Refresh retries after a failure wait 5 s, 10 s, ... up to this.
 BACKOFF_MAX = 300
-ELEVATED_TAG, REASON_TAG = names.ELEVATED_TAG, names.REASON_TAG  # an elevation's, beside session.tags
 
 
 @dataclass(frozen=True)
@@ -335,12 +334,7 @@ class Registry:
             of_view.pop(elevation.profile, None)
             if not of_view:
                 self._elevated.pop(elevation.view, None)
-            view = self._grants.get(elevation.view)
-            if view is not None and elevation.profile in dict(view.profiles):
-                try:
-                    self._renamed(view, tuple(p for p in view.profiles if p[0] != elevation.profile))
-                except (OSError, StoreError) as err:  # a full tmpfs: the section's command is refused anyway
-                    self.log.error(f"could not rewrite grant {view.id}'s files: {err}")
+            self._unname(elevation.view, {elevation.profile})
         self._drop_elevations_of(key, "its login ended")
         return grant
 
@@ -479,6 +473,17 @@ class Registry:
         with self._lock:
             elevated = tuple((p, e.role) for p, e in self._elevated.get(key, {}).items() if p not in dict(named))
         return tuple(named) + elevated
+
+    def _unname(self, view_key, ended):
+        """Take the sections of profiles `ended` out of login grant `view_key`'s files (lock held).
+        Best effort: on a full tmpfs the stale section's command is refused by the broker anyway."""
+        view = self._grants.get(view_key)
+        if view is None or not ended & set(dict(view.profiles)):
+            return
+        try:
+            self._renamed(view, tuple(p for p in view.profiles if p[0] not in ended))
+        except (OSError, StoreError) as err:
+            self.log.error(f"could not rewrite grant {view_key}'s files: {err}")
 
     def _renamed(self, grant, profiles):
         """`grant` naming `profiles` in its files from now on (the rules changed its named profiles;
@@ -625,7 +630,7 @@ class Registry:
         if rule is None or (expected is not None and (rule.role, rule.elevate) != (expected.role, expected.elevate)):
             return None  # the rules changed since the person was asked (another role, approvers, max)
         key = grant_id(ident.target_uid, ident.principal, ident.service, profile)
-        tags = ((ELEVATED_TAG, "true"), (REASON_TAG, reason))
+        tags = ((names.ELEVATED_TAG, "true"), (names.REASON_TAG, reason))
         with self._lock:
             self._hold(key)
         try:
@@ -944,10 +949,7 @@ class Registry:
             for sid in list(self._by_grant.get(key, ())):
                 self._pop_session(sid)
             self._lingering.pop(key, None)
-            try:
-                self.store.remove(key)
-            except OSError as err:
-                self.log.error(f"could not remove grant {key}: {err}")
+            self._remove_files(key)
             if self._pending.get(key):
                 # The open or refresh holding it drops it when it lets go, without linger; what it
                 # obtains meanwhile is neither written nor kept (_obtain refuses a revoked grant).
@@ -1020,16 +1022,11 @@ class Registry:
             # just now): their sections leave the files of the logins that carried them.
             ended = {}
             for grant in grants.values():
-                if grant.profile is not None and dict(grant.request.tags).get(ELEVATED_TAG):
+                if grant.profile is not None and dict(grant.request.tags).get(names.ELEVATED_TAG):
                     view = grant_id(grant.target_uid, grant.principal, grant.service)
                     ended.setdefault(view, set()).add(grant.profile)
             for view_key, names_ended in ended.items():
-                view = self._grants.get(view_key)
-                if view is not None and names_ended & set(dict(view.profiles)):
-                    try:
-                        self._renamed(view, tuple(p for p in view.profiles if p[0] not in names_ended))
-                    except (OSError, StoreError) as err:
-                        self.log.error(f"could not rewrite grant {view_key}'s files: {err}")
+                self._unname(view_key, names_ended)
             for key in self.store.grant_ids():
                 if key not in self._grants:
                     self.store.remove(key)

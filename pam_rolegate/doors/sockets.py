@@ -538,14 +538,9 @@ class Handlers:
             return self._forbidden(peer, req.ACTION, str(err))
 
     def credentials(self, peer, req):
-        key = req.grant
-        if key is None:
-            reply = self.env(peer, protocol.Env())
-            if isinstance(reply, protocol.ErrorReply):
-                return reply
-            if not reply.get("granted"):
-                return protocol.ErrorReply(protocol.E_NO_GRANT, reply.get("reason"))
-            key = reply.get("grant")
+        key, error = self._view_key(peer, req.grant)
+        if error is not None:
+            return error
         if req.profile is not None:
             return self._named_credentials(peer, req, key)
         grant = self.registry.live_grant(key)
