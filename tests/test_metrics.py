@@ -322,6 +322,11 @@ def test_metrics__file_counts_real_logins_exactly(host):
             if value(got, "rolegate_logins_total", service=SERVICE, result="denied") == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+        # The reader polls every few milliseconds but may not have opened that newest file yet (CI
+        # once saw this test read it within the reader's own pause): give it the next rewrites too.
+        deadline = time.monotonic() + 5
+        while len(reader.inodes) < 2 and reader.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         reader.stop_flag.set()
         reader.join(10)
