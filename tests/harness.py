@@ -20,6 +20,10 @@ import time
 from conftest import free_port, require_sandbox, start_moto
 
 VENV = os.environ.get("ROLEGATE_TEST_VENV") or os.path.dirname(os.path.dirname(sys.executable))
+# The AWS SDK for JavaScript v3 (scripts/test installs it from tests/js): `{JS_SDK} whoami [PROFILE]`
+# prints the caller's ARN, `{JS_SDK} region [PROFILE]` the region a client resolves.
+JS_DIR = os.environ.get("ROLEGATE_TEST_JS") or os.path.join(os.path.dirname(VENV), "js")
+JS_SDK = f"node {JS_DIR}/sdk.js"
 ROLEGATE = "/usr/local/bin/rolegate"
 ROLEGATED = "/usr/local/bin/rolegated"
 RUNTIME_DIR = "/run/rolegate"

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import require_sandbox
-from harness import ACCOUNT, CHURN, RUNTIME_DIR, VENV, make_host, run, wait_gone
+from harness import ACCOUNT, CHURN, JS_SDK, RUNTIME_DIR, VENV, make_host, run, wait_gone
 from pam_rolegate.hookside import client, protocol
 from pam_rolegate.backends import firewall
 
@@ -304,6 +304,14 @@ def test_imds__mapped_user_without_a_session_gets_their_role_through_the_aws_cli
     assert arn.startswith(role_arn_prefix("alice-role")), f"the AWS CLI got {arn}, not alice's role"
 
 
+def test_imds__mapped_user_without_a_session_gets_their_role_through_the_js_sdk(lab):
+    lab.configure()
+    done = run(lab.cmd("alice", JS_SDK.split() + ["whoami"],
+                       env={"AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_STS": lab.sts_url}), check=False, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith(role_arn_prefix("alice-role")), \
+        f"the JS SDK should get alice's role through IMDS, got rc={done.returncode}: {done.stdout} {done.stderr[-2000:]}"
+
+
 def test_imds__unmapped_user_gets_no_credentials_never_the_instance_role(lab):
     lab.configure()
     got = lab.whoami("bob")
@@ -312,6 +320,10 @@ def test_imds__unmapped_user_gets_no_credentials_never_the_instance_role(lab):
                                "--endpoint-url", lab.sts_url]), check=False, timeout=60)
     assert done.returncode != 0 and "Unable to locate credentials" in done.stderr, \
         f"the AWS CLI should find no credentials for bob: rc={done.returncode} {done.stdout} {done.stderr[-2000:]}"
+    done = run(lab.cmd("bob", JS_SDK.split() + ["whoami"],
+                       env={"AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_STS": lab.sts_url}), check=False, timeout=60)
+    assert done.returncode != 0 and done.stdout.startswith("ERROR CredentialsProviderError"), \
+        f"the JS SDK should find no credentials for bob: rc={done.returncode} {done.stdout} {done.stderr[-2000:]}"
 
 
 def test_imds__root_still_gets_the_instance_role(lab):
@@ -593,6 +605,9 @@ REGION_REPORT = "; ".join([
     'echo "ARN=$(%s -c "import boto3; print(boto3.client(\'sts\', endpoint_url=\'%%(sts)s\').get_caller_identity()[\'Arn\'])" 2>&1 | tail -n 1)"'
     % sys.executable,
     f'echo "CLI_ARN=$({AWS_CLI} sts get-caller-identity --endpoint-url %(sts)s --query Arn --output text 2>&1 | tail -n 1)"',
+    # the JS SDK: the region its clients resolve, and who it is
+    f'echo "JS_REGION=$({JS_SDK} region 2>&1 | tail -n 1)"',
+    f'echo "JS_ARN=$(AWS_ENDPOINT_URL_STS=%(sts)s {JS_SDK} whoami 2>&1 | tail -n 1)"',
 ])
 
 
@@ -632,6 +647,8 @@ def region_session(lab, path, script_env=""):
     assert got.get("ARN", "").startswith(role_arn_prefix("alice-role")), f"alice's {path} login lacks her role: {got}"
     assert got.get("CLI_ARN", "").startswith(role_arn_prefix("alice-role")), \
         f"the AWS CLI in alice's {path} login lacks her role: {got}"
+    assert got.get("JS_ARN", "").startswith(role_arn_prefix("alice-role")), \
+        f"the JS SDK in alice's {path} login lacks her role: {got}"
     return got, took
 
 
@@ -646,6 +663,7 @@ def assert_region(got, region, own, what):
         assert got.get("CLI") == f"{region}/env", f"{what}: the CLI should resolve rolegate's {region}: {got}"
     assert got.get("BOTO") == f"{region} https://ec2.{region}.amazonaws.com", \
         f"{what}: boto3 should call {region}: {got}"
+    assert got.get("JS_REGION") == region, f"{what}: the JS SDK should call {region}: {got}"
 
 
 @pytest.mark.parametrize("own_config", [True, False], ids=["own-region", "no-own-region"])

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import ACCOUNT, RUNTIME_DIR, VENV, Shell, run
+from harness import ACCOUNT, JS_SDK, RUNTIME_DIR, VENV, Shell, run
 from test_imds import AWS_CLI, alice_aws_config, lab, role_arn_prefix  # noqa: F401 (lab: the fixture)
 
 ROLEGATE = os.path.join(VENV, "bin", "rolegate")
@@ -45,12 +45,14 @@ def _clients(profile):
         f"echo \"BOTO_{profile}=$({sys.executable} -c \"import boto3; print(boto3.session.Session(profile_name={name})"
         f".client('sts').get_caller_identity()['Arn'])\" 2>&1 | tail -n 1)\"",
         f"echo \"WHOAMI_{profile}=$({ROLEGATE} whoami {o} 2>&1 | tail -n 1)\"",
+        f"echo \"JS_{profile}=$({JS_SDK} whoami {profile} 2>&1 | tail -n 1)\"",
     ]
 
 
 CLIENTS = "; ".join(
     ["export AWS_ENDPOINT_URL_STS=%(sts)s"] + _clients("default") + _clients("a") + _clients("b") + [
         f"echo \"ENV_b=$(AWS_PROFILE=b {AWS_CLI} sts get-caller-identity --query Arn --output text 2>&1 | tail -n 1)\"",
+        f"echo \"JS_ENV_b=$(AWS_PROFILE=b {JS_SDK} whoami 2>&1 | tail -n 1)\"",
         "echo \"POINTERS=${AWS_SHARED_CREDENTIALS_FILE:-}|${AWS_CONFIG_FILE:-}|${AWS_CONTAINER_CREDENTIALS_FULL_URI:-}\"",
     ])
 
@@ -95,12 +97,13 @@ def test_profiles__every_client_gets_each_profiles_role_on_every_path_and_delive
     expected = EXPECTED["sudo-i" if path == "sudo-i" else "ssh"]
     wrong = {}
     for profile, role in expected.items():
-        for client in ("CLI", "BOTO", "WHOAMI"):
+        for client in ("CLI", "BOTO", "WHOAMI", "JS"):
             arn = got.get(f"{client}_{profile}", "")
             if not arn.startswith(role_arn_prefix(role)):
                 wrong[f"{client} {profile}"] = f"{arn!r}, expected role {role}"
-    if not got.get("ENV_b", "").startswith(role_arn_prefix(expected["b"])):
-        wrong["AWS_PROFILE=b"] = got.get("ENV_b")
+    for client in ("ENV_b", "JS_ENV_b"):
+        if not got.get(client, "").startswith(role_arn_prefix(expected["b"])):
+            wrong[f"AWS_PROFILE=b ({client})"] = got.get(client)
     assert not wrong, f"{what}: clients named the wrong role:\n" + "\n".join(f"  {k}: {v}" for k, v in wrong.items()) \
         + f"\n{done.stdout}\n{done.stderr[-2000:]}"
 
@@ -141,13 +144,14 @@ def test_profiles__a_source_profile_chain_from_the_users_own_config_starts_at_a_
             f"echo \"CLI=$({AWS_CLI} sts get-caller-identity --profile chain --query Arn --output text 2>&1 | tail -n 1)\"",
             f"echo \"BOTO=$({sys.executable} -c \"import boto3; print(boto3.session.Session(profile_name='chain')"
             ".client('sts').get_caller_identity()['Arn'])\" 2>&1 | tail -n 1)\"",
+            f"echo \"JS=$({JS_SDK} whoami chain 2>&1 | tail -n 1)\"",
             f"echo \"OUTPUT=$({AWS_CLI} configure get output)\"",
         ])
         got = lines_of(in_session(lab, "ssh", "alice", script))
     finally:
         cleanup()
     expected = f"arn:aws:sts::{ACCOUNT}:assumed-role/chained/alice-chain"
-    assert got.get("CLI") == expected and got.get("BOTO") == expected, \
+    assert got.get("CLI") == expected and got.get("BOTO") == expected and got.get("JS") == expected, \
         f"a chain whose source_profile is rolegate's profile a should reach {expected}: {got}"
     assert got.get("OUTPUT") == "json", f"alice's own `output` setting was lost: {got}"
 
