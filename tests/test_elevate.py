@@ -307,8 +307,13 @@ def test_elevate__a_flood_of_unanswered_requests_delays_no_login_and_no_other_el
         flood_login, flood_dave = timed(login), timed(dave_starts, 3)
         print(f"\nmedian ms, before and while alice holds 200 unanswered requests: login {base_login * 1000:.1f} / "
               f"{flood_login * 1000:.1f}; dave's elevation start {base_dave * 1000:.1f} / {flood_dave * 1000:.1f}")
-        assert flood_login - base_login < 0.1, f"logins slowed by {(flood_login - base_login) * 1000:.0f} ms"
-        assert flood_dave - base_dave < 0.1, f"dave's elevation slowed by {(flood_dave - base_dave) * 1000:.0f} ms"
+        # No-hang bounds, not speed: medians of 3 whole child processes swing by tens of ms on a
+        # shared machine; a flood that held the doors would cost seconds (a request's own deadline).
+        assert flood_login < base_login + 2.0, \
+            f"a login took {flood_login:.2f}s during the flood, {base_login:.2f}s before: the flood held the PAM door"
+        assert flood_dave < base_dave + 2.0, \
+            f"dave's elevation start took {flood_dave:.2f}s during the flood, {base_dave:.2f}s before: alice's " \
+            f"unanswered requests held another user's"
         # Another user can neither read nor answer nor cancel alice's requests.
         rid = started[0].split(":", 1)[1]
         for request in (protocol.ElevationPoll(id=rid), protocol.ElevationPoll(id=rid, answer="guess"),

@@ -359,6 +359,8 @@ def test_fleet__no_parameter_and_no_copy_means_no_grants_and_a_clear_line(host, 
     host.write_config(fleet_config(host.moto.url))  # nothing was put: ParameterNotFound
     mark = host.log_mark()
     host.start_broker()
+    # The doors listen a moment before `started:` is written: wait for the line, not the socket.
+    wait_log(host, mark, "started:", 15)
     log = host.log_since(mark)
     line = next((l for l in log.splitlines() if "failed: action=rules" in l), "")
     assert "code=ParameterNotFound" in line and f"no rules: nobody gets a role until {SOURCE} can be read" in line \
@@ -373,6 +375,16 @@ def test_fleet__no_parameter_and_no_copy_means_no_grants_and_a_clear_line(host, 
     print(f"\nfleet rules: with no rules at all, the new parameter was in force {took:.1f}s after put-parameter")
 
 
+def _catches_sighup(pid):
+    """Whether process `pid` has a handler for SIGHUP (signal 1: bit 0 of its SigCgt mask)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            caught = next(l for l in fh if l.startswith("SigCgt:")).split()[1]
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        return False
+    return bool(int(caught, 16) & 1 << (signal.SIGHUP - 1))
+
+
 def test_fleet__a_sighup_while_the_first_fetch_hangs_neither_kills_the_broker_nor_is_lost(host, ssm):
     # An endpoint that completes the TCP handshake (the kernel does) and never answers: the first
     # fetch at start waits out sts_timeout. A SIGHUP then (systemctl reload right after boot or
@@ -380,12 +392,25 @@ def test_fleet__a_sighup_while_the_first_fetch_hangs_neither_kills_the_broker_no
     silent = socket.socket()
     silent.bind(("127.0.0.1", free_port(privileged=True)))
     silent.listen(16)
+    held = []
     try:
         host.write_config(fleet_config(f"http://127.0.0.1:{silent.getsockname()[1]}"))
         mark = host.log_mark()
         broker = host.start_broker(wait=False)
-        time.sleep(1.0)  # inside the first fetch (sts_timeout is 2 s)
+        # Not a fixed sleep: on a loaded machine the broker may not have reached its SIGHUP handler
+        # yet, and the signal's default action would end it for a slow start, not for the bug. Its
+        # first fetch connecting here is the moment: under way, waiting for an answer that never
+        # comes (accepting it answers nothing), for up to sts_timeout (2 s).
+        silent.settimeout(30)
+        try:
+            fetch, _ = silent.accept()
+        except socket.timeout:
+            raise AssertionError(f"the broker's first fetch never connected within 30 s:\n"
+                                 f"{host.log_since(mark)}") from None
+        held.append(fetch)
         assert broker.poll() is None, f"the broker ended before the SIGHUP:\n{host.log_since(mark)}"
+        assert _catches_sighup(broker.pid), \
+            "the broker has no SIGHUP handler while its first fetch hangs: a SIGHUP now would end it"
         broker.send_signal(signal.SIGHUP)
         host.wait_for_socket(timeout=30)
         assert broker.poll() is None, f"a SIGHUP during start ended the broker ({broker.returncode}):\n" \
@@ -394,6 +419,8 @@ def test_fleet__a_sighup_while_the_first_fetch_hangs_neither_kills_the_broker_no
         wait_log(host, mark, "reloaded: path=", 15)
         assert "started:" in host.log_since(mark), host.log_since(mark)
     finally:
+        for conn in held:
+            conn.close()
         silent.close()
 
 

@@ -131,13 +131,17 @@ def host():
             h.write_config(LOAD_CONFIG)
             # The ssh storm's 200 clients and their key exchanges run on this machine too, beside
             # the broker and the stand-in; on a real bastion they are elsewhere. So the sshd stack's
-            # hook gets a wider budget than the 3 s default (the pamtester logins keep it): the
-            # storm tests the doors (no refused connect, no lost reply), not this machine's speed.
+            # hook gets a wider budget than the 3 s default: the storm tests the doors (no refused
+            # connect, no lost reply), not this machine's speed.
             hook = h.install_pam(options="debug timeout=10")
             with open(REPORTER, "w") as fh:
                 fh.write('#!/bin/sh\necho "REPORT type=$PAM_TYPE user=$PAM_USER file=${AWS_SHARED_CREDENTIALS_FILE:-}"\n')
             os.chmod(REPORTER, 0o755)
-            for service, options in ((SERVICE, "debug"), (SERVICE_DENY, "debug on_error=deny")):
+            # The pamtester logins too: 50-100 of them start an embedded Python each, at once, on
+            # two shared cores; one that ran out of the 3 s default would open without credentials
+            # and fail the exact counts below for the machine's speed, not the broker's behaviour.
+            for service, options in ((SERVICE, "debug timeout=10"),
+                                     (SERVICE_DENY, "debug on_error=deny timeout=10")):
                 with open(f"/etc/pam.d/{service}", "w") as fh:
                     fh.write(_service_file(hook, options))
             h.start_broker()
@@ -813,7 +817,10 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
           f"held ones got {held['held']}, the last after {held['last']:.1f}s; the client's pings {held['pings']}; "
           f"hammer (count, slowest s) {held['hammer']} in {held['hammer_s']:.1f}s")
     assert codes == {"busy": PAST}, f"connections past the bound of {bound} were not all told busy: {dict(codes)}"
-    assert worst < 1.0, f"a connection past the bound waited {worst:.2f}s for its refusal: it should be at once"
+    # No-hang bounds, not speed (here and for the hammer below): under the line's 5 s deadline, so
+    # a refusal that came only from waiting out the line still fails.
+    assert worst < 3.0, f"a connection past the bound waited {worst:.2f}s for its refusal (no-hang bound 3 s): " \
+                        f"it should be refused at once, not wait in line"
     assert isinstance(root_env, protocol.Reply), f"root's env failed while {HOLDER}'s line was full: {root_env}"
     missing = [l.describe() for l in done if not l.granted()]
     assert not missing, f"{len(missing)} of 5 logins failed while {HOLDER}'s line was full:\n" + "\n".join(missing)
@@ -826,7 +833,8 @@ def test_capacity__one_past_the_per_uid_bound_is_refused_at_once_logged_once_and
     assert set(hammer) <= {"busy", "ok"} and hammer.get("busy", (0,))[0] > 0, \
         f"the hammer's pings should be told busy while the line was full, answered once it drained: {hammer}"
     assert sum(count for count, _ in hammer.values()) >= 100, f"the hammer made few requests, proving little: {hammer}"
-    assert hammer["busy"][1] < 1.0, f"a hammer ping past the bound waited {hammer['busy'][1]:.2f}s to be told busy"
+    assert hammer["busy"][1] < 3.0, f"a hammer ping past the bound waited {hammer['busy'][1]:.2f}s to be told busy " \
+                                    f"(no-hang bound 3 s, under the line's 5 s deadline): it waited in line"
     # The short ping ends within its deadline either way: told `busy`, or, when the hammer has the
     # kernel's listen queue full for all of its 0.3 s, never connected (the client's bounded connect).
     short = held["pings"]["short"]

@@ -30,14 +30,15 @@ RATE_USERS = tuple(f"rate{i:02d}" for i in range(40))
 CALL_TIMEOUT = 30.0  # one PAM-door request; generous: other suites share these two cores
 
 
-def config(users, *, duration=900, refresh_before=None, linger=None, refresh=None):
+def config(users, *, duration=900, refresh_before=None, linger=None, refresh=None, sts_timeout=5):
     """A config giving each of `users` its own role, with the session/refresh settings given."""
     session = [f"  duration: {duration}"]
     if refresh_before is not None:
         session.append(f"  refresh_before: {refresh_before}")
     if linger is not None:
         session.append(f"  linger: {linger}")
-    text = ["version: 1", "region: us-east-1", "sts_timeout: 5", "reap_interval: 2s", "session:", *session]
+    text = ["version: 1", "region: us-east-1", f"sts_timeout: {sts_timeout}", "reap_interval: 2s", "session:",
+            *session]
     if refresh is not None:
         text += ["refresh:", f"  workers: {refresh[0]}", f"  rate: {refresh[1]}"]
     text.append("roles:")
@@ -438,32 +439,36 @@ def test_refresh__pool_keeps_to_its_rate_and_refreshes_every_grant(host, sleeper
     with ThreadPoolExecutor(8) as pool:
         logins = list(pool.map(login, RATE_USERS, pids))
     login_s = time.monotonic() - t0
+    t_start = time.monotonic()
     start = host.moto.assume_role_calls()
     assert start - before == len(RATE_USERS), \
         f"{len(RATE_USERS)} first logins cost {start - before} AssumeRole calls (a refresh ran early, or a login " \
         f"was not counted); logins took {login_s:.1f}s"
     keys = {path: key_id(path) for _sid, path in logins}
 
-    samples = [(time.monotonic(), start)]
+    # Each sample is (time before asking moto, its count, time after): moto counted at some moment
+    # between the two, so the calls between samples i and j fell within tj_after - ti_before.
+    samples = [(t_start, start, time.monotonic())]
     deadline = time.monotonic() + 90
     refreshed = set()
     while time.monotonic() < deadline and len(refreshed) < len(keys):
         time.sleep(0.15)
-        samples.append((time.monotonic(), host.moto.assume_role_calls()))
+        asked = time.monotonic()
+        samples.append((asked, host.moto.assume_role_calls(), time.monotonic()))
         refreshed |= {p for p, k in keys.items() if p not in refreshed and os.path.exists(p) and key_id(p) != k}
     assert len(refreshed) == len(keys), \
         f"only {len(refreshed)} of {len(keys)} grants were refreshed within 90 s"
     assert samples[-1][1] - start >= len(keys), f"moto saw {samples[-1][1] - start} refreshes for {len(keys)} grants"
 
     worst, at = 0, None
-    for i, (ti, ci) in enumerate(samples):
-        for tj, cj in samples[i + 1:]:
+    for i, (ti, ci, _) in enumerate(samples):
+        for _, cj, tj in samples[i + 1:]:
             if tj - ti > 1.0:
                 break
             if cj - ci > worst:
                 worst, at = cj - ci, round(ti - samples[0][0], 1)
-    first = next(t for t, c in samples if c > start)
-    last = next(t for t, c in samples if c >= start + len(keys))
+    first = next(t for _, c, t in samples if c > start)
+    last = next(t for _, c, t in samples if c >= start + len(keys))
     print(f"\nrefresh: {len(keys)} logins in {login_s:.1f}s; the pass of {len(keys)} refreshes took "
           f"{last - first:.1f}s; worst 1 s window {worst} calls (at +{at}s); {len(samples)} samples")
     assert worst <= RATE + WORKERS, \
@@ -988,7 +993,9 @@ def test_refresh__reload_while_every_worker_is_busy_does_not_stop_refreshing(hos
     # free one; a SIGHUP then rebuilds the pool. Once STS answers again every grant must still be
     # refreshed: the pool's rebuild must not strand the scheduler or lose the busy workers' slots.
     users = RATE_USERS[:8]
-    text = config(users, duration=900, refresh_before=890, refresh=(2, RATE))
+    # sts_timeout 20, not 5: the hung calls must still be in flight when the SIGHUP lands at +11.5 s,
+    # and with 5 a refresh due at +9 s failed at +14 s, a margin a loaded machine could eat.
+    text = config(users, duration=900, refresh_before=890, refresh=(2, RATE), sts_timeout=20)
     restart(host, text)
     pids = sleepers.start(len(users))
     with ThreadPoolExecutor(8) as pool:
@@ -997,7 +1004,7 @@ def test_refresh__reload_while_every_worker_is_busy_does_not_stop_refreshing(hos
     keys = {path: key_id(path) for _sid, path in logins}
     host.moto.proc.send_signal(signal.SIGSTOP)
     try:
-        # Refreshes fall due ~9-10 s after the logins and then hang for sts_timeout (5 s).
+        # Refreshes fall due ~9-10 s after the logins and then hang for sts_timeout (20 s).
         time.sleep(max(0.0, t0 + 11.5 - time.monotonic()))
         mark = host.log_mark()
         host.broker.send_signal(signal.SIGHUP)
