@@ -8,16 +8,19 @@ import dataclasses
 import os
 import resource
 import signal
+import syslog
 import threading
+import time
 
 from .rules import config as config_mod
 from .hookside import protocol
-from .backends import store
+from .backends import sdnotify, store
 from .backends.homefiles import HomeReader
 from .doors.sockets import (ALWAYS_ADMITTED_POOL, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID, MAX_SERVING_PER_UID,
                             MAX_USER_CONNECTIONS, MAX_WORKING_PER_UID, PAM_WORKERS, USER_WORKERS, Door, Handlers,
                             RefusalLog)
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, RolegateError, StoreError
+from .admin import exitcodes
 from .backends.fleet import FleetRules
 from .backends.firewall import door_ports
 from .core.lifecycle import FD_RESERVE, Lifecycle
@@ -222,6 +225,30 @@ class Broker:
         note = fields.pop("note", None)
         self.log.decision("reloaded", **fields, rules=len(cfg.roles), revoked=revoked, note=note)
 
+    def warm_up(self, budget=None, sleep=time.sleep):
+        """Pay before READY=1 what the first login would otherwise pay (the gatekeeper's keys, the STS
+        client, the instance id its session tags use), retrying until `budget` seconds are spent: a
+        host whose network comes late still gets a warm broker, one with none still becomes ready.
+        True when done; else the first login pays the rest, and the log says why."""
+        budget = WARM_UP_SECONDS if budget is None else budget
+        deadline, last = time.monotonic() + budget, None
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.registry.engine.warm(max(min(left, WARM_UP_TRY_SECONDS), 0.1))
+                _ = self.registry.host  # cached once the instance id is known
+                return True
+            except RolegateError as err:
+                last = err
+            except Exception as err:  # botocore's own (a missing region...): said below, never fatal
+                last = f"{type(err).__name__}: {err}"
+            if deadline - time.monotonic() <= WARM_UP_PAUSE:
+                break
+            sleep(WARM_UP_PAUSE)
+        self.log.emit(f"warm-up: the gatekeeper's keys or the STS client are not ready after {budget:g}s ({last}); "
+                      f"ready anyway: the first login fetches them itself. Check `rolegate doctor`", syslog.LOG_WARNING)
+        return False
+
     def stop(self):
         if self.fleet is not None:
             self.fleet.stop()
@@ -235,6 +262,14 @@ class Broker:
         self.metrics.stop()
         self.journal.close()
 
+
+# The warm-up before READY=1: systemd holds logins (systemd-user-sessions.service) until then, so
+# its bound is what a host whose IMDS or STS does not answer waits at boot before logins open.
+# 20 s covers a late network's DHCP and a slow first TLS handshake; each try gets at most
+# WARM_UP_TRY_SECONDS (the IMDS calls' own 2 s cap is inside it), then a pause before the next.
+WARM_UP_SECONDS = 20
+WARM_UP_TRY_SECONDS = 5
+WARM_UP_PAUSE = 1.0
 
 # Sessions whose processes the broker watches through a pidfd each (past this they are polled
 # every reap_interval): well above the 10,000 live sessions a busy bastion holds.
@@ -275,7 +310,7 @@ def serve(config_path, engine=None, log=None, ready=None):
         config_mod.check_paths(cfg)
     except ConfigError as err:
         log.error(f"not starting: {err}")
-        return 1
+        return exitcodes.NEGATIVE  # the config is invalid
     _raise_fd_limit(door_descriptors(cfg), log)
     broker = Broker(cfg, engine=engine, log=log)
     # Signals are caught before start(): it may wait on Parameter Store for up to the STS budget,
@@ -291,17 +326,31 @@ def serve(config_path, engine=None, log=None, ready=None):
     except (StoreError, OSError) as err:
         log.error(f"not starting: {err}")
         broker.stop()
-        return 1
+        return exitcodes.FAILED  # the runtime directory, a socket or the rules cache could not be set up
     log.decision("started", socket=broker.user_door.path, pam_socket=broker.pam_door.path, pid=os.getpid(),
                  rules=len(broker.cfg.roles), rules_from=cfg.rules_from, delivery=cfg.delivery, source=str(cfg.source))
-    if ready is not None:
-        ready()
+    # The doors already listen (a login that comes now waits for the same keys); the warm-up runs
+    # beside the signal loop so a SIGTERM is not held up by it. READY=1 once it is over.
+    sdnotify.status("warming up: fetching the gatekeeper's keys, building the STS client")
+    warming = threading.Thread(target=broker.warm_up, name="warm-up", daemon=True)
+    warming.start()
+    told_ready = False
     while not stop_requested.is_set():
-        stop_requested.wait(0.5)
+        if not told_ready and not warming.is_alive():
+            sdnotify.ready(f"serving {broker.user_door.path}")
+            told_ready = True
+            if ready is not None:
+                ready()
+        stop_requested.wait(0.05 if not told_ready else 0.5)
         if reload_requested.is_set():
             reload_requested.clear()
+            if told_ready:  # before READY=1 systemd still counts the start, not a reload
+                sdnotify.reloading()
             broker.reload(config_path)
+            if told_ready:
+                sdnotify.ready(f"serving {broker.user_door.path}")
     # Sessions outlive the broker: files and records stay, so a restarted broker picks them up.
+    sdnotify.stopping()
     broker.stop()
     log.decision("stopped", pid=os.getpid(), grants=broker.registry.counts()["grants"], note="files kept for restart")
     return 0

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import free_port, require_sandbox
 from harness import ACCOUNT, CONFIG_PATH, Held, Shell, run, sandbox_host
-from pam_rolegate.admin import cli, doctor
+from pam_rolegate.admin import cli, doctor, exitcodes
 from pam_rolegate.rules import config
 from pam_rolegate.backends import fleet
 from pam_rolegate.errors import ConfigError, StoreError
@@ -543,7 +543,7 @@ def test_fleet__policy_allows_get_parameter_on_exactly_that_parameter(tmp_path):
     # Without --rules and without a last good copy it says what to pass.
     out, err = io.StringIO(), io.StringIO()
     code = cli.main(["--config", str(cfg_path), "policy"], cli.Deps(out=out, err=err, environ={}))
-    assert code == cli.EXIT_ERROR and "pass --rules FILE" in err.getvalue(), err.getvalue()
+    assert code == exitcodes.FAILED and "pass --rules FILE" in err.getvalue(), err.getvalue()
 
 
 def test_fleet__doctor_reads_and_checks_the_parameter(moto, tmp_path):
