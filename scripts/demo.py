@@ -9,7 +9,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from harness import ACCOUNT, E2E_CONFIG, make_host, run  # noqa: E402
 
-# alice also gets a named profile, and one she must ask for (README "Several roles per person",
+# alice also gets a named profile, and one she must ask for (docs/profiles-and-elevation.md "Several roles per person",
 # "Elevation on demand").
 CONFIG = E2E_CONFIG + f"""  - match: {{user: alice}}
     profile: deploy

@@ -33,7 +33,7 @@ CONFIG_PATH = "/etc/rolegate/rolegate.yaml"
 # The PATH sshd runs with (systemd's default for services, and OpenSSH's own default). pam_python
 # takes its interpreter's prefix from the first `python3` on the PAM program's own PATH, so a
 # pamtester that inherited a pyenv or venv `python3` ahead of /usr/bin would embed, and measure, an
-# interpreter no sshd runs (README "The PATH hazard"; the bench once read 34 ms for 24.5).
+# interpreter no sshd runs (docs/security.md "The PATH hazard"; docs/internals.md says what the bench once measured).
 SSHD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 ACCOUNT = "123456789012"

@@ -116,7 +116,7 @@ def workdir():
 
 
 def test_deb__lintian_reports_no_errors_and_no_warnings(deb):
-    # The README promises both; the informational tags it lists are the only ones left.
+    # docs/install.md promises both; the informational tags it lists are the only ones left.
     _, report = deb
     found = [line for line in report.splitlines() if line.startswith(("E:", "W:"))]
     assert not found, "lintian reported errors or warnings:\n" + "\n".join(found)
@@ -247,7 +247,7 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
         space.run(["dpkg", "--purge", "rolegate"], check=False)  # the refused unpack's record, if dpkg kept one
 
         # Without secure_path in sudoers, configure stops before the hook reaches any PAM stack
-        # (README, "The PATH hazard"), and finishes once sudoers is fixed.
+        # (docs/security.md, "The PATH hazard"), and finishes once sudoers is fixed.
         sudoers = space.root + "/etc/sudoers"
         with open(sudoers) as fh:
             original = fh.read()

@@ -1,6 +1,6 @@
 """Elevation on demand with real parts: the `rolegate` PAM service (pam_unix with real passwords,
 libpam-oath with oathtool's codes), every prompt relayed over the user door, approvals, STS calls
-read at the stand-in (moto's recorder), and hostile callers (README "Elevation on demand")."""
+read at the stand-in (moto's recorder), and hostile callers (docs/profiles-and-elevation.md "Elevation on demand")."""
 
 import json
 import os

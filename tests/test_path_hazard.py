@@ -1,4 +1,4 @@
-"""The pam_python PATH hazard (README): a user's PATH must never pick root's Python.
+"""The pam_python PATH hazard (docs/security.md): a user's PATH must never pick root's Python.
 
 pam_python starts its interpreter on first use and Python finds its standard library through
 `python3` on PATH. A user who plants ~/x/bin/python3 and ~/x/lib/python3.11/ and runs a setuid

@@ -1,6 +1,6 @@
 """Named profiles with real parts: several roles per person on every delivery and entry path, their
 STS cost counted at the stand-in, a source_profile chain from the user's own config, and rules
-changes reaching live sessions (README "Several roles per person").
+changes reaching live sessions (docs/profiles-and-elevation.md "Several roles per person").
 
 Runs in test_imds's lab (its own network namespace, moto, sshd and the broker in it), where every
 delivery works, container's loopback endpoint included.
@@ -126,7 +126,7 @@ def test_profiles__a_login_costs_one_assume_role_and_each_profile_one_on_first_u
     uses = lab.assume_role_calls() - before
     print(f"\nAssumeRole calls: first login {login}; then a login (the grant lingering) using default once, "
           f"a 3 times and b twice: {uses}")
-    assert login == 1, f"a login with two named profiles made {login} AssumeRole calls; the README says 1"
+    assert login == 1, f"a login with two named profiles made {login} AssumeRole calls; docs/profiles-and-elevation.md says 1"
     assert uses == 2, f"first use of a and of b should cost one AssumeRole each and nothing more: {uses} calls"
 
 

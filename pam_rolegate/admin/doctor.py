@@ -116,7 +116,7 @@ def check_pam_stacks(ctx):
                      and hook_runs_for(s))
     if exposed:
         out.append(Result("pam-allow-list", FAIL, f"the hook is reachable from {', '.join(exposed)}: a user's "
-                          f"PATH can choose root's Python there (README: The PATH hazard)",
+                          f"PATH can choose root's Python there (docs/security.md: the PATH hazard)",
                           "put the guard `[success=1 default=ignore] pam_succeed_if.so quiet service notin "
                           "sshd:sudo:sudo-i:login` right before the hook line; rolegate install does"))
     else:

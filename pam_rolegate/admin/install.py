@@ -9,7 +9,7 @@ import sys
 
 from ..errors import RolegateError
 
-# Services whose PATH the user does not control: the only ones that may run the hook (README,
+# Services whose PATH the user does not control: the only ones that may run the hook (docs/security.md,
 # "The PATH hazard"). su and su-l are deliberately absent: they get credentials via profile.d.
 HOOK_SERVICES = ("sshd", "sudo", "sudo-i", "login")
 TEMPLATES = {
@@ -158,12 +158,12 @@ def sudoers_has_secure_path(paths=("/etc/sudoers",), dropin="/etc/sudoers.d"):
 
 def secure_path_problem(sudoers="/etc/sudoers"):
     """Why the hook may not go into sudo's stack on this host, or None. The package's postinst
-    and `rolegate install` both ask (README, "The PATH hazard"). Without sudo there is no sudo
+    and `rolegate install` both ask (docs/security.md, "The PATH hazard"). Without sudo there is no sudo
     stack to guard: Debian's sudo package brings its secure_path line when it comes."""
     if not os.path.exists(sudoers) or sudoers_has_secure_path((sudoers,)):
         return None
     return ("sudoers has no 'Defaults secure_path=...': with the hook in sudo's stack a user's PATH would "
-            "choose root's Python (README, 'The PATH hazard'). Add Debian's default line with visudo")
+            "choose root's Python (docs/security.md, 'The PATH hazard'). Add Debian's default line with visudo")
 
 
 def _write_new(path, text, record, mode=0o644):

@@ -1,7 +1,7 @@
 """Reading a file in a user's home as a root daemon must: the broker's read of ~/.aws/config.
 
 At a PAM login the broker asks whether the target account's own ~/.aws/config names a region for
-`default` (README "Whose region wins"). The file is the user's, so every part of the read is
+`default` (docs/sessions.md "Whose region wins"). The file is the user's, so every part of the read is
 treated as hostile input, and none of it may stop, fail or slow a login past its budget:
 
 - **As the user.** The read runs on a thread of its own whose filesystem uid and gid are the

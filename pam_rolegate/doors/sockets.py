@@ -26,7 +26,7 @@ from ..hookside.client import peer_credentials
 from ..errors import ProtocolError, StoreError, StsError
 from ..core.registry import SDK_MIN_LEFT, ShellLimit, epoch_to_dt, iso
 
-# Capacity, each number with its reason (see README "Capacity and fairness").
+# Capacity, each number with its reason (see docs/internals.md "Capacity and fairness").
 BACKLOG = 4096  # net.core.somaxconn's default cap: a storm of logins waits in the kernel queue
 FRAME_DEADLINE = 2.0  # a request frame must arrive whole within this, however slowly it trickles
 MAX_CONNECTIONS = 4096  # the PAM door, all callers together: far above any real storm, below fd limits
@@ -452,7 +452,7 @@ class Handlers:
 
     def own_region_env(self, grant, env, deadline):
         """`env` without rolegate's region when the target account's own ~/.aws/config names one for
-        `default`, the profile a PAM session starts with (PAM sets no AWS_PROFILE): README "Whose
+        `default`, the profile a PAM session starts with (PAM sets no AWS_PROFILE): docs/sessions.md "Whose
         region wins". Any trouble reading it keeps rolegate's region; nothing here fails a login."""
         if self.homes is None or awsconfig.CONFIG_FILE_VAR in env:
             return env  # process delivery points AWS_CONFIG_FILE at rolegate's file: the user's is not read
@@ -613,7 +613,7 @@ class Handlers:
         return protocol.Reply({"dropped": ended.profile, "role": ended.role})
 
     def _named_credentials(self, peer, req, key):
-        """A named profile's credential_process: obtained on first use (README "Several roles per
+        """A named profile's credential_process: obtained on first use (docs/profiles-and-elevation.md "Several roles per
         person"). One answer for a grant that is not the caller's, not live, or names no such
         profile: nobody learns about another user's grants by asking."""
         try:

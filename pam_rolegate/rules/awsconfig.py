@@ -1,6 +1,6 @@
 """Pure: does an AWS config file's text name a region for a profile — read as botocore reads it.
 
-The one place the rule "whose region wins" is decided (README "Whose region wins"): the broker asks
+The one place the rule "whose region wins" is decided (docs/sessions.md "Whose region wins"): the broker asks
 it for `default` at a PAM login (`ssh host CMD` included), `rolegate env` and `rolegate region` ask
 it for the profile a login shell selects. Standard library only.
 

@@ -681,7 +681,7 @@ class _Reader:
                 self.fail(key_node, f"session tag {key!r}: {problem}")
             if key.lower() in (names.ELEVATED_TAG, names.REASON_TAG):
                 self.fail(key_node, f"session tag {key!r} is rolegate's own: elevations set it (see "
-                                    f"README \"Elevation on demand\"); use another key")
+                                    f"docs/profiles-and-elevation.md, \"Elevation on demand\"); use another key")
             tags.append((key, self.template(value_node, f"session tag {key!r}")))
         return tuple(tags)
 

@@ -100,7 +100,7 @@ def tag_key_problem(key):
     return None
 
 
-# What an elevation's AssumeRole adds to session.tags (README "Elevation on demand"); reserved there.
+# What an elevation's AssumeRole adds to session.tags (docs/profiles-and-elevation.md); reserved there.
 ELEVATED_TAG = "rolegate:elevated"
 REASON_TAG = "rolegate:reason"
 
