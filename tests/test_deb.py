@@ -205,7 +205,8 @@ def forget_rolegate(space):
 
 
 def configure(space, url):
-    """The test's config in place, and what the unit's ExecStartPre does (the IMDS firewall)."""
+    """The test's config in place, and what the unit's ExecStartPre does (the IMDS firewall). No
+    `imds` key: the parser's default, reject, locks IMDS as an admin's enforced config does."""
     with open(space.root + "/etc/rolegate/rolegate.yaml", "w") as fh:
         fh.write(CONFIG.format(sts=url, metrics=METRICS, user=USER, role=ROLE))
     checked = space.run(["rolegate", "check-config"], check=False)
@@ -265,8 +266,11 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
         space.run(["dpkg", "--configure", "-a"])
 
         start = time.monotonic()
-        space.run(["dpkg", "-i", path])
+        installed = space.run(["dpkg", "-i", path])
         print(f"dpkg -i: {time.monotonic() - start:.1f} s")
+        # The shipped config is in imds.mode audit (nothing locked yet): postinst says so, loudly.
+        assert "IMDS is NOT locked yet" in installed.stdout and "imds.mode: reject" in installed.stdout, \
+            f"postinst should print the audit-mode notice with the way to enforce:\n{installed.stdout}"
         with open(space.root + "/etc/pam.d/common-session") as fh:
             common = fh.read()
         assert "pam_python.so /usr/lib/python3/dist-packages/pam_rolegate/pam_hook.py" in common and \
@@ -277,6 +281,9 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
             assert os.path.exists(space.root + shipped), f"the package did not install {shipped}"
         shipped_config = space.run(["rolegate", "check-config"], check=False)
         assert shipped_config.returncode == 0, f"the shipped example config is invalid: {shipped_config.stdout}"
+        shipped_mode = space.run(["python3", "-c", "from pam_rolegate.rules import config; "
+                                  "print(config.load('/etc/rolegate/rolegate.yaml').imds.mode)"])
+        assert shipped_mode.stdout.strip() == "audit", f"the shipped config should be in audit mode: {shipped_mode.stdout}"
         nobody = space.run(["rolegate", "check-user", "root"], check=False)
         assert nobody.returncode == 1, f"the shipped config should map nobody, but root gets: {nobody.stdout}"
 

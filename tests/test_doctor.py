@@ -17,11 +17,16 @@ from harness import make_host, run
 from pam_rolegate.backends import firewall
 
 
+AUDIT_LINE = "imds: {mode: audit}\n"
+
+
 @pytest.fixture(scope="module")
 def site():
     require_sandbox()
     h = make_host()
     h.install_commands()
+    for user in ("eve", "mal"):  # the audit test's IMDS users
+        h.add_user(user)
     name = "rg-doc-" + secrets.token_hex(3)
     run(["ip", "netns", "add", name])
     ns = ["ip", "netns", "exec", name]
@@ -40,7 +45,17 @@ def site():
     # run left in the sandbox's /etc (other rules, other durations) would otherwise be the one tested.
     if os.path.exists("/etc/rolegate/rolegate.yaml"):
         os.unlink("/etc/rolegate/rolegate.yaml")
-    assert run(ns + ["rolegate", "install"], check=False, env=env).returncode == 0, "install failed"
+    installed = run(ns + ["rolegate", "install"], check=False, env=env)
+    assert installed.returncode == 0, f"install failed: {installed.stdout} {installed.stderr}"
+    # The example config ships imds.mode audit (tests/test_install.py checks what that does); the
+    # tests here start from an enforced host, as an admin's after `imds.mode: reject`, and the audit
+    # test below puts the shipped text back.
+    with open("/etc/rolegate/rolegate.yaml") as fh:
+        shipped = fh.read()
+    assert AUDIT_LINE in shipped, f"the example config should ship {AUDIT_LINE!r}:\n{shipped}"
+    with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+        fh.write(shipped.replace(AUDIT_LINE, ""))
+    run(ns + ["rolegate", "firewall", "apply"], env=env)
     broker = {}
 
     def start():
@@ -223,3 +238,128 @@ def test_doctor__on_demand_rules_need_the_rolegate_pam_service(tmp_path, monkeyp
     assert present.verdict == doctor.PASS, present
     [none] = doctor.check_elevation({"config": config.parse("version: 1\nregion: us-east-1\n")})
     assert none.verdict == doctor.PASS and "no on-demand" in none.detail, none
+
+
+# Each request on a connection of its own (urllib keeps none alive): n requests, n connections.
+IMDS_REQUESTS = """
+import sys, urllib.request
+reached = 0
+for _ in range(int(sys.argv[1])):
+    req = urllib.request.Request("http://169.254.169.254/latest/api/token", method="PUT",
+                                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    try:
+        urllib.request.urlopen(req, timeout=5).read()
+        reached += 1
+    except OSError as err:
+        print(repr(err))
+print("REACHED", reached)
+"""
+
+
+def _imds_requests(ns, user, n):
+    cmd = ns + ([] if user == "root" else ["setpriv", "--reuid", user, "--regid", user, "--init-groups"])
+    out = run(cmd + [sys.executable, "-c", IMDS_REQUESTS, str(n)], check=False).stdout
+    return int(out.split()[-1]) if "REACHED" in out else -1, out
+
+
+def _write(text):
+    with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+        fh.write(text)
+
+
+def test_doctor__audit_mode_names_who_used_imds_and_fails_once_rules_map_anyone(site):
+    import pwd
+
+    ns, doctor, _start, _stop, env = site
+    enforced = open("/etc/rolegate/rolegate.yaml").read()
+    audit = enforced + AUDIT_LINE  # the shipped example, as install wrote it
+    eve, mal = (pwd.getpwnam(u).pw_uid for u in ("eve", "mal"))
+    try:
+        _write(audit)
+        assert run(ns + ["rolegate", "firewall", "apply"], check=False, env=env).returncode == 0, "apply (audit) failed"
+        for user, n in (("eve", 2), ("mal", 4), ("root", 3)):
+            reached, out = _imds_requests(ns, user, n)
+            assert reached == n, f"audit mode must refuse nobody: {user} reached IMDS {reached} of {n} times: {out}"
+        code, results = doctor()
+        failed = {n: r["detail"] for n, r in results.items() if r["verdict"] == "FAIL"}
+        assert code == 0 and not failed, f"audit mode without rules should warn, not fail: {code} {failed}"
+        for name in ("imds-ipv4", "imds-ipv6"):
+            r = results.get(name, {})
+            assert r.get("verdict") == "PASS" and "counted" in r.get("detail", ""), \
+                f"{name} should expect uid 65534 reachable and counted in audit mode: {r}"
+        used = results.get("imds-audit", {})
+        assert used.get("verdict") == "WARN" and "NOT locked" in used.get("detail", ""), \
+            f"doctor should warn that IMDS is not locked in audit mode: {used}"
+        for who in (f"eve (uid {eve}) 2 connections", f"mal (uid {mal}) 4 connections"):
+            assert who in used["detail"], f"doctor should name {who!r} from the kernel's counters: {used['detail']}"
+        assert "root" not in used["detail"] and "nobody" not in used["detail"], \
+            f"neither root's requests nor doctor's own probes (uid 65534) are anyone's use of IMDS: {used['detail']}"
+        assert "imds_allow_users" in used.get("fix", "") and "imds.mode: reject" in used["fix"], \
+            f"the audit warning should say how to enforce: {used}"
+        assert "imds-audit-rules" not in results, f"no rule maps anyone yet: {results.get('imds-audit-rules')}"
+        # doctor's probes were taken back out of the counts: a second run names the same figures
+        _code, again = doctor()
+        assert again["imds-audit"]["detail"] == used["detail"], \
+            f"doctor's own probes changed the counts: {used['detail']!r} then {again['imds-audit']['detail']!r}"
+
+        # a rule while IMDS is open: every mapped user can take the gatekeeper's keys
+        _write(audit.replace("roles: []\n", "roles:\n  - match: {user: eve}\n"
+                                            "    role: arn:aws:iam::123456789012:role/eve\n"))
+        code, results = doctor()
+        mapped = results.get("imds-audit-rules", {})
+        assert code == 1 and mapped.get("verdict") == "FAIL" and "imds.mode: reject" in mapped.get("fix", ""), \
+            f"audit mode with a rule should FAIL (exit 1), with the fix: {code} {mapped}"
+    finally:
+        _write(enforced)
+        run(ns + ["rolegate", "firewall", "apply"], env=env)
+    for user in ("eve", "mal"):
+        reached, out = _imds_requests(ns, user, 1)
+        assert reached == 0, f"back in reject mode {user} should be refused: {out}"
+    code, results = doctor()
+    assert code == 0 and "imds-audit" not in results, \
+        f"back in reject mode doctor should pass without the audit warning: {code} {results.get('imds-audit')}"
+
+
+def test_doctor__warns_when_the_rules_map_ssm_user_in_shells(site):
+    from pam_rolegate.admin import doctor as doctor_mod
+    from pam_rolegate.rules import config
+
+    ns, doctor, _start, _stop, env = site
+    enforced = open("/etc/rolegate/rolegate.yaml").read()
+
+    def rules(*matches):
+        return enforced.replace("roles: []\n", "roles:\n" + "".join(
+            f"  - match: {m}\n    role: arn:aws:iam::123456789012:role/r{i}\n" for i, m in enumerate(matches)))
+
+    try:
+        _write(rules("{user: eve}"))
+        _code, results = doctor()
+        assert results.get("ssm-user", {}).get("verdict") == "PASS", \
+            f"no rule maps ssm-user, so no warning: {results.get('ssm-user')}"
+        _write(rules("{user: eve}", "{user: ssm-user}"))
+        _code, results = doctor()
+        r = results.get("ssm-user", {})
+        assert r.get("verdict") == "WARN" and "every SSM user shares one role" in r.get("detail", "") \
+            and "rule 2" in r["detail"] and "SSMSessionRunAs" in r.get("fix", ""), \
+            f"a rule mapping ssm-user should WARN, naming the rule, with Run As as the fix: {r}"
+    finally:
+        _write(enforced)
+
+    # as check-user evaluates it: the account's shells (service shell), its groups from NSS; before the
+    # SSM agent has created the account, as a user ssm-user in a group ssm-user
+    def verdict(*matches):
+        cfg = config.parse(rules(*matches), "rolegate.yaml")
+        [result] = doctor_mod.check_ssm_user({"config": cfg})
+        return result.verdict, result.detail
+
+    assert verdict("{group: ssm-user}")[0] == "WARN" and "no such account yet" in verdict("{group: ssm-user}")[1], \
+        f"before the account exists, a rule for its group should WARN: {verdict('{group: ssm-user}')}"
+    run(["useradd", "-m", "-U", "ssm-user"])  # as the SSM agent does at the first session
+    try:
+        assert verdict("{group: ssm-user}")[0] == "WARN", "a rule for ssm-user's group should WARN"
+        assert verdict("{user: ssm-user, service: shell}")[0] == "WARN", "a rule for ssm-user's shells should WARN"
+        assert verdict("{user: ssm-user, service: sshd}")[0] == "PASS", \
+            f"ssm-user's SSM shells are service shell; a rule for its sshd logins only gives them nothing: " \
+            f"{verdict('{user: ssm-user, service: sshd}')}"
+    finally:
+        run(["userdel", "-r", "ssm-user"], check=False)

@@ -345,3 +345,113 @@ def test_firewall__each_user_holds_at_most_its_share_of_connections_to_the_broke
         listener.kill()
         listener.wait(10)
         nft_in(ns, "remove")
+
+
+# -- imds.mode: audit --------------------------------------------------------------------------------
+
+AUDIT = "version: 1\nregion: us-east-1\nimds_allow_users: [ops]\nimds: {mode: audit}\n"
+# N requests to IMDS, each on a connection of its own (urllib keeps none alive): N connections.
+REQUESTS = """
+import sys, urllib.request
+url, n, reached, failed = sys.argv[1], int(sys.argv[2]), 0, []
+for _ in range(n):
+    req = urllib.request.Request(url + "/latest/api/token", method="PUT",
+                                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    try:
+        urllib.request.urlopen(req, timeout=5).read()
+        reached += 1
+    except OSError as err:
+        failed.append(repr(err))
+print("REACHED %d FAILED %d %s" % (reached, len(failed), failed[:1]))
+"""
+
+
+def requests(ns, user, url, n):
+    """`user` makes n IMDS requests; (reached, output)."""
+    cmd = ns + ([] if user == "root" else ["setpriv", "--reuid", user, "--regid", user, "--init-groups"])
+    out = run(cmd + [sys.executable, "-c", REQUESTS, url, str(n)], check=False).stdout
+    return (int(out.split()[1]) if out.startswith("REACHED") else -1), out
+
+
+def audit_rows(shown):
+    """{user name: (uid, connections)} from `firewall show`'s audit listing."""
+    lines = shown.splitlines()
+    if not any(line.startswith("UID ") and "CONNECTIONS" in line for line in lines):
+        return {}
+    start = next(i for i, line in enumerate(lines) if line.startswith("UID ") and "CONNECTIONS" in line)
+    rows = {}
+    for line in lines[start + 1:]:
+        fields = line.split()
+        if len(fields) != 5 or not fields[0].isdigit():
+            break
+        rows[fields[1]] = (int(fields[0]), int(fields[2]))
+    return rows
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_firewall__audit_counts_each_users_imds_connections_and_refuses_none(netns, family, tmp_path):
+    ns, urls, _h = netns
+    if family not in urls:
+        pytest.skip("this kernel refused the IPv6 IMDS address in the namespace")
+    url = urls[family]
+    audit, reject = tmp_path / "audit.yaml", tmp_path / "reject.yaml"
+    audit.write_text(AUDIT)
+    reject.write_text(REJECT)
+    done = nft_in(ns, "apply", config=str(audit))
+    assert done.returncode == 0, f"firewall apply (audit) failed: {done.stderr}"
+    assert "NOT locked" in done.stdout, f"apply in audit mode should say IMDS is not locked: {done.stdout}"
+    try:
+        shown = nft_in(ns, "show")
+        assert shown.returncode == 0 and "IMDS is NOT locked: audit mode" in shown.stdout, \
+            f"show should say audit mode is in force (exit 0): {shown.returncode} {shown.stdout}"
+        assert audit_rows(shown.stdout) == {}, f"nobody has used IMDS yet, but show lists: {shown.stdout}"
+        n, m = 3, 5
+        for user, count in (("eve", n), ("mal", m), ("root", 4), ("ops", 2)):
+            reached, out = requests(ns, user, url, count)
+            assert reached == count, f"audit mode must refuse nobody: {user} reached IMDS {reached} of {count} times: {out}"
+        shown = nft_in(ns, "show")
+        rows = audit_rows(shown.stdout)
+        eve, mal = (run(["id", "-u", u]).stdout.strip() for u in ("eve", "mal"))
+        assert rows == {"eve": (int(eve), n), "mal": (int(mal), m)}, \
+            f"show should count exactly eve's {n} and mal's {m} connections, and neither root's nor ops's " \
+            f"(imds_allow_users): {rows}\n{shown.stdout}"
+
+        # Applying audit mode again keeps the counts; eve's next request adds to hers.
+        again = nft_in(ns, "apply", config=str(audit))
+        assert again.returncode == 0, f"a second apply (audit) failed: {again.stderr}"
+        assert requests(ns, "eve", url, 1)[0] == 1, "eve's request after the re-apply was refused"
+        rows = audit_rows(nft_in(ns, "show").stdout)
+        assert rows == {"eve": (int(eve), n + 1), "mal": (int(mal), m)}, \
+            f"a re-apply in audit mode should keep the counts (eve {n} + 1, mal {m}): {rows}"
+
+        # Enforcing: the same users are refused at once, and the audit listing is gone.
+        enforced = nft_in(ns, "apply", config=str(reject))
+        assert enforced.returncode == 0, f"firewall apply (reject) failed: {enforced.stderr}"
+        for user in ("eve", "mal"):
+            reached, out = requests(ns, user, url, 1)
+            assert reached == 0 and "Connection refused" in out, f"reject mode should refuse {user} at once: {out}"
+        assert requests(ns, "ops", url, 1)[0] == 1, "ops (imds_allow_users) must still reach IMDS in reject mode"
+        shown = nft_in(ns, "show")
+        assert shown.returncode == 0 and "NOT locked" not in shown.stdout and "imds-audit" not in shown.stdout, \
+            f"show in reject mode should list no audit: {shown.stdout}"
+    finally:
+        removed = nft_in(ns, "remove")
+    assert removed.returncode == 0, f"remove failed: {removed.stderr}"
+    assert run(ns + ["nft", "list", "ruleset"]).stdout.strip() == "", "remove left rules behind"
+
+
+def test_firewall__audit_ruleset_counts_per_uid_and_has_no_reject():
+    """The audit table as nft script: per-uid dynamic sets with the kernel's counters, rules that
+    update them for every uid but the allowed ones, no reject, and carried-over counts kept
+    except for uids now allowed (the real counters: the netns test above)."""
+    carried = [firewall.UidCount(1001, 3, 180, 20, 1500), firewall.UidCount(998, 2, 120, 9, 700)]
+    script = firewall.ruleset([0, 998], "audit", counts=carried)
+    assert "reject" not in script and "drop" not in script, f"audit mode must refuse nothing:\n{script}"
+    for name in (firewall.AUDIT_CONNECTIONS, firewall.AUDIT_TRAFFIC):
+        assert f"set {name} {{\n    type uid; size {firewall.AUDIT_SIZE}; flags dynamic; counter;" in script, \
+            f"set {name} should be a dynamic uid set with a counter per element:\n{script}"
+        assert f"update @{name} {{ meta skuid }}" in script, f"no rule updates {name}:\n{script}"
+    assert "1001 counter packets 3 bytes 180" in script and "1001 counter packets 20 bytes 1500" in script, \
+        f"uid 1001's counts should be carried over into both sets:\n{script}"
+    assert "998 counter" not in script, f"uid 998 is allowed now: its old counts should not be carried:\n{script}"
+    assert script.count("meta skuid != { 0, 998 }") == 4, f"every audit rule should skip root and uid 998:\n{script}"

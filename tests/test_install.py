@@ -22,6 +22,8 @@ def test_install__twice_equals_once_and_uninstall_restores_etc_byte_for_byte(hos
     before = snapshot()
     done = run(["rolegate", "install", "--no-firewall"], check=False)
     assert done.returncode == 0, f"install failed: {done.stdout} {done.stderr}"
+    assert "IMDS is NOT locked yet" in done.stdout, \
+        f"the example config is in audit mode: install should say IMDS is not locked:\n{done.stdout}"
     once = snapshot()
     common = open("/etc/pam.d/common-session").read()
     assert "pam_succeed_if.so quiet service notin sshd:sudo:sudo-i:login" in common, \
@@ -72,9 +74,30 @@ def test_install__applies_and_uninstall_removes_the_firewall_in_its_own_netns(ho
     run(["ip", "netns", "add", name])
     ns = ["ip", "netns", "exec", name]
     try:
-        assert run(ns + ["rolegate", "install"], check=False).returncode == 0
-        assert run(ns + ["rolegate", "firewall", "show"], check=False).returncode == 0, "install did not apply it"
+        # The example config ships imds.mode audit: the rules count users' IMDS connections and lock
+        # nothing, and install says so loudly, with the way to enforce.
+        done = run(ns + ["rolegate", "install"], check=False)
+        assert done.returncode == 0, f"install failed: {done.stdout} {done.stderr}"
+        assert "IMDS is NOT locked yet" in done.stdout and "imds.mode: reject" in done.stdout \
+            and "rolegate firewall show" in done.stdout and "systemctl restart rolegated" in done.stdout, \
+            f"install with the example config should print the audit notice and how to enforce:\n{done.stdout}"
+        shown = run(ns + ["rolegate", "firewall", "show"], check=False)
+        assert shown.returncode == 0 and "IMDS is NOT locked: audit mode" in shown.stdout \
+            and "reject" not in shown.stdout, f"install should have applied audit mode's rules:\n{shown.stdout}"
+        # An admin's enforcing config: locked, and no notice.
+        with open("/etc/rolegate/rolegate.yaml") as fh:
+            shipped = fh.read()
+        with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+            fh.write(shipped.replace("imds: {mode: audit}\n", "imds: {mode: reject}\n"))
+        again = run(ns + ["rolegate", "install"], check=False)
+        assert again.returncode == 0 and "IMDS: locked to root" in again.stdout \
+            and "NOT locked" not in again.stdout, f"install with imds.mode reject should lock IMDS quietly:\n{again.stdout}"
+        shown = run(ns + ["rolegate", "firewall", "show"], check=False)
+        assert shown.returncode == 0 and "reject with tcp reset" in shown.stdout and "NOT locked" not in shown.stdout, \
+            f"reject mode's rules should be in force:\n{shown.stdout}"
         assert run(ns + ["rolegate", "uninstall"], check=False).returncode == 0
         assert run(ns + ["nft", "list", "ruleset"]).stdout.strip() == "", "uninstall left firewall rules"
     finally:
         run(["ip", "netns", "delete", name], check=False)
+        if os.path.exists("/etc/rolegate/rolegate.yaml"):  # changed since install, so uninstall kept it
+            os.unlink("/etc/rolegate/rolegate.yaml")

@@ -18,6 +18,7 @@ PAM_DIR = "/etc/pam.d"
 PAM_PYTHON = ("/lib/security/pam_python.so", "/lib/x86_64-linux-gnu/security/pam_python.so",
               "/usr/lib/x86_64-linux-gnu/security/pam_python.so", "/lib/aarch64-linux-gnu/security/pam_python.so")
 NOBODY = 65534
+SSM_USER = "ssm-user"  # the account Session Manager's shells run as without Run As
 
 
 @dataclass(frozen=True)
@@ -305,11 +306,16 @@ def check_imds(ctx):
 
     cfg = ctx.get("config")
     emulate = cfg is not None and cfg.imds.mode == "emulate"
+    audit = cfg is not None and cfg.imds.mode == "audit"
     port = cfg.imds.port if cfg is not None else None
     out = []
     for label, family, addr in (("ipv4", socket.AF_INET, firewall.IMDS_V4), ("ipv6", socket.AF_INET6, firewall.IMDS_V6)):
         root = _connect_as(0, family, addr, loopback_port=port)
+        before = firewall.audit_counts() if audit else None
         user = _connect_as(NOBODY, family, addr, loopback_port=port)
+        if audit:
+            # Read and put back at once, so doctor's probe is not in the admin's figures.
+            counted = _take_back_probe(before)
         if root.startswith("redirected"):
             out.append(Result(f"imds-{label}", FAIL, f"root's connection to {addr}:80 is redirected to the emulator "
                               f"on loopback port {port}: the broker cannot reach the real IMDS",
@@ -319,6 +325,9 @@ def check_imds(ctx):
             verdict = FAIL if label == "ipv4" else WARN
             out.append(Result(f"imds-{label}", verdict, f"root cannot reach IMDS at {addr} ({root})",
                               "enable the instance metadata service (and its IPv6 endpoint) on the instance"))
+            continue
+        if audit:
+            out.append(_audit_probe_result(label, addr, user, before, counted))
             continue
         if not emulate:
             if user.startswith("redirected"):
@@ -353,6 +362,115 @@ def check_imds(ctx):
             out.append(Result(f"imds-{label}", FAIL, f"imds.mode is emulate but uid {NOBODY}'s connection to {addr}:80 "
                               f"is not redirected to {lo}:{port} ({user})", "rolegate firewall apply"))
     return out
+
+
+def _take_back_probe(before):
+    """After doctor's probe as NOBODY in audit mode: whether the kernel counted it, and NOBODY's
+    counters put back to `before` (a connection NOBODY itself opened in those milliseconds is lost)."""
+    from ..backends import firewall
+
+    after = firewall.audit_counts()
+    if before is None or after is None:
+        return False
+    was = {c.uid: c for c in before}.get(NOBODY)
+    now = {c.uid: c for c in after}.get(NOBODY)
+    firewall.put_count(NOBODY, was)
+    return now is not None and now.connections > (was.connections if was else 0)
+
+
+def _audit_probe_result(label, addr, user, before, counted):
+    """imds.mode audit: NOBODY is expected to reach IMDS, counted and not refused."""
+    if before is None:
+        if user == "connected":
+            return Result(f"imds-{label}", FAIL, f"uid {NOBODY} reaches IMDS at {addr} and nothing counts it: "
+                          f"imds.mode is audit but its rules are not in force", "rolegate firewall apply")
+        return Result(f"imds-{label}", WARN, f"imds.mode is audit, but uid {NOBODY} is refused at {addr} ({user}): "
+                      f"the rules in force are another mode's", "rolegate firewall apply (or systemctl restart "
+                                                                "rolegated, which applies them first)")
+    if user != "connected":
+        return Result(f"imds-{label}", FAIL, f"imds.mode is audit, which refuses nobody, but uid {NOBODY}'s "
+                      f"connection to {addr}:80 failed ({user})", "rolegate firewall apply; then look for "
+                                                                   "another firewall refusing IMDS")
+    if not counted:
+        return Result(f"imds-{label}", FAIL, f"uid {NOBODY} reaches IMDS at {addr} but the audit rules did not "
+                      f"count its connection", "rolegate firewall apply")
+    return Result(f"imds-{label}", PASS, f"root reaches {addr}; uid {NOBODY} reaches it too, counted (audit "
+                                         f"mode: nothing is locked; see imds-audit)")
+
+
+def _rules_in_force(cfg):
+    """The config whose rules the broker serves: the file's own, or with rules_from the last good
+    copy of the parameter (None when there is none yet)."""
+    if cfg.rules_from is None:
+        return cfg
+    from ..backends import fleet
+
+    try:
+        doc = fleet.read_cache(cfg)
+    except Exception:  # check_fleet_rules reports an unreadable copy
+        return None
+    return doc.rules_for(cfg) if doc is not None else None
+
+
+def check_imds_audit(ctx):
+    """imds.mode audit: who used IMDS, from the kernel's counters, and whether the rules already
+    give roles (then every mapped user can still take the gatekeeper's keys from IMDS)."""
+    from ..backends import firewall
+
+    cfg = ctx.get("config")
+    if cfg is None or cfg.imds.mode != "audit":
+        return []
+    out = []
+    rules = _rules_in_force(cfg)
+    if rules is not None and rules.roles:
+        out.append(Result("imds-audit-rules", FAIL, f"imds.mode is audit while {len(rules.roles)} rule"
+                          f"{'s give' if len(rules.roles) != 1 else ' gives'} roles: IMDS is not locked, so every "
+                          f"mapped user (every user, in fact) can take the gatekeeper's keys and assume any "
+                          f"role it may", "grant the users who use IMDS imds_allow_users or a role of their "
+                                          "own, then set imds.mode: reject and systemctl restart rolegated"))
+    counts = firewall.audit_counts()
+    fix = ("grant them imds_allow_users or a role of their own, then set imds.mode: reject and "
+           "systemctl restart rolegated")
+    if counts is None:
+        out.append(Result("imds-audit", WARN, "IMDS is NOT locked: audit mode, and its counting rules are not in "
+                          "force either", "rolegate firewall apply, then `rolegate firewall show` lists who uses IMDS"))
+    elif not counts:
+        out.append(Result("imds-audit", WARN, "IMDS is NOT locked: audit mode; no user has connected to IMDS since "
+                          "the rules were applied", "when the host has run its usual jobs for a while, set "
+                                                    "imds.mode: reject and systemctl restart rolegated"))
+    else:
+        used = ", ".join(f"{c.name} (uid {c.uid}) {c.connections} connection{'s' if c.connections != 1 else ''}"
+                         for c in sorted(counts, key=lambda c: -c.connections))
+        out.append(Result("imds-audit", WARN, f"IMDS is NOT locked: audit mode; users who used IMDS since the rules "
+                          f"were applied: {used}", fix))
+    return out
+
+
+def check_ssm_user(ctx):
+    """ssm-user is the one account every Session Manager user shares without Run As: a rule that maps
+    it (as its shells are evaluated, service shell) gives them all one role."""
+    from ..rules import mapping
+
+    cfg = ctx.get("config")
+    rules = _rules_in_force(cfg) if cfg is not None else None
+    if rules is None:
+        return []
+    facts = mapping.LoginFacts(user=SSM_USER, service=mapping.SHELL_SERVICE)
+    try:
+        ident = mapping.resolve(facts)
+        note = ""
+    except mapping.UnknownUser:
+        # The SSM agent creates it at the first session, with a group of its own name.
+        ident = mapping.Identity(SSM_USER, -1, (SSM_USER,), SSM_USER, -1, -1, mapping.SHELL_SERVICE)
+        note = " (no such account yet; the SSM agent creates it at the first session)"
+    decision = mapping.decide(rules, ident)
+    if decision.rule is None and not decision.profiles and not decision.on_demand:
+        return [Result("ssm-user", PASS, f"no rule maps {SSM_USER}{note}")]
+    rule = decision.rule or (decision.profiles + decision.on_demand)[0][1]
+    return [Result("ssm-user", WARN, f"rule {rule.index} (line {rule.line}) maps {SSM_USER} (service "
+                   f"{mapping.SHELL_SERVICE}){note}: every SSM user shares one role as {SSM_USER}",
+                   f"turn on Session Manager's Run As (the IAM principal's tag SSMSessionRunAs = their Linux "
+                   f"user), and map those users rather than {SSM_USER}")]
 
 
 def check_door_share(ctx):
@@ -441,7 +559,8 @@ def check_fleet_rules(ctx):
 
 
 CHECKS = (check_config, check_pam_python, check_pam_stacks, check_secure_path, check_profile, check_elevation,
-          check_runtime_dir, check_broker, check_imds, check_door_share, check_gatekeeper, check_fleet_rules)
+          check_runtime_dir, check_broker, check_imds, check_imds_audit, check_ssm_user, check_door_share,
+          check_gatekeeper, check_fleet_rules)
 
 
 def run_all(config_path, assume=False):

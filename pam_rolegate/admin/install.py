@@ -245,7 +245,8 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
         cfg = config_mod.load(CONFIG)
         fw.apply_config(cfg)
         record["firewall"] = True
-        say("IMDS: locked to root (nftables table inet rolegate)")
+        say("IMDS: audit mode, counted and NOT locked (nftables table inet rolegate)" if cfg.imds.mode == "audit"
+            else "IMDS: locked to root (nftables table inet rolegate)")
     _save_manifest(record)
     if os.path.isdir("/run/systemd/system"):
         _run(["systemctl", "daemon-reload"])
@@ -254,7 +255,34 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
     else:
         say(f"broker: systemd is not running here; start it with `{bin_path('rolegate')} firewall apply && "
             f"{bin_path('rolegated')} &` (unit file left at {UNIT})")
+    notice = audit_notice()
+    if notice:
+        say(notice)
     return record
+
+
+def audit_notice(path=CONFIG):
+    """The loud notice `rolegate install` and the package's postinst print while the config in force
+    has imds.mode audit (as the shipped example does); "" otherwise, or when the config cannot be
+    read (check-config and the broker say why)."""
+    from ..errors import ConfigError
+    from ..rules import config as config_mod
+
+    try:
+        if config_mod.load(path).imds.mode != "audit":
+            return ""
+    except (ConfigError, OSError):
+        return ""
+    bar = "*" * 78
+    return "\n".join([
+        bar,
+        f"rolegate: IMDS is NOT locked yet: {path} has imds.mode: audit.",
+        "Every user can still reach the instance metadata service and take the instance role's keys;",
+        "the firewall only counts who does. To lock it:",
+        "  1. see who uses IMDS: `rolegate firewall show` and `rolegate doctor`;",
+        "  2. give those users imds_allow_users or a role of their own;",
+        "  3. set imds.mode: reject, then `systemctl restart rolegated`.",
+        bar])
 
 
 def uninstall(say=print):

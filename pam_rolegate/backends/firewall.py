@@ -3,12 +3,18 @@ reach the instance metadata service, so only the broker can ever see the gatekee
 
 The owner match (`meta skuid`) sees a socket's uid only, not supplementary groups: access is
 granted per user (`imds_allow_users`), never per group.
+
+imds.mode audit locks nothing: the same table counts, per uid, the connections users open to IMDS
+(kernel per-element counters in a dynamic set), so an admin learns who depends on the instance
+role before reject mode takes it away.
 """
 
+import json
 import os
 import pwd
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 from ..errors import RolegateError
 
@@ -31,7 +37,33 @@ def allowed_uids(users):
     return sorted(uids)
 
 
-MODES = ("reject", "emulate")
+MODES = ("reject", "emulate", "audit")
+# audit mode's dynamic sets, keyed by uid, each element with the kernel's counter: new TCP
+# connections to IMDS (the counter's packets: a connection's first packet, its SYN), and every
+# packet sent to IMDS (packets and bytes). 65536 uids at most; past that a new uid is not
+# counted, and still passes (a full set makes the rule not match; nothing is ever refused).
+AUDIT_CONNECTIONS = "imds-audit"
+AUDIT_TRAFFIC = "imds-audit-traffic"
+AUDIT_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class UidCount:
+    """One uid's IMDS use in audit mode, as the kernel counted it since the rules were applied."""
+
+    uid: int
+    connections: int  # new TCP connections (their SYN packets)
+    syn_bytes: int  # those SYNs' bytes: only kept to carry the counter over a re-apply exactly
+    packets: int  # every packet sent to IMDS
+    bytes: int
+
+    @property
+    def name(self):
+        """The user name from NSS, or "-" for a uid no account has."""
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return "-"
 LOOPBACK = (("ip", IMDS_V4, "127.0.0.1"), ("ip6", IMDS_V6, "::1"))
 # One uid's connections at once to each of the broker's loopback HTTP doors (the IMDS emulator,
 # the container endpoint). An SDK opens one per request and keeps at most a few alive (botocore's
@@ -64,8 +96,11 @@ def shared_ports(table):
     return ports
 
 
-def ruleset(uids, mode="reject", port=None, doors=()):
+def ruleset(uids, mode="reject", port=None, doors=(), counts=()):
     """The table, as nft script. REJECT (a TCP reset) so refused clients fail at once, not hang.
+
+    mode "audit" refuses nothing: each uid but the allowed ones has its connections and packets to
+    IMDS counted in the audit sets, which start from `counts` (UidCount; a re-apply's carry-over).
 
     mode "emulate" adds a nat chain that DNATs users' TCP to the IMDS addresses' port 80 onto the
     broker's loopback listener, 127.0.0.1:port and [::1]:port; everything else stays rejected.
@@ -104,6 +139,18 @@ def ruleset(uids, mode="reject", port=None, doors=()):
         lines += ["  set door-connections {",
                   "    type uid . inet_service; size 65536; flags dynamic;",
                   "  }"]
+    if mode == "audit":
+        # `counter` on the set gives every element its own counter, evaluated each time the rule
+        # below updates the element: one counter per uid, kept by the kernel (nft >= 0.9.5).
+        for name, field in ((AUDIT_CONNECTIONS, "connections"), (AUDIT_TRAFFIC, "packets")):
+            carried = ", ".join(f"{c.uid} counter packets {getattr(c, field)} bytes "
+                                f"{c.syn_bytes if field == 'connections' else c.bytes}"
+                                for c in counts if c.uid not in uids)
+            lines += [f"  set {name} {{",
+                      f"    type uid; size {AUDIT_SIZE}; flags dynamic; counter;"]
+            if carried:
+                lines.append(f"    elements = {{ {carried} }}")
+            lines.append("  }")
     lines += ["  chain output {", "    type filter hook output priority filter; policy accept;"]
     if doors:
         # After the redirect above (dstnat runs first), a redirected connection's daddr is the
@@ -113,6 +160,16 @@ def ruleset(uids, mode="reject", port=None, doors=()):
             lines.append(f"    {family} daddr {lo} tcp dport {{ {listed} }} ct state new meta skuid != 0 "
                          f"add @door-connections {{ meta skuid . tcp dport ct count over {DOOR_CONNECTIONS_PER_UID} }} "
                          f"reject with tcp reset")
+    if mode == "audit":
+        # Counted, never refused: the chain's policy accepts. A socket's first packet of a TCP
+        # connection (conntrack's state new: the SYN) counts one connection; packets without an
+        # owning socket (the kernel's own) are not any user's and are not counted.
+        for family, addr, _lo in LOOPBACK:
+            lines += [f"    {family} daddr {addr} meta skuid != {{ {allow} }} meta l4proto tcp ct state new "
+                      f"update @{AUDIT_CONNECTIONS} {{ meta skuid }}",
+                      f"    {family} daddr {addr} meta skuid != {{ {allow} }} update @{AUDIT_TRAFFIC} {{ meta skuid }}"]
+        lines += ["  }", "}"]
+        return "\n".join(lines) + "\n"
     # Only packets from a socket another uid owns are refused; packets without an owning socket
     # (the kernel's own, such as the resets this very rule sends) pass.
     for family, addr, _lo in LOOPBACK:
@@ -138,10 +195,15 @@ def _nft(args, stdin=None):
 
 
 def apply(uids, mode="reject", port=None, doors=()):
-    """Install (or replace) the table atomically; idempotent."""
+    """Install (or replace) the table atomically; idempotent.
+
+    audit mode applied over audit mode keeps each uid's counts (read, then written into the new
+    table in the same transaction; what the kernel counts between that read and the transaction,
+    a few milliseconds, is lost). Any other change of mode, like `remove`, starts them afresh."""
+    counts = (audit_counts() or ()) if mode == "audit" else ()
     # Declaring then deleting the table first makes one transaction that works whether or not it
     # exists, so switching modes never leaves a moment without the table or with both rule sets.
-    script = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + ruleset(uids, mode, port, doors)
+    script = f"table inet {TABLE}\ndelete table inet {TABLE}\n" + ruleset(uids, mode, port, doors, counts)
     done = _nft(["-f", "-"], stdin=script)
     if done.returncode != 0:
         raise FirewallError(f"nft refused the IMDS rules: {done.stderr.strip()}")
@@ -169,3 +231,45 @@ def show():
     """The table in force, or None."""
     done = _nft(["list", "table", "inet", TABLE])
     return done.stdout if done.returncode == 0 else None
+
+
+def _set_counters(name):
+    """{uid: (packets, bytes)} of one audit set, or None when the table in force has no such set."""
+    done = _nft(["-j", "list", "set", "inet", TABLE, name])
+    if done.returncode != 0:
+        return None
+    found = {}
+    for item in json.loads(done.stdout).get("nftables", ()):
+        for elem in item.get("set", {}).get("elem", ()):
+            elem = elem.get("elem", elem)
+            uid = elem.get("val")
+            if isinstance(uid, str):  # an nft that prints names (-u): back to the uid
+                uid = pwd.getpwnam(uid).pw_uid
+            counter = elem.get("counter") or {}
+            found[int(uid)] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+    return found
+
+
+def audit_counts():
+    """Each counted uid's UidCount, by uid, when audit mode's rules are in force; else None."""
+    connections = _set_counters(AUDIT_CONNECTIONS)
+    traffic = _set_counters(AUDIT_TRAFFIC)
+    if connections is None or traffic is None:
+        return None
+    return [UidCount(uid, *connections.get(uid, (0, 0)), *traffic.get(uid, (0, 0)))
+            for uid in sorted(set(connections) | set(traffic))]
+
+
+def put_count(uid, count):
+    """Set one uid's audit counters back to `count` (a UidCount, or None: not counted at all), in one
+    transaction. Doctor uses it to take its own probe's connections out of the admin's figures."""
+    lines = []
+    for name, value in ((AUDIT_CONNECTIONS, count and (count.connections, count.syn_bytes)),
+                        (AUDIT_TRAFFIC, count and (count.packets, count.bytes))):
+        # add-then-delete works whether or not the element exists
+        lines += [f"add element inet {TABLE} {name} {{ {uid} }}", f"delete element inet {TABLE} {name} {{ {uid} }}"]
+        if value:
+            lines.append(f"add element inet {TABLE} {name} {{ {uid} counter packets {value[0]} bytes {value[1]} }}")
+    done = _nft(["-f", "-"], stdin="\n".join(lines) + "\n")
+    if done.returncode != 0:
+        raise FirewallError(f"nft could not reset uid {uid}'s IMDS counts: {done.stderr.strip()}")

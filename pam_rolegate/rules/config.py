@@ -22,7 +22,7 @@ CONFIG_ENV = "ROLEGATE_CONFIG"
 SUPPORTED_VERSIONS = (1,)
 SOURCES = ("instance-profile", "profile:NAME", "keyring:NAME")
 DELIVERIES = ("file", "process", "container")
-IMDS_MODES = ("reject", "emulate")
+IMDS_MODES = ("reject", "emulate", "audit")
 # imds.mode emulate serves credentials with at least 20 minutes left (imds.MIN_LEFT): SDKs treat
 # IMDS keys that expire sooner as an outage and stretch their expiry on their own, then sign with
 # expired keys. A session no longer than that would cost an AssumeRole on every IMDS request and
@@ -144,7 +144,9 @@ class RefreshSettings:
 @dataclass(frozen=True)
 class ImdsSettings:
     # reject: users' IMDS traffic is refused (only root and imds_allow_users reach it);
-    # emulate: it is redirected to the broker, which answers each user with their own role.
+    # emulate: it is redirected to the broker, which answers each user with their own role;
+    # audit: it passes, and the firewall counts each uid's connections (a rollout's first step:
+    # learn who depends on the instance role before reject takes it away; nothing is locked).
     mode: str = "reject"
     v1: bool = False  # answer GETs without a session token (IMDSv1)
     port: int = 254  # the broker's loopback IMDS listener (127.0.0.1 and ::1); privileged (see port())
