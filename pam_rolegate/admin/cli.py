@@ -721,8 +721,8 @@ def run_firewall(args, deps):
     cfg = _load_config(args, deps)
     uids = firewall.apply_config(cfg)
     if cfg.imds.mode == "audit":
-        deps.say(f"IMDS is NOT locked: audit mode. Every user reaches IMDS ({firewall.IMDS_V4}, {firewall.IMDS_V6}); "
-                 f"each uid's connections are counted (all but uid {', '.join(map(str, uids))}): "
+        deps.say(f"IMDS is NOT locked: audit mode. Every user reaches IMDS ({firewall.IMDS_V4}, {firewall.IMDS_V6}), "
+                 f"and the kernel counts the connections of each uid but {', '.join(map(str, uids))}: "
                  f"`rolegate firewall show` lists them. To enforce: imds.mode: reject, then "
                  f"`systemctl restart rolegated`")
     else:
@@ -741,7 +741,7 @@ def run_firewall(args, deps):
 def audit_report(counts):
     """`firewall show`'s lines for audit mode: the warning, then each counted uid's use of IMDS."""
     lines = ["", "IMDS is NOT locked: audit mode. Users' IMDS connections pass and are counted per uid "
-                 "(root and imds_allow_users are not counted)."]
+                 "(root and imds_allow_users are not counted; PACKETS and BYTES: what each sent to IMDS)."]
     if not counts:
         return lines + ["no user has connected to IMDS since the rules were applied"]
     table = [("UID", "USER", "CONNECTIONS", "PACKETS", "BYTES")]
