@@ -183,10 +183,11 @@ DURATIONS = [("900", 900), ('"900"', 900), ("15m", 900), ("1h", 3600), ("1h30m",
 
 @pytest.mark.parametrize("written, seconds", DURATIONS)
 def test_config__durations_parse(written, seconds):
-    cfg = config.parse(HEAD + f"session:\n  duration: {written}\n  refresh_before: 5m\n", PATH)
+    head = HEAD + "source: profile:gatekeeper\n"  # an IAM user's keys may hold sessions up to 12 h
+    cfg = config.parse(head + f"session:\n  duration: {written}\n  refresh_before: 5m\n", PATH)
     assert cfg.session.duration == seconds, f"session.duration {written} should be {seconds} s, got {cfg.session.duration}"
     rule = f"roles:\n  - match: {{user: alice}}\n    role: {ARN}\n    duration: {written}\n"
-    cfg = config.parse(HEAD + "session: {refresh_before: 5m}\n" + rule, PATH)
+    cfg = config.parse(head + "session: {refresh_before: 5m}\n" + rule, PATH)
     assert cfg.roles[0].duration == seconds, f"rule duration {written} should be {seconds} s, got {cfg.roles[0].duration}"
 
 
@@ -250,6 +251,16 @@ BROKEN = [
     ("duration 12h1s", HEAD + "session:\n  duration: 12h1s\n", 4, 13, "is 43201s"),
     ("rule duration 12h1m", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    duration: 12h1m\n",
      6, 15, "between 900s and 43200s"),
+    # role chaining: with source instance-profile (the default) the gatekeeper's keys are a role's,
+    # and STS refuses DurationSeconds over 1 h (issue 21: 2h passed check-config and failed every login)
+    ("chained session.duration 2h", HEAD + "session:\n  duration: 2h\n", 4, 13,
+     "role chaining caps sessions at 1h: source instance-profile gives a role's keys"),
+    ("chained session.duration 3601", HEAD + "source: instance-profile\nsession:\n  duration: 3601\n", 5, 13,
+     "use 1h or less, or a profile:/keyring: source"),
+    ("chained rule duration 90m", HEAD + "roles:\n  - match: {user: a}\n    role: " + ARN + "\n    duration: 90m\n",
+     6, 15, "roles[1].duration is 5400s, but role chaining caps sessions at 1h"),
+    ("chained source read after session", HEAD + "session: {duration: 2h}\nsource: instance-profile\n", 3, 21,
+     "role chaining caps sessions at 1h"),
     # refresh_before against duration
     ("refresh_before == duration", HEAD + "session:\n  duration: 1h\n  refresh_before: 1h\n",
      5, 19, "must be shorter than session.duration"),
@@ -579,6 +590,7 @@ def test_config__rule_sets_round_trip_through_yaml(generated, flow_style, sort_k
     doc = {
         "version": 1,
         "region": "eu-west-2",
+        "source": "keyring:gatekeeper",  # an IAM user's keys: durations up to 12 h are allowed
         # refresh_before must stay below every rule duration (>= 900), so pin it at 5 minutes
         "session": {"duration": session_written, "refresh_before": "5m"},
         "roles": [d for d, _ in rules],
@@ -673,6 +685,26 @@ def _cases(base):
         ("rules_cache in a symbolic link", f"runtime_dir: {base}/rt-c3\n{fleet}"
                                            f"rules_cache: {base}/link-rt/rules.yaml\n", ("rules_cache", 5)),
         ("default rules_cache is fine", f"runtime_dir: {base}/rt-c4\n{fleet}", None),
+        # durations over role chaining's cap, per source (issue 21): refused where the keys are a role's
+        ("2h session with source instance-profile", f"runtime_dir: {base}/rt-d1\nsession: {{duration: 2h}}\n",
+         ("role chaining caps sessions at 1h", 4)),
+        ("90m rule with source instance-profile", f"runtime_dir: {base}/rt-d2\nroles:\n  - match: {{user: a}}\n"
+                                                  f"    role: {ARN}\n    duration: 90m\n",
+         ("role chaining caps sessions at 1h", 7)),
+        ("1h session with source instance-profile", f"runtime_dir: {base}/rt-d3\nsession: {{duration: 1h}}\n", None),
+        ("12h session with source profile:", f"runtime_dir: {base}/rt-d4\nsource: profile:gatekeeper\n"
+                                             f"session: {{duration: 12h}}\n", None),
+        ("2h rule with source keyring:", f"runtime_dir: {base}/rt-d5\nsource: keyring:gatekeeper\nroles:\n"
+                                         f"  - match: {{user: a}}\n    role: {ARN}\n    duration: 2h\n", None),
+        ("elevate.max 2h with source profile:", f"runtime_dir: {base}/rt-d6\nsource: profile:gatekeeper\nroles:\n"
+                                                f"  - match: {{user: a}}\n    role: {ARN}\n    profile: admin\n"
+                                                f"    elevate: {{max: 2h}}\n", ("elevate.max", 9)),
+        # imds_allow_users resolved through NSS, as `rolegate firewall apply` resolves them
+        ("imds_allow_users a user here", f"runtime_dir: {base}/rt-i1\nimds_allow_users: [nobody]\n", None),
+        ("imds_allow_users no such user", f"runtime_dir: {base}/rt-i2\nimds_allow_users: [nobody, rg-no-such-user]\n",
+         ("no such user: 'rg-no-such-user'", 4)),
+        ("imds_allow_users one name, no such user", f"runtime_dir: {base}/rt-i3\nimds_allow_users: rg-gone\n",
+         ("no such user: 'rg-gone'", 4)),
     ]
     os.symlink(d("target"), os.path.join(base, "link-rt"))
     with open(os.path.join(base, "a-file"), "w"):
@@ -715,9 +747,31 @@ def _broker_start(config_path, timeout=30):
                 proc.wait()
 
 
+# Refusals the broker does not make although check-config does: it never uses imds_allow_users (the
+# firewall does), so a service account deleted since must not stop every user's credentials at the
+# next start; `rolegate firewall apply` refuses them, located alike (config.check_users).
+SPARED_BY_BROKER = ("no such user",)
+# And the firewall never looks at the broker's directories (config.check_paths): it applies with them.
+SPARED_BY_FIREWALL = ("runtime_dir", "rules_cache")
+
+
+def _firewall_apply(config_path, timeout=60):
+    """`rolegate firewall apply` on `config_path` in a network namespace of its own (unshare -n:
+    the host's rules are never touched, and the namespace goes with the process): (refused?, output)."""
+    import subprocess
+    import sys
+
+    rolegate = os.path.join(os.path.dirname(sys.executable), "rolegate")
+    done = subprocess.run(["unshare", "--net", rolegate, "firewall", "apply"], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, ROLEGATE_CONFIG=config_path))
+    return done.returncode != 0, done.stdout + done.stderr
+
+
 def test_config__check_config_and_a_real_broker_refuse_the_same_configs(moto, tmp_path):
-    """One table through `rolegate check-config` and a real rolegated start: each refuses exactly
-    what the other does, located at the same FILE:LINE:COL."""
+    """The README's promise "check-config passes => the broker starts", as one table through
+    `rolegate check-config`, a real rolegated start and `rolegate firewall apply` (in a network
+    namespace of its own): check-config passes exactly when the broker starts and the firewall
+    applies, and each refusal is located at the same FILE:LINE:COL by each that refuses."""
     import shutil
     import subprocess
     import sys
@@ -742,21 +796,31 @@ def test_config__check_config_and_a_real_broker_refuse_the_same_configs(moto, tm
             checked = subprocess.run([rolegate, "check-config", path], capture_output=True, text=True, timeout=60)
             cc_refused, cc_out = checked.returncode != 0, checked.stdout + checked.stderr
             b_refused, b_out = _broker_start(path)
+            fw_refused, fw_out = _firewall_apply(path)
             print(f"{name}: check-config {'refuses' if cc_refused else 'accepts'}, "
-                  f"rolegated {'refuses' if b_refused else 'starts'}")
+                  f"rolegated {'refuses' if b_refused else 'starts'}, "
+                  f"firewall apply {'refuses' if fw_refused else 'applies'}")
             want_refused = expected is not None
-            if (cc_refused, b_refused) != (want_refused, want_refused):
-                mismatches.append(f"{name}: expected {'refusal' if want_refused else 'acceptance'}; check-config "
+            # check-config refuses exactly what the broker or the firewall would: each its own part
+            broker_refuses = want_refused and not any(w in expected[0] for w in SPARED_BY_BROKER)
+            firewall_refuses = want_refused and not any(w in expected[0] for w in SPARED_BY_FIREWALL)
+            if (cc_refused, b_refused, fw_refused) != (want_refused, broker_refuses, firewall_refuses):
+                mismatches.append(f"{name}: expected check-config to {'refuse' if want_refused else 'accept'}, "
+                                  f"rolegated to {'refuse' if broker_refuses else 'start'} and the firewall to "
+                                  f"{'refuse' if firewall_refuses else 'apply'}; check-config "
                                   f"{'refused' if cc_refused else 'accepted'} ({cc_out.strip()}), rolegated "
-                                  f"{'refused' if b_refused else 'started'}:\n{b_out}")
+                                  f"{'refused' if b_refused else 'started'}, firewall apply "
+                                  f"{'refused' if fw_refused else 'applied'} ({fw_out.strip()}):\n{b_out}")
                 continue
             if want_refused:
                 word, line = expected
                 located = f"{path}:{line}:"
                 refusal = next((l for l in b_out.splitlines() if "not starting" in l), "")
-                if not (located in cc_out and word in cc_out and located in refusal and word in refusal):
-                    mismatches.append(f"{name}: both should locate the refusal at {located} ({word}):\n"
-                                      f"check-config: {cc_out}\nrolegated: {b_out}")
+                if not (located in cc_out and word in cc_out
+                        and (not firewall_refuses or (located in fw_out and word in fw_out))
+                        and (not broker_refuses or (located in refusal and word in refusal))):
+                    mismatches.append(f"{name}: each that refuses should locate it at {located} ({word}):\n"
+                                      f"check-config: {cc_out}\nfirewall apply: {fw_out}\nrolegated: {b_out}")
         assert not mismatches, "check-config and the broker disagree:\n" + "\n\n".join(mismatches)
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -84,11 +84,12 @@ def check_config(ctx):
         return [Result("config", FAIL, str(err), "fix the file at that position; `rolegate check-config`")]
     ctx["config"] = cfg
     try:
-        # The broker's start checks (runtime_dir, rules_cache and their parents), located in the file.
-        unchecked = config.check_paths(cfg)
+        # The broker's start checks (runtime_dir, rules_cache and their parents) and the firewall's
+        # (imds_allow_users resolved: a user deleted since leaves the lockdown unapplied), located.
+        unchecked = config.check_host(cfg)
     except ConfigError as err:
-        return [Result("config", FAIL, str(err), "fix the file at that position, or the directory it names; "
-                                                 "`rolegate check-config`")]
+        return [Result("config", FAIL, str(err), "fix the file at that position, or the directory or user it "
+                                                 "names; `rolegate check-config`")]
     if unchecked:
         return [Result("config", WARN, f"{ctx['config_path']} is valid, but " + "; ".join(unchecked),
                        "run rolegate doctor as root")]
@@ -558,8 +559,61 @@ def check_fleet_rules(ctx):
     return out
 
 
+def check_imds_rule(ctx):
+    """Whether the configured IMDS rule can be put in force (what rolegate-lockdown.service's second
+    step and each start of rolegated do). When it cannot, the boot left the lockdown unit's root-only
+    rule in force (fail closed), or an older rule: say which, and why the configured one is refused."""
+    from ..backends import firewall
+
+    cfg = ctx.get("config")
+    if cfg is None:
+        return []  # check_config said why
+    if os.geteuid() != 0:
+        return [Result("imds-rule", WARN, "not root: cannot check that the configured IMDS rule applies",
+                       "run rolegate doctor as root")]
+    try:
+        uids = firewall.allowed_uids(cfg.imds_allow_users)
+        script = firewall.ruleset(uids, cfg.imds.mode, cfg.imds.port, firewall.door_ports(cfg))
+        checked = firewall._nft(["-c", "-f", "-"], stdin=script)  # nft's check mode: nothing changes
+        if checked.returncode != 0:
+            raise firewall.FirewallError(f"nft refuses it: {checked.stderr.strip()}")
+    except firewall.FirewallError as err:
+        try:
+            table = firewall.show()
+        except firewall.FirewallError:  # no nft at all: err says so
+            table = None
+        if table is None:
+            state = "and no rolegate table is in force: every user reaches IMDS"
+        elif root_only(table):
+            state = "only root reaches IMDS (the lockdown's root-only rule holds: fail closed)"
+        else:
+            state = "an earlier rule of rolegate's stays in force"
+        return [Result("imds-rule", FAIL, f"the configured IMDS rule is not applied: {err}; {state}",
+                       "correct imds_allow_users or imds in the config (`rolegate check-config`), then "
+                       "`systemctl restart rolegate-lockdown rolegated` (journalctl -u rolegate-lockdown says "
+                       "what the boot refused)")]
+    table = firewall.show()
+    configured_root_only = uids == [0] and cfg.imds.mode == "reject" and not firewall.door_ports(cfg)
+    if table is not None and root_only(table) and not configured_root_only:
+        # It applies now but did not when it was last tried (a user NSS only knew later, at boot).
+        return [Result("imds-rule", WARN, "the configured IMDS rule applies, but only the lockdown's root-only rule "
+                       "is in force: only root reaches IMDS", "systemctl restart rolegated (or rolegate firewall "
+                                                              "apply)")]
+    return [Result("imds-rule", PASS, f"the configured IMDS rule (imds.mode {cfg.imds.mode}) applies")]
+
+
+def root_only(table):
+    """True when `table` (nft's listing of table inet rolegate) lets root alone reach IMDS and does
+    nothing else: the lockdown unit's static rule, not a configured one."""
+    import re
+
+    allowed = re.findall(r"skuid != (\{[^}]*\}|\S+)", table)
+    return bool(allowed) and all(a.strip("{} ") == "0" for a in allowed) and "dnat" not in table \
+        and "@imds-audit" not in table
+
+
 CHECKS = (check_config, check_pam_python, check_pam_stacks, check_secure_path, check_profile, check_elevation,
-          check_runtime_dir, check_broker, check_imds, check_imds_audit, check_ssm_user, check_door_share,
+          check_runtime_dir, check_broker, check_imds, check_imds_rule, check_imds_audit, check_ssm_user, check_door_share,
           check_gatekeeper, check_fleet_rules)
 
 

@@ -99,8 +99,9 @@ class Metrics:
                                      "force stay), error (the store could not be read).", ["outcome"],
                                      registry=self.registry)
         self.elevations = Counter("rolegate_elevations", "Elevation requests (rolegate elevate) by outcome: "
-                                  "granted, denied (PAM said no, a prompt went unanswered, no approval, or "
-                                  "cancelled), failed (STS refused, or the session ended first).", ["outcome"],
+                                  "granted, denied (refused before PAM, PAM said no, a prompt went unanswered, "
+                                  "no approval, or cancelled), failed (STS refused, or the session ended first).",
+                                  ["outcome"],
                                   registry=self.registry)
         for outcome in ELEVATION_OUTCOMES:
             self.elevations.labels(outcome=outcome)
@@ -117,7 +118,8 @@ class Metrics:
     # -- observers ------------------------------------------------------------------------------
 
     def observe(self, event, fields):
-        """log.Log's observer: one decision line -> the counters it feeds."""
+        """log.Log's observer: one decision -> the counters it feeds. Decisions a RefusalLog left out
+        of the log (rate-limited) come here too, so every refused elevation is counted."""
         if event == "failed" and fields.get("action") == "refresh":
             self.refresh_failures.inc()
             return

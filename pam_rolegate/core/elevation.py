@@ -32,10 +32,12 @@ NO_REASON = "none given"  # the reason tag of an elevation whose rule makes the 
 
 class Refusal(Exception):
     """A request refused before it began (or a poll of one that is not the caller's): `code` is
-    the protocol's error code."""
+    the protocol's error code; `fields` what the door's `denied: action=elevate` line names beside
+    the caller (the login's principal, the role, when to retry), as far as the refusal knew them."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, **fields):
         self.code = code
+        self.fields = {k: v for k, v in fields.items() if v is not None}
         super().__init__(message)
 
 
@@ -92,41 +94,47 @@ class Elevations:
         view = self.registry.view(view_key, uid)
         if view is None:
             raise Refusal(protocol.E_NO_GRANT, f"no live login grant {view_key} for uid {uid}; log in again")
+        who = {"principal": view.principal}
         if uid not in (0, view.principal_uid):
             # A session running as a shared account (sudo -u svc) belongs to its principal: another
             # person who can act as svc must not make the broker run PAM for them.
             raise Refusal(protocol.E_FORBIDDEN, f"only {view.principal} (or root) may elevate that login; "
-                                                f"elevate from a session of your own")
+                                                f"elevate from a session of your own", **who)
         rule, _ident, _decided = self.registry.on_demand_rule(view, profile)
         if rule is None:
             raise Refusal(protocol.E_FORBIDDEN, f"the rules give your login no on-demand profile {profile!r} "
-                                                f"(`rolegate check-user YOUR_NAME` lists the ones you may elevate to)")
+                                                f"(`rolegate check-user YOUR_NAME` lists the ones you may elevate to)",
+                          **who)
+        who["role"] = rule.role
         reason = (reason or "").strip()
         if not reason and rule.elevate.reason == "required":
             raise Refusal(protocol.E_BAD_REQUEST, f"profile {profile} needs a reason: rolegate elevate {profile} "
-                                                  f"--reason TEXT")
+                                                  f"--reason TEXT", **who)
         if reason:
             problem = names.reason_problem(reason)
             if problem:
-                raise Refusal(protocol.E_BAD_REQUEST, f"{problem}; nothing was asked of STS")
+                raise Refusal(protocol.E_BAD_REQUEST, f"{problem}; nothing was asked of STS", **who)
         seconds = rule.elevate.max if seconds is None else seconds
         if not config_mod.ELEVATE_MIN <= seconds <= rule.elevate.max:
             raise Refusal(protocol.E_BAD_REQUEST, f"--for must be between {config_mod.ELEVATE_MIN // 60}m and "
-                                                  f"{rule.elevate.max // 60}m for profile {profile}")
+                                                  f"{rule.elevate.max // 60}m for profile {profile}", **who)
         now = self.clock()
         with self._lock:
             self._forget_finished(now)
             wait = self._backoff_left(view.principal, now)
             if wait > 0:
-                raise Refusal(protocol.E_LIMITED, f"too many failed elevations in a row; try again in {wait:.0f}s")
+                raise Refusal(protocol.E_LIMITED, f"too many failed elevations in a row; try again in {wait:.0f}s",
+                              retry_in=f"{wait:.0f}s", **who)
             if self._under_way[uid] >= MAX_PER_UID:
                 raise Refusal(protocol.E_LIMITED, f"you have {self._under_way[uid]} elevations under way already "
-                                               f"(at most {MAX_PER_UID}); finish or cancel one")
+                                                  f"(at most {MAX_PER_UID}); finish or cancel one", **who)
             if sum(self._under_way.values()) >= MAX_UNDER_WAY:
-                raise Refusal(protocol.E_LIMITED, "the broker has too many elevations under way; try again shortly")
+                raise Refusal(protocol.E_LIMITED, "the broker has too many elevations under way; try again shortly",
+                              **who)
             if any(r.finished is None and r.view.id == view.id and r.profile == profile
                    for r in self._requests.values()):
-                raise Refusal(protocol.E_LIMITED, f"an elevation to {profile} of this login is under way already")
+                raise Refusal(protocol.E_LIMITED, f"an elevation to {profile} of this login is under way already",
+                              **who)
             request = Request(uid, view, profile, rule, reason or NO_REASON, seconds, now)
             self._requests[request.id] = request
             self._under_way[uid] += 1

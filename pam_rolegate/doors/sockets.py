@@ -60,6 +60,7 @@ ACCEPT_BATCH = 64  # connections accepted per loop turn, so a storm's accepts in
 ACCEPT_RETRY = 0.1  # out of descriptors: accepting pauses this long rather than spin on a ready socket
 HOOK_MARGIN = 0.3  # seconds kept back from the hook's budget for our reply and its PAM bookkeeping
 REFUSED_LOG_INTERVAL = 10.0  # a uid's refusals are logged at most once per this, with a count
+REFUSAL_REASON_MAX = 256  # characters of a refusal's message a line keeps (a reason is at most 256 too)
 # Actions a door answers on its loop rather than in a worker: no NSS, STS or file work behind them.
 # A worker round trip takes two loop turns, and a uid gets MAX_WORKING_PER_UID of them at once: a
 # turn slowed by a storm of `busy` refusals let one uid's 1000 simultaneous pings through at ~20/s.
@@ -115,26 +116,43 @@ _BUSY = protocol.encode_reply(protocol.ErrorReply(protocol.E_BUSY, "the broker i
 
 
 class RefusalLog:
-    """`refused` lines, at most one per uid per interval (a flood cannot fill the log)."""
+    """The one rate limit on refusal lines: at most one line per uid and event per interval (a flood
+    cannot fill the log), the next one saying how many were left out (also_refused=N,
+    also_denied=N). Every refusal still reaches the log's observer, so the metrics count all of them."""
 
     def __init__(self, log, interval=REFUSED_LOG_INTERVAL, clock=time.monotonic):
         self.log = log
         self.interval = interval
         self.clock = clock
         self._lock = threading.Lock()
-        self._seen = {}  # uid -> (window start, refusals hidden since)
+        self._seen = {}  # (event, uid) -> (window start, refusals hidden since)
 
     def refused(self, uid, pid, **fields):
+        """A `refused:` line: a door turned a caller away."""
+        self.limited("refused", uid, uid=uid, pid=pid, **fields)
+
+    def limited(self, event, uid, **fields):
+        """Decision line `event` about a request of `uid`, rate-limited per (event, uid): a person's
+        `denied: action=elevate` lines have their own window, so a `refused:` line never hides one."""
         now = self.clock()
         with self._lock:
-            start, hidden = self._seen.get(uid, (None, 0))
-            if start is not None and now - start < self.interval:
-                self._seen[uid] = (start, hidden + 1)
-                return
-            if len(self._seen) > 4096:  # bounded however many uids misbehave
-                self._seen = {u: v for u, v in self._seen.items() if now - v[0] < self.interval}
-            self._seen[uid] = (now, 0)
-        self.log.decision("refused", uid=uid, pid=pid, also_refused=hidden or None, **fields)
+            start, hidden = self._seen.get((event, uid), (None, 0))
+            shown = start is None or now - start >= self.interval
+            if shown:
+                if len(self._seen) > 4096:  # bounded however many uids misbehave
+                    self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+                self._seen[(event, uid)] = (now, 0)
+            else:
+                self._seen[(event, uid)] = (start, hidden + 1)
+        if shown:
+            self.log.decision(event, **fields, **{f"also_{event}": hidden or None})
+            return
+        observer = getattr(self.log, "observer", None)
+        if observer is not None:  # counted, not written: as Log.decision would have told it
+            try:
+                observer(event, fields)
+            except Exception:
+                pass
 
 
 class Door:
@@ -574,17 +592,37 @@ class Handlers:
             return protocol.Reply(fn(*args))
         except Refusal as err:
             if err.code in (protocol.E_FORBIDDEN, protocol.E_NO_GRANT):
-                self.refusals.refused(peer.uid, peer.pid, action=action, reason=str(err)[:200])
+                self.refusals.refused(peer.uid, peer.pid, action=action, reason=str(err)[:REFUSAL_REASON_MAX])
             return protocol.ErrorReply(err.code, str(err))
         except mapping.UnknownUser as err:
             return protocol.ErrorReply(protocol.E_UNKNOWN_USER, str(err))
 
     def elevate(self, peer, req):
+        """Start an elevation. Every request refused here, before PAM runs (no login, not the
+        person's login, no such profile, no reason or a bad one, --for out of range, the back-off,
+        the limits), leaves one `denied: action=elevate` line, rate-limited per uid like `refused:`
+        lines; what PAM and approvers decide, the core logs when the request ends (never hidden:
+        each is an authentication attempt)."""
+        from ..core.elevation import Refusal
+
         key, error = self._view_key(peer, req.grant)
-        if error is not None:
-            return error
-        return self._elevation_call(peer, req.ACTION, self.elevations.start, peer.uid, key, req.profile, req.reason,
-                                    req.seconds)
+        fields, event = {}, "denied"
+        if error is None:
+            try:
+                return protocol.Reply(self.elevations.start(peer.uid, key, req.profile, req.reason, req.seconds))
+            except Refusal as err:
+                error, fields = protocol.ErrorReply(err.code, str(err)), err.fields
+            except mapping.UnknownUser as err:  # NSS could not say who: not a refusal, a failure
+                error, event = protocol.ErrorReply(protocol.E_UNKNOWN_USER, str(err)), "failed"
+        principal = fields.pop("principal", None)
+        if principal is None:
+            try:
+                principal = pwd.getpwuid(peer.uid).pw_name
+            except KeyError:
+                principal = f"uid {peer.uid}"
+        self.refusals.limited(event, peer.uid, action="elevate", principal=principal, uid=peer.uid, pid=peer.pid,
+                              profile=req.profile, reason=str(error.message)[:REFUSAL_REASON_MAX], **fields)
+        return error
 
     def elevation(self, peer, req):
         return self._elevation_call(peer, req.ACTION, self.elevations.poll, peer.uid, req.id, req.answer, False,

@@ -90,8 +90,16 @@ class Match:
     targets: Tuple[str, ...] = ()
 
 
-# Elevation on demand: at most role chaining's cap (the gatekeeper's keys are themselves a role's).
-ELEVATE_MAX = 3600
+# Role chaining: STS refuses DurationSeconds over 1 h when the caller's keys are themselves a role's
+# session (AssumeRole from a role). With source instance-profile they always are (the gatekeeper is
+# the instance's role), so a longer session.duration or roles[].duration would fail every login at
+# run time; it is refused here instead. profile: and keyring: sources may hold an IAM user's
+# long-term keys, which allow up to 12 h (names.DURATION_MAX); whether a profile is itself a role
+# (role_arn, SSO) only STS can tell, at the first AssumeRole (doctor --assume finds it first).
+CHAINED_MAX = 3600
+CHAINED_SOURCES = ("instance-profile",)
+# Elevation on demand: at most role chaining's cap, whatever the source.
+ELEVATE_MAX = CHAINED_MAX
 ELEVATE_MIN = 900  # STS's least DurationSeconds
 ELEVATE_DEFAULT_MAX = 1800
 REASON_MODES = ("required", "optional")
@@ -266,6 +274,37 @@ def check_paths(cfg):
     return notes
 
 
+def check_users(cfg):
+    """imds_allow_users resolved through NSS, by the lookup `rolegate firewall apply` makes
+    (firewall.allowed_uids); raises ConfigError located at the first name no user has here.
+
+    A host check, like check_paths: check-config and doctor call it on the host the config is for
+    (on a build machine the accounts may differ). The broker does not: it never uses the list (the
+    firewall does), and a service account deleted later must not take every user's credentials
+    away at the next start. The lockdown fails closed instead: the boot's root-only rule stays, and
+    doctor FAILs naming the user.
+    """
+    from ..backends import firewall  # the firewall's own lookup: one resolution of the names
+
+    marks = {key: (line, column) for key, line, column in cfg.marks}
+    for i, name in enumerate(cfg.imds_allow_users):
+        try:
+            firewall.allowed_uids((name,))
+        except firewall.FirewallError:
+            line, column = marks.get(f"imds_allow_users[{i}]", (None, None))
+            raise ConfigError(f"imds_allow_users: no such user: {name!r}; `rolegate firewall apply` could not "
+                              f"lock IMDS with it; create the user, or remove the name",
+                              cfg.path, line, column) from None
+
+
+def check_host(cfg):
+    """Every check of `cfg` against this host (check_paths, then check_users), for check-config and
+    doctor; returns check_paths' notes on what this user could not verify."""
+    notes = check_paths(cfg)
+    check_users(cfg)
+    return notes
+
+
 def parse_rules(text, where, cfg):
     """A fleet rules document (rules_from's parameter, or its cached copy) -> `cfg` with those rules.
 
@@ -341,6 +380,7 @@ class _Reader:
     def __init__(self, path):
         self.path = path
         self._loader = yaml.SafeLoader("")
+        self.source = Config.source  # the config's source, read first: it caps session lengths
 
     # -- located errors and primitive readers ------------------------------------------------
 
@@ -409,6 +449,16 @@ class _Reader:
             self.fail(node, f"{what} is {seconds}s; it must lie between {low}s and {high}s")
         return seconds
 
+    def session_length(self, node, what):
+        """session.duration or roles[].duration: STS's 15 min to 12 h, and at most role chaining's
+        1 h where the source's keys are a role's (CHAINED_SOURCES; see CHAINED_MAX)."""
+        seconds = self.duration(node, what)
+        if self.source.kind in CHAINED_SOURCES and seconds > CHAINED_MAX:
+            self.fail(node, f"{what} is {seconds}s, but role chaining caps sessions at 1h: source {self.source} "
+                            f"gives a role's keys, so STS refuses a longer one at every login; use 1h or less, "
+                            f"or a profile:/keyring: source with an IAM user's long-term keys")
+        return seconds
+
     def template(self, node, what):
         text = self.string(node, what)
         problem = names.check_template(text)
@@ -432,7 +482,7 @@ class _Reader:
         kw["region"] = self.string(keys["region"][1], "region", REGION_RE,
                                    " (expected a region such as us-east-1)")
         if "source" in keys:
-            kw["source"] = self.source(keys["source"][1])
+            kw["source"] = self.source = self.read_source(keys["source"][1])
         if "runtime_dir" in keys:
             node = keys["runtime_dir"][1]
             runtime_dir = self.string(node, "runtime_dir")
@@ -457,8 +507,12 @@ class _Reader:
             kw["metrics_interval"] = self.duration(keys["metrics_interval"][1], "metrics_interval", 1, 3600)
         self.fleet_keys(keys, kw)
         if "imds_allow_users" in keys:
-            kw["imds_allow_users"] = self.strings(keys["imds_allow_users"][1], "imds_allow_users",
-                                                  _USER_RE, " (expected a user name)")
+            node = keys["imds_allow_users"][1]
+            kw["imds_allow_users"] = self.strings(node, "imds_allow_users", _USER_RE, " (expected a user name)")
+            # Each name located for check_users, which resolves them on the host.
+            kw["marks"] = kw.get("marks", ()) + tuple(
+                self.mark(f"imds_allow_users[{i}]", n)
+                for i, n in enumerate(node.value if isinstance(node, yaml.SequenceNode) else [node]))
         session = self.session(keys["session"][1]) if "session" in keys else SessionSettings()
         kw["session"] = session
         if "refresh" in keys:
@@ -495,6 +549,7 @@ class _Reader:
         if "version" in keys:
             self.version(keys["version"][1])
         roles_node = keys["roles"][1]
+        self.source = cfg.source
         new = dataclasses.replace(cfg, roles=self.roles(roles_node, cfg.session))
         if new.imds.mode == "emulate":
             self.check_imds_durations(new, None, roles_node)
@@ -570,7 +625,7 @@ class _Reader:
                              f"stretch IMDS credentials with under 20 minutes left past their expiry; lengthen "
                              f"it, or restrict that rule to other services")
 
-    def source(self, node):
+    def read_source(self, node):
         text = self.string(node, "source")
         if text == "instance-profile":
             return Source("instance-profile")
@@ -583,7 +638,8 @@ class _Reader:
         keys = self.mapping(node, "session", ("duration", "refresh_before", "name", "source_identity", "tags",
                                               "linger"))
         defaults = SessionSettings()
-        duration = self.duration(keys["duration"][1], "session.duration") if "duration" in keys else defaults.duration
+        duration = self.session_length(keys["duration"][1], "session.duration") if "duration" in keys \
+            else defaults.duration
         # Unset, refresh_before is 20 minutes, or a third of a shorter session.
         refresh_before = min(defaults.refresh_before, duration // 3)
         if "refresh_before" in keys:
@@ -707,7 +763,7 @@ class _Reader:
                                               f"a login does not get by itself (rolegate elevate PROFILE)")
             kw["elevate"] = self.elevate(keys["elevate"][1], f"{what}.elevate", session)
         if "duration" in keys:
-            kw["duration"] = self.duration(keys["duration"][1], f"{what}.duration")
+            kw["duration"] = self.session_length(keys["duration"][1], f"{what}.duration")
             if session.refresh_before >= kw["duration"]:
                 self.fail(keys["duration"][1], f"{what}.duration ({kw['duration']}s) must be longer than "
                                                f"session.refresh_before ({session.refresh_before}s)")
