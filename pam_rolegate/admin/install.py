@@ -16,6 +16,7 @@ TEMPLATES = {
     "pam-config": ("pam-configs", "rolegate"),
     "profile": ("profile.d", "rolegate.sh"),
     "unit": ("systemd", "rolegated.service"),
+    "lockdown-unit": ("systemd", "rolegate-lockdown.service"),
     "config": ("rolegate", "rolegate.yaml"),
     "elevate-pam": ("pam.d", "rolegate"),
 }
@@ -69,10 +70,46 @@ def profile_snippet(rolegate_bin=None, runtime_dir="/run/rolegate"):
     return fill(template("profile"), rolegate=rolegate_bin or bin_path("rolegate"), runtime_dir=runtime_dir.rstrip("/"))
 
 
+def _docdir(docdir):
+    return docdir or os.path.join(sys.prefix, "share", "rolegate")
+
+
+def runtime_directory(runtime_dir):
+    """runtime_dir as the unit's RuntimeDirectory= (relative to /run). The hardened unit gives the
+    broker no mount of its own (a tmpfs mounted in its private mount namespace would be invisible
+    to sshd and users), so runtime_dir must be on /run's tmpfs, which systemd provides."""
+    rel = os.path.relpath(os.path.normpath(runtime_dir), "/run")
+    if rel in (".", "..") or rel.startswith("../"):
+        raise InstallError(f"runtime_dir {runtime_dir} is not under /run: the systemd unit keeps it on /run's "
+                           f"tmpfs (RuntimeDirectory=); choose a directory under /run, such as /run/rolegate")
+    return rel
+
+
 def systemd_unit(rolegated_bin=None, runtime_dir="/run/rolegate", docdir=None, rolegate_bin=None):
     return fill(template("unit"), rolegated=rolegated_bin or bin_path("rolegated"),
                 rolegate=rolegate_bin or bin_path("rolegate"), runtime_dir=runtime_dir,
-                docdir=docdir or os.path.join(sys.prefix, "share", "rolegate"))
+                runtime_directory=runtime_directory(runtime_dir), docdir=_docdir(docdir))
+
+
+NFT = "/usr/sbin/nft"  # Debian's nftables package
+
+
+def lockdown_unit(lockdown_rules, rolegate_bin=None, docdir=None):
+    """rolegate-lockdown.service: the static root-only rule (`lockdown_rules`, see lockdown_ruleset),
+    then the configured one, early at boot."""
+    return fill(template("lockdown-unit"), nft=NFT, lockdown_rules=lockdown_rules,
+                rolegate=rolegate_bin or bin_path("rolegate"), docdir=_docdir(docdir))
+
+
+def lockdown_ruleset():
+    """The nft script the lockdown unit applies before anything else: table inet rolegate letting
+    root alone reach IMDS. Made from the firewall module's own ruleset (one source for the rules),
+    and, like its apply(), declared then deleted first so it replaces whatever table is there."""
+    from ..backends import firewall as fw
+
+    return (f"#!{NFT} -f\n# rolegate's boot-time IMDS lockdown: only root reaches IMDS until the configured rule "
+            f"replaces it.\n# Generated from pam_rolegate.backends.firewall; do not edit.\n"
+            f"table inet {fw.TABLE}\ndelete table inet {fw.TABLE}\n" + fw.ruleset([0]))
 
 
 # -- the Debian package ---------------------------------------------------------------------------
@@ -82,6 +119,8 @@ def systemd_unit(rolegated_bin=None, runtime_dir="/run/rolegate", docdir=None, r
 PACKAGE_NAME = "rolegate"
 PACKAGE_HOOK = "/usr/lib/python3/dist-packages/pam_rolegate/pam_hook.py"
 PACKAGE_UNIT = "/lib/systemd/system/rolegated.service"
+PACKAGE_LOCKDOWN_UNIT = "/lib/systemd/system/rolegate-lockdown.service"
+PACKAGE_LOCKDOWN_RULES = "/usr/share/rolegate/lockdown.nft"
 
 
 def package_files():
@@ -91,6 +130,9 @@ def package_files():
         PROFILE_D: (profile_snippet(rolegate_bin="/usr/bin/rolegate"), 0o644),
         PACKAGE_UNIT: (systemd_unit(rolegated_bin="/usr/bin/rolegated", rolegate_bin="/usr/bin/rolegate",
                                     docdir="/usr/share/rolegate"), 0o644),
+        PACKAGE_LOCKDOWN_UNIT: (lockdown_unit(PACKAGE_LOCKDOWN_RULES, rolegate_bin="/usr/bin/rolegate",
+                                              docdir="/usr/share/rolegate"), 0o644),
+        PACKAGE_LOCKDOWN_RULES: (lockdown_ruleset(), 0o644),
         CONFIG: (template("config"), 0o644),
         ELEVATE_PAM: (template("elevate-pam"), 0o644),
     }
@@ -126,6 +168,9 @@ PAM_PROFILE = "/usr/share/pam-configs/rolegate"
 COMMON_SESSION = "/etc/pam.d/common-session"
 PROFILE_D = "/etc/profile.d/rolegate.sh"
 UNIT = "/etc/systemd/system/rolegated.service"
+LOCKDOWN_UNIT = "/etc/systemd/system/rolegate-lockdown.service"
+LOCKDOWN_RULES = "/etc/rolegate/lockdown.nft"  # read at boot, before any file system but the local ones
+UNITS = ("rolegate-lockdown.service", "rolegated.service")  # enabled and started in this order
 CONFIG = "/etc/rolegate/rolegate.yaml"
 ELEVATE_PAM = "/etc/pam.d/rolegate"  # the PAM service `rolegate elevate` authenticates through
 MARK_BEGIN = "# BEGIN rolegate (managed by `rolegate install`; remove with `rolegate uninstall`)"
@@ -210,6 +255,7 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
     problem = secure_path_problem()
     if problem:
         raise InstallError(problem + ", then run install again")
+    runtime_directory(runtime_dir)  # refuses a runtime_dir the unit cannot keep, before any change
     record = _load_manifest()
     if os.path.exists("/usr/sbin/pam-auth-update"):
         _write_new(PAM_PROFILE, pam_profile(options), record)
@@ -237,6 +283,8 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
     if not os.path.exists(ELEVATE_PAM):  # an admin's stack (a second factor added) is theirs
         _write_new(ELEVATE_PAM, template("elevate-pam"), record)
         say(f"elevation: PAM service {ELEVATE_PAM} (your password; add a second factor there)")
+    _write_new(LOCKDOWN_RULES, lockdown_ruleset(), record)
+    _write_new(LOCKDOWN_UNIT, lockdown_unit(LOCKDOWN_RULES), record)
     _write_new(UNIT, systemd_unit(runtime_dir=runtime_dir), record)
     if firewall:
         from ..rules import config as config_mod
@@ -250,8 +298,10 @@ def install(options="", runtime_dir="/run/rolegate", firewall=True, say=print):
     _save_manifest(record)
     if os.path.isdir("/run/systemd/system"):
         _run(["systemctl", "daemon-reload"])
-        _run(["systemctl", "enable", "--now", "rolegated.service"])
-        say("broker: rolegated.service enabled and started (it applies the IMDS firewall first)")
+        _run(["systemctl", "enable", "--now", *UNITS])
+        say("IMDS lockdown: rolegate-lockdown.service enabled (at boot: root-only first, then the configured "
+            "rule, before the network comes up)")
+        say("broker: rolegated.service enabled and started")
     else:
         say(f"broker: systemd is not running here; start it with `{bin_path('rolegate')} firewall apply && "
             f"{bin_path('rolegated')} &` (unit file left at {UNIT})")
@@ -293,7 +343,8 @@ def uninstall(say=print):
             + (" (the Debian package's pieces go with `apt-get purge rolegate`)" if package_installed() else ""))
         return record
     if os.path.isdir("/run/systemd/system") and UNIT in record.get("files", {}):
-        subprocess.run(["systemctl", "disable", "--now", "rolegated.service"], capture_output=True)
+        # Stopping the lockdown unit leaves its rules; fw.remove() below takes them away.
+        subprocess.run(["systemctl", "disable", "--now", *reversed(UNITS)], capture_output=True)
     if record.get("firewall"):
         from ..backends import firewall as fw
 

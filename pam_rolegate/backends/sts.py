@@ -347,6 +347,15 @@ class StsEngine:
         with self._lock:
             return self._gatekeeper(self.budget if remaining is None else remaining)
 
+    def warm(self, timeout):
+        """Pay now what the first AssumeRole would: the gatekeeper's keys (IMDSv2 token, role,
+        credentials), boto3's import and the STS client (its service model loaded). Raises what the
+        source raises; `timeout` bounds the keys' fetch."""
+        with self._lock:
+            creds = self._gatekeeper(timeout)
+            if self._client is None:
+                self._client = self.client_factory(creds, self.region, self.budget, self.endpoint)
+
     def _client_for(self, remaining, fresh):
         """The cached client, or (on a retry, or when gatekeeper keys changed) a new one."""
         with self._lock:
