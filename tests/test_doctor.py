@@ -77,6 +77,8 @@ def site():
 
     yield ns, doctor, start, stop, env
     stop()
+    with open("/etc/rolegate/rolegate.yaml", "w") as fh:
+        fh.write(shipped)  # as install wrote it, so uninstall takes it away and later modules start without it
     run(ns + ["rolegate", "uninstall"], check=False)
     for p in procs:
         p.terminate()
