@@ -646,6 +646,53 @@ def test_config__refresh_before_leaving_5s_between_refreshes_is_refused():
         "exactly the least interval must be accepted"
 
 
+def test_config__fleet_rules_over_role_chainings_cap_are_refused_in_the_document():
+    """A fleet rules document is read with the config's source: with instance-profile, a rule's
+    2h is refused at the parameter's line, as in a config's own roles; with a keyring: source it
+    stands."""
+    rule = f"roles:\n  - match: {{user: a}}\n    role: {ARN}\n    duration: 2h\n"
+    chained = config.parse(HEAD + "rules_from: ssm:/rolegate/rules\n", PATH)
+    with pytest.raises(ConfigError) as info:
+        config.parse_rules(rule, "ssm:/rolegate/rules", chained)
+    assert_located(info.value, 4, 15, "role chaining caps sessions at 1h", path="ssm:/rolegate/rules")
+    users_keys = config.parse(HEAD + "source: keyring:gatekeeper\nrules_from: ssm:/rolegate/rules\n", PATH)
+    got = config.parse_rules(rule, "ssm:/rolegate/rules", users_keys)
+    assert got.roles[0].duration == 7200, f"a keyring: source should allow a 2h rule: {got.roles}"
+
+
+def test_config__elevate_max_is_capped_at_1h_whatever_the_source():
+    for source in ("instance-profile", "profile:gatekeeper", "keyring:gatekeeper"):
+        err = refused(HEAD + f"source: {source}\nroles:\n  - match: {{user: a}}\n    role: {ARN}\n"
+                             f"    profile: admin\n    elevate: {{max: 61m}}\n")
+        assert_located(err, 8, 20, "between 900s and 3600s")
+
+
+def test_config__imds_allow_users_are_resolved_and_an_unknown_name_is_located():
+    cfg = config.parse(HEAD + "imds_allow_users: [root, nobody]\n", PATH)
+    config.check_users(cfg)  # both exist on every Debian host: no error
+    cfg = config.parse(HEAD + "imds_allow_users:\n  - root\n  - rg-no-such-user\n", PATH)
+    with pytest.raises(ConfigError) as info:
+        config.check_users(cfg)
+    assert_located(info.value, 5, 5, "no such user: 'rg-no-such-user'; `rolegate firewall apply` could not lock IMDS")
+    with pytest.raises(ConfigError) as info:
+        config.check_host(cfg)
+    assert_located(info.value, 5, 5, "no such user")
+
+
+def test_config__doctor_fails_naming_an_allowed_user_deleted_since(tmp_path):
+    """A user of imds_allow_users deleted after the config was written: doctor's config check
+    FAILs naming them, located in the file (firewall apply cannot lock IMDS with that list)."""
+    from pam_rolegate.admin import doctor
+
+    path = tmp_path / "rolegate.yaml"
+    path.write_text(HEAD + "runtime_dir: /run/rolegate\nimds_allow_users: [rg-deleted-since]\n")
+    results = doctor.check_config({"config_path": str(path)})
+    verdicts = [(r.name, r.verdict, r.detail) for r in results]
+    assert [v[:2] for v in verdicts] == [("config", doctor.FAIL)], f"doctor should FAIL the config: {verdicts}"
+    assert f"{path}:4:20:" in results[0].detail and "rg-deleted-since" in results[0].detail, \
+        f"doctor's FAIL should name the user at FILE:LINE:COL: {verdicts}"
+
+
 def _cases(base):
     """(name, config lines, expected (key, line) of the refusal or None) with the files each needs,
     made under `base` (a root-owned 0755 directory on /run's tmpfs). Line numbers count from the
