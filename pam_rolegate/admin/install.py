@@ -107,7 +107,8 @@ def lockdown_ruleset():
     and, like its apply(), declared then deleted first so it replaces whatever table is there."""
     from ..backends import firewall as fw
 
-    return (f"#!{NFT} -f\n# rolegate's boot-time IMDS lockdown: only root reaches IMDS until the configured rule "
+    # No #! line: the unit runs `nft -f` on it, and a data file with one is a script to lintian.
+    return (f"# rolegate's boot-time IMDS lockdown (nft -f): only root reaches IMDS until the configured rule "
             f"replaces it.\n# Generated from pam_rolegate.backends.firewall; do not edit.\n"
             f"table inet {fw.TABLE}\ndelete table inet {fw.TABLE}\n" + fw.ruleset([0]))
 
