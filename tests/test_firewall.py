@@ -455,3 +455,6 @@ def test_firewall__audit_ruleset_counts_per_uid_and_has_no_reject():
         f"uid 1001's counts should be carried over into both sets:\n{script}"
     assert "998 counter" not in script, f"uid 998 is allowed now: its old counts should not be carried:\n{script}"
     assert script.count("meta skuid != { 0, 998 }") == 4, f"every audit rule should skip root and uid 998:\n{script}"
+    with_doors = firewall.ruleset([0], "audit", doors=[255])
+    assert firewall.shared_ports(with_doors) == {255} and "ct count over" in with_doors, \
+        f"audit mode keeps the per-uid share of the HTTP doors' connections:\n{with_doors}"
