@@ -566,3 +566,20 @@ def test_the_elevation_example_is_valid_and_on_demand():
     cfg = config.parse(BASE + text, "docs/profiles-and-elevation.md elevation example")
     on_demand = {r.profile for r in cfg.roles if r.elevate}
     assert on_demand == {"admin", "prod-write"}, f"the elevation example's on-demand profiles: {on_demand}"
+
+
+# -- the glossary: each term once ------------------------------------------------------------------
+
+TERMS = ("grant", "principal", "target", "door", "linger", "single flight", "delivery", "gatekeeper",
+         "named profile", "on-demand profile", "elevation", "lockdown", "audit mode", "rules document")
+
+
+def test_the_glossary_defines_each_term_once():
+    headings = [m.group(1).strip().lower() for m in re.finditer(r"^### (.+)$", prose(read(page("glossary.md"))), re.M)]
+    twice = sorted({h for h in headings if headings.count(h) > 1})
+    assert not twice, f"docs/glossary.md defines these terms more than once: {twice}"
+    missing = [t for t in TERMS if t not in headings]
+    assert not missing, f"docs/glossary.md does not define: {missing}"
+    text = read(page("glossary.md"))
+    for door in ("PAM door", "User door", "HTTP doors"):
+        assert f"**{door}**" in text, f"docs/glossary.md's door entry does not define the {door}"
