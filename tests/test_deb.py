@@ -277,7 +277,8 @@ def test_deb__packaged_ssh_login_gets_its_role_and_purge_restores_etc(deb):
             "pam_succeed_if.so quiet service notin sshd:sudo:sudo-i:login" in common, \
             f"postinst did not enable the guarded hook in common-session:\n{common}"
         for shipped in ("/usr/bin/rolegate", "/usr/bin/rolegated", "/etc/profile.d/rolegate.sh",
-                        "/lib/systemd/system/rolegated.service", "/usr/share/pam-configs/rolegate"):
+                        "/lib/systemd/system/rolegated.service", "/usr/share/pam-configs/rolegate",
+                        "/lib/systemd/system/rolegate-lockdown.service", "/usr/share/rolegate/lockdown.nft"):
             assert os.path.exists(space.root + shipped), f"the package did not install {shipped}"
         shipped_config = space.run(["rolegate", "check-config"], check=False)
         assert shipped_config.returncode == 0, f"the shipped example config is invalid: {shipped_config.stdout}"
@@ -361,7 +362,9 @@ def test_deb__upgrade_from_the_previous_release_keeps_a_live_sessions_credential
         # the new package is unpacked and configured, the new broker starts.
         stop(broker)
         start = time.monotonic()
-        upgraded = space.run(["dpkg", "-i", path], check=False)
+        # The admin's config stays (the test wrote its own over the shipped example, which has changed
+        # since 0.1.0: without this dpkg would ask at its conffile prompt, with nobody to answer).
+        upgraded = space.run(["dpkg", "--force-confold", "-i", path], check=False)
         print(f"dpkg -i over {os.path.basename(previous_deb)}: {time.monotonic() - start:.1f} s")
         assert upgraded.returncode == 0, f"the upgrade failed:\n{upgraded.stdout}\n{upgraded.stderr}"
         with open(space.root + "/etc/pam.d/common-session") as fh:
