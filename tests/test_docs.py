@@ -444,8 +444,7 @@ def test_quick_start_policy_names_the_quick_start_role(quick_start_host):
     assert [".gatekeeper_policy", f'.trust_policies["{role}"]'] == [a[1] for a in jq], \
         f"step 7 should take the two documents step 6 prints: {jq}"
     made = [a for _, a in commands if a[:3] == ["aws", "iam", "create-role"]]
-    assert f"role/{gatekeeper.rsplit('/', 1)[-1]}" in gatekeeper and \
-        any(a[a.index("--role-name") + 1] == gatekeeper.rsplit("/", 1)[-1] for a in made), \
+    assert any(a[a.index("--role-name") + 1] == gatekeeper.rsplit("/", 1)[-1] for a in made), \
         f"step 2 makes no role named as step 6's gatekeeper {gatekeeper}: {made}"
     assert any(a[a.index("--role-name") + 1] == role.rsplit("/", 1)[-1] for a in made), \
         f"step 7 makes no role named as the rule's {role}: {made}"
