@@ -131,7 +131,7 @@ class RefusalLog:
         """A `refused:` line: a door turned a caller away."""
         self.limited("refused", uid, uid=uid, pid=pid, **fields)
 
-    def limited(self, event, uid, **fields):
+    def limited(self, event, uid, /, **fields):  # positional: the line's own fields may name a uid
         """Decision line `event` about a request of `uid`, rate-limited per (event, uid): a person's
         `denied: action=elevate` lines have their own window, so a `refused:` line never hides one."""
         now = self.clock()
@@ -472,8 +472,8 @@ class Handlers:
         """`env` without rolegate's region when the target account's own ~/.aws/config names one for
         `default`, the profile a PAM session starts with (PAM sets no AWS_PROFILE): docs/sessions.md "Whose
         region wins". Any trouble reading it keeps rolegate's region; nothing here fails a login."""
-        if self.homes is None or awsconfig.CONFIG_FILE_VAR in env:
-            return env  # process delivery points AWS_CONFIG_FILE at rolegate's file: the user's is not read
+        if self.homes is None:
+            return env
         try:
             timeout = homefiles.READ_BUDGET
             if deadline is not None:  # the hook's own budget, what is left of it after the grant
