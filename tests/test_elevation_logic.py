@@ -117,6 +117,31 @@ def test_elevation__another_person_on_a_shared_account_cannot_make_the_broker_as
     assert refused.value.code == protocol.E_FORBIDDEN and "alice" in str(refused.value), refused.value
 
 
+def test_elevation__refusals_before_pam_carry_what_the_denied_line_names():
+    """The door writes one `denied: action=elevate` line per refusal from Refusal.fields (tested
+    with the real broker in test_elevate_refusals.py): the login's person, the role once a rule is
+    known, when to retry inside the back-off."""
+    registry = Registry()
+    coord = el.Elevations(registry, Log(), authenticate=scripted())
+    cases = [("not the person", 2000, "admin", "INC-1", None, {"principal": "alice"}),
+             ("no such profile", 1000, "nosuch", "INC-1", None, {"principal": "alice"}),
+             ("no reason", 1000, "admin", "", None, {"principal": "alice", "role": RULE.role}),
+             ("--for too long", 1000, "admin", "INC-1", 7200, {"principal": "alice", "role": RULE.role})]
+    for what, uid, profile, reason, seconds, fields in cases:
+        registry.grant.target_uid = uid  # 2000: alice's `sudo -u svc` session
+        with pytest.raises(el.Refusal) as refused:
+            coord.start(uid, "view-1", profile, reason, seconds)
+        assert refused.value.fields == fields, f"{what}: the refusal should name {fields}, got {refused.value.fields}"
+    registry.grant.target_uid = 1000
+    rid = coord.start(1000, "view-1", "admin", "INC-1", None)["id"]
+    coord.poll(1000, rid, answer="wrong", prompt=prompt_of(coord, rid))
+    wait_state(coord, 1000, rid, ("denied",))
+    with pytest.raises(el.Refusal) as refused:
+        coord.start(1000, "view-1", "admin", "INC-1", None)
+    assert refused.value.fields.get("retry_in", "").endswith("s"), \
+        f"a retry inside the back-off should say when to retry: {refused.value.fields}"
+
+
 def test_elevation__a_second_request_for_the_same_profile_waits_its_turn():
     coord = el.Elevations(Registry(), Log(), authenticate=scripted())
     rid = coord.start(1000, "view-1", "admin", "INC-1", None)["id"]
