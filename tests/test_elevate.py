@@ -344,5 +344,25 @@ def test_elevate__one_command_runs_with_the_profile_which_is_dropped_when_it_exi
         assert "assumed-role/admin" not in shell.do(sts("admin")), "the profile outlived its one command"
         code, out = elevate_in(shell, [PASSWORDS["alice"]], extra="-- sh -c 'exit 7'")
         assert code == 7, f"elevate -- CMD should exit with CMD's code (7), not {code}:\n{out}"
+        code, out = elevate_in(shell, [PASSWORDS["alice"]], extra="-- sh -c 'kill -TERM $$'")
+        assert code == 128 + 15, f"a CMD ended by SIGTERM should exit 143, as the shell reports it, not {code}:\n{out}"
+    finally:
+        shell.close()
+
+
+def test_elevate__a_command_that_cannot_run_is_refused_before_pam_asks_anything(host):
+    """env(1)'s codes: 127 for a CMD that is not there, 126 for one that is not executable, and
+    neither costs a password, an approval or an STS call."""
+    password_stack()
+    shell = Shell(host, "alice")
+    try:
+        mark = host.log_mark()
+        for cmd, expected in (("/nonexistent/cmd", 127), ("no-such-command-xyz", 127), ("/etc/passwd", 126)):
+            out = shell.do(f"{ROLEGATE} elevate admin --reason 'INC-1 check' -- {cmd} </dev/null; echo EXIT=$?")
+            code = int(out.rsplit("EXIT=", 1)[1].strip())
+            assert code == expected and "Password" not in out, \
+                f"elevate -- {cmd} should exit {expected} before PAM asks anything, got {code}:\n{out}"
+        log = host.log_since(mark)
+        assert "profile=admin" not in log, f"the broker was asked for an elevation anyway:\n{log}"
     finally:
         shell.close()
