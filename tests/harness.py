@@ -5,6 +5,7 @@ starts daemons, all of which vanish with the sandbox's mount namespace.
 """
 
 import contextlib
+import functools
 import os
 import select
 import shlex
@@ -24,6 +25,21 @@ VENV = os.environ.get("ROLEGATE_TEST_VENV") or os.path.dirname(os.path.dirname(s
 # prints the caller's ARN, `{JS_SDK} region [PROFILE]` the region a client resolves.
 JS_DIR = os.environ.get("ROLEGATE_TEST_JS") or os.path.join(os.path.dirname(VENV), "js")
 JS_SDK = f"node {JS_DIR}/sdk.js"
+# The AWS CLIs. Both are called `aws`, so tests name each by its full path and PATH order never
+# decides which one runs: the v1 from PyPI in the test venv (pyproject's `test` extra; not on any
+# session's PATH), the v2 from Debian's awscli package (scripts/deps; 2.9.19 on Debian 12), which a
+# session finds first on its PATH as plain `aws`. Tests report them as CLI (v1) and CLI2 (v2).
+AWS_CLI = os.path.join(VENV, "bin", "aws")
+AWS_CLI_V2 = "/usr/bin/aws"
+AWS_CLIS = {"CLI": AWS_CLI, "CLI2": AWS_CLI_V2}
+# CLI v2 releases that predate AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE (the token file EKS Pod
+# Identity brought, late 2023): they send `container` delivery's endpoint no token, and it refuses
+# them (403), so their default profile has no credentials under that delivery. Their named profiles
+# work there: those come from the credentials file through credential_process. Any other version is
+# expected to work, so a listed one that starts working fails the test that names this limit.
+CLI_V2_WITHOUT_CONTAINER_TOKEN_FILE = {"2.9.19"}
+# The last line such a refused CLI v2 prints (the endpoint's 403, as its container provider reports it).
+CLI_V2_CONTAINER_REFUSAL = "Received non 200 response (403) from ECS metadata"
 ROLEGATE = "/usr/local/bin/rolegate"
 ROLEGATED = "/usr/local/bin/rolegated"
 RUNTIME_DIR = "/run/rolegate"
@@ -77,6 +93,39 @@ roles:
   - match: {{group: developers}}
     role: arn:aws:iam::{ACCOUNT}:role/developer
 """
+
+
+@functools.lru_cache(maxsize=None)
+def cli_v2_version():
+    """The CLI v2's version, from `aws --version` (aws-cli/2.9.19 Python/3.11.2 …)."""
+    out = run([AWS_CLI_V2, "--version"]).stdout
+    assert out.startswith("aws-cli/2."), f"{AWS_CLI_V2} is not the AWS CLI v2: {out!r} (scripts/deps installs awscli)"
+    return out.split()[0].split("/", 1)[1]
+
+
+def cli_sts_arn(client, profile="default", sts="%(sts)s"):
+    """Shell words for the ARN the CLI `client` (a key of AWS_CLIS) gets from STS for `profile`, at the
+    stand-in's STS `sts` (by default a %(sts)s for the caller to fill in). The URL is on the command
+    line: the v2 2.9.19 predates AWS_ENDPOINT_URL_STS (the v1, boto3 and the JS SDK read it)."""
+    words = [AWS_CLIS[client], "sts", "get-caller-identity", "--endpoint-url", sts, "--query", "Arn", "--output", "text"]
+    return " ".join(words + ([] if profile == "default" else ["--profile", profile]))
+
+
+def refused_by_container_endpoint(client, delivery, profile="default"):
+    """Whether `client` is expected to be refused for `profile` under `delivery`: the known limit of
+    CLI v2 releases without the container token file (CLI_V2_WITHOUT_CONTAINER_TOKEN_FILE)."""
+    return client == "CLI2" and delivery == "container" and profile == "default" \
+        and cli_v2_version() in CLI_V2_WITHOUT_CONTAINER_TOKEN_FILE
+
+
+def assert_refused_by_container_endpoint(answer, what):
+    """The CLI v2's answer where refused_by_container_endpoint() says it is refused: the endpoint's
+    403, nothing else; its role here would mean the version reads the token file after all."""
+    assert CLI_V2_CONTAINER_REFUSAL in answer, (
+        f"{what}: the AWS CLI v2 {cli_v2_version()} predates AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE, so the "
+        f"container endpoint should refuse its default profile ({CLI_V2_CONTAINER_REFUSAL!r}); it answered "
+        f"{answer!r}. If that is the user's role, this version reads the token file: take it out of "
+        f"CLI_V2_WITHOUT_CONTAINER_TOKEN_FILE in tests/harness.py and the docs' known limit with it")
 
 
 def snapshot(root="/etc", chroot=""):

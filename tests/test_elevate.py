@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from harness import ACCOUNT, PAM_SOCKET, SOCKET, VENV, Shell, run, sandbox_host
+from harness import ACCOUNT, AWS_CLI, PAM_SOCKET, SOCKET, VENV, Shell, cli_sts_arn, run, sandbox_host
 from pam_rolegate.hookside import client, protocol
 
 ROLEGATE = os.path.join(VENV, "bin", "rolegate")
-AWS_CLI = os.path.join(VENV, "bin", "aws")
 PASSWORDS = {"alice": "Alice-pw-1", "carol": "Carol-pw-2", "dave": "Dave-pw-3", "bob": "Bob-pw-4"}
 OATH_SECRET = "3132333435363738393031323334353637383930"  # hex, as users.oath and oathtool take it
 USERS_OATH = "/etc/users.oath"
@@ -114,6 +113,8 @@ def test_elevate__a_password_relayed_through_pam_gives_the_profile_and_the_reaso
         assert "Password" in out, f"PAM's password prompt did not reach alice's terminal:\n{out}"
         who = shell.do(sts("admin"))
         assert f"assumed-role/admin/alice@" in who, f"aws --profile admin is not the admin role: {who}"
+        who = shell.do(cli_sts_arn("CLI2", "admin", host.moto.url) + " 2>&1 | tail -n 1")
+        assert f"assumed-role/admin/alice@" in who, f"the AWS CLI v2's --profile admin is not the admin role: {who}"
         requests = host.moto.assume_role_requests()
         admin = [r for r in requests if r.get("RoleArn") == arn("admin")]
         assert len(admin) == 1, f"one AssumeRole of the admin role expected at the stand-in: {requests}"
@@ -131,6 +132,8 @@ def test_elevate__a_password_relayed_through_pam_gives_the_profile_and_the_reaso
         assert "dropped admin" in dropped, dropped
         after = shell.do(sts("admin"))
         assert "assumed-role/admin" not in after, f"the admin profile still works after `rolegate drop`: {after}"
+        after = shell.do(cli_sts_arn("CLI2", "admin", host.moto.url) + " 2>&1 | tail -n 1")
+        assert "assumed-role/admin" not in after, f"the AWS CLI v2 still has the admin profile after the drop: {after}"
         assert "dropped: principal=alice profile=admin" in host.log_since(mark), "no `dropped:` line"
         assert host.moto.assume_role_calls() == before + 1, "the elevation should cost exactly one AssumeRole"
     finally:
@@ -338,9 +341,12 @@ def test_elevate__one_command_runs_with_the_profile_which_is_dropped_when_it_exi
     shell = Shell(host, "alice")
     try:
         time.sleep(4.5)  # any back-off an earlier test's failure left
-        code, out = elevate_in(shell, [PASSWORDS["alice"]], extra=f"-- {AWS_CLI} sts get-caller-identity "
-                                                                  f"--query Arn --output text")
-        assert code == 0 and "assumed-role/admin/alice@" in out, f"the command did not run as the admin role:\n{out}"
+        # Both AWS CLIs, each picking the profile from AWS_PROFILE (the v2 reads it first, the v1 after
+        # AWS_DEFAULT_PROFILE, which elevate takes out of CMD's environment).
+        both = f"{AWS_CLI} sts get-caller-identity --query Arn --output text; {cli_sts_arn('CLI2', sts=host.moto.url)}"
+        code, out = elevate_in(shell, [PASSWORDS["alice"]], extra=f"-- sh -c '{both}'")
+        assert code == 0 and out.count("assumed-role/admin/alice@") == 2, \
+            f"the command's two AWS CLIs (v1, v2) did not both run as the admin role:\n{out}"
         assert "assumed-role/admin" not in shell.do(sts("admin")), "the profile outlived its one command"
         code, out = elevate_in(shell, [PASSWORDS["alice"]], extra="-- sh -c 'exit 7'")
         assert code == 7, f"elevate -- CMD should exit with CMD's code (7), not {code}:\n{out}"

@@ -13,6 +13,7 @@ import os
 import pwd
 import secrets
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,13 +22,13 @@ import time
 import pytest
 
 from conftest import require_sandbox
-from harness import ACCOUNT, CHURN, JS_SDK, RUNTIME_DIR, VENV, make_host, run, wait_gone
+from harness import (ACCOUNT, AWS_CLIS, CHURN, JS_SDK, RUNTIME_DIR, assert_refused_by_container_endpoint, cli_sts_arn,
+                     make_host, refused_by_container_endpoint, run, wait_gone)
 from pam_rolegate.hookside import client, protocol
 from pam_rolegate.backends import firewall
 
 IMDS_PORT = 254
 CONTAINER_PORT = 255
-AWS_CLI = os.path.join(VENV, "bin", "aws")
 ROLES = {"alice": "alice-role", "carol": "developer", "frank": "frank-role"}
 CONFIG = """
 version: 1
@@ -295,13 +296,14 @@ def test_imds__mapped_user_without_a_session_gets_their_role_through_boto3(lab, 
     assert got.get("method") == "iam-role", f"{user}'s credentials should come through IMDS: {got}"
 
 
-def test_imds__mapped_user_without_a_session_gets_their_role_through_the_aws_cli(lab):
+@pytest.mark.parametrize("cli", list(AWS_CLIS))  # CLI: the v1, CLI2: the v2
+def test_imds__mapped_user_without_a_session_gets_their_role_through_the_aws_cli(lab, cli):
     lab.configure()
-    done = run(lab.cmd("alice", [AWS_CLI, "sts", "get-caller-identity", "--region", "us-east-1",
+    done = run(lab.cmd("alice", [AWS_CLIS[cli], "sts", "get-caller-identity", "--region", "us-east-1",
                                  "--endpoint-url", lab.sts_url, "--output", "json"]), check=False, timeout=60)
-    assert done.returncode == 0, f"aws sts get-caller-identity failed for alice: {done.stderr[-2000:]}"
+    assert done.returncode == 0, f"{AWS_CLIS[cli]} sts get-caller-identity failed for alice: {done.stderr[-2000:]}"
     arn = json.loads(done.stdout)["Arn"]
-    assert arn.startswith(role_arn_prefix("alice-role")), f"the AWS CLI got {arn}, not alice's role"
+    assert arn.startswith(role_arn_prefix("alice-role")), f"{AWS_CLIS[cli]} got {arn}, not alice's role"
 
 
 def test_imds__mapped_user_without_a_session_gets_their_role_through_the_js_sdk(lab):
@@ -316,10 +318,11 @@ def test_imds__unmapped_user_gets_no_credentials_never_the_instance_role(lab):
     lab.configure()
     got = lab.whoami("bob")
     assert got == {"error": "NoCredentialsError"}, f"an unmapped user got credentials from somewhere: {got}"
-    done = run(lab.cmd("bob", [AWS_CLI, "sts", "get-caller-identity", "--region", "us-east-1",
-                               "--endpoint-url", lab.sts_url]), check=False, timeout=60)
-    assert done.returncode != 0 and "Unable to locate credentials" in done.stderr, \
-        f"the AWS CLI should find no credentials for bob: rc={done.returncode} {done.stdout} {done.stderr[-2000:]}"
+    for cli in AWS_CLIS.values():
+        done = run(lab.cmd("bob", [cli, "sts", "get-caller-identity", "--region", "us-east-1",
+                                   "--endpoint-url", lab.sts_url]), check=False, timeout=60)
+        assert done.returncode != 0 and "Unable to locate credentials" in done.stderr, \
+            f"{cli} should find no credentials for bob: rc={done.returncode} {done.stdout} {done.stderr[-2000:]}"
     done = run(lab.cmd("bob", JS_SDK.split() + ["whoami"],
                        env={"AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_STS": lab.sts_url}), check=False, timeout=60)
     assert done.returncode != 0 and done.stdout.startswith("ERROR CredentialsProviderError"), \
@@ -594,17 +597,20 @@ def test_container__a_long_running_client_picks_up_rotated_keys_and_nobody_else_
 
 OWN_REGION = "eu-west-2"
 SECRET_REGION = "eu-west-3"  # only in root's file: must never reach alice's session
+# The region each AWS CLI's session resolved, and from where (env or config-file): more than
+# `configure get`; when `configure list` fails (it resolves credentials too), its error line instead.
+CLI_REGIONS = [f'echo "{cli}=$({path} configure list 2>&1 | awk \'$1 == "region" {{r = $2 "/" $3}} /Error/ {{e = $0}} '
+               f'END {{print (r != "" ? r : e)}}\')"' for cli, path in AWS_CLIS.items()]
 REGION_REPORT = "; ".join([
     'echo "REGION=${AWS_REGION:-}"',
     'echo "DEFAULT_REGION=${AWS_DEFAULT_REGION:-}"',
     'echo "DELIVERY=${AWS_SHARED_CREDENTIALS_FILE:-}${AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:-}"',
-    # what the CLI's session resolved, and from where (env or config-file): more than `configure get`
-    f'echo "CLI=$({AWS_CLI} configure list | awk \'$1 == "region" {{print $2 "/" $3}}\')"',
+    *CLI_REGIONS,
     # the region and endpoint a boto3 client would call
     f'echo "BOTO=$({sys.executable} -c "import boto3; c = boto3.client(\'ec2\'); print(c.meta.region_name, c.meta.endpoint_url)")"',
     'echo "ARN=$(%s -c "import boto3; print(boto3.client(\'sts\', endpoint_url=\'%%(sts)s\').get_caller_identity()[\'Arn\'])" 2>&1 | tail -n 1)"'
     % sys.executable,
-    f'echo "CLI_ARN=$({AWS_CLI} sts get-caller-identity --endpoint-url %(sts)s --query Arn --output text 2>&1 | tail -n 1)"',
+    *[f'echo "{cli}_ARN=$({cli_sts_arn(cli)} 2>&1 | tail -n 1)"' for cli in AWS_CLIS],
 ])
 # The JS SDK: the region its clients resolve, and who it is.
 JS_REGION_REPORT = "; ".join([
@@ -649,22 +655,30 @@ def region_session(lab, path, script_env="", js=True):
     assert done.returncode == 0 and got.get("DELIVERY"), \
         f"alice's {path} login got no rolegate grant: {done.stdout} {done.stderr[-2000:]}"
     assert got.get("ARN", "").startswith(role_arn_prefix("alice-role")), f"alice's {path} login lacks her role: {got}"
-    assert got.get("CLI_ARN", "").startswith(role_arn_prefix("alice-role")), \
-        f"the AWS CLI in alice's {path} login lacks her role: {got}"
+    for cli in AWS_CLIS:
+        if refused_by_container_endpoint(cli, lab.settings["delivery"]):
+            assert_refused_by_container_endpoint(got.get(f"{cli}_ARN", ""), f"{cli} in alice's {path} login")
+        else:
+            assert got.get(f"{cli}_ARN", "").startswith(role_arn_prefix("alice-role")), \
+                f"the AWS CLI ({cli}) in alice's {path} login lacks her role: {got}"
     assert not js or got.get("JS_ARN", "").startswith(role_arn_prefix("alice-role")), \
         f"the JS SDK in alice's {path} login lacks her role: {got}"
     return got, took
 
 
-def assert_region(got, region, own, what):
+def assert_region(got, region, own, what, delivery="file"):
     if own:
         assert got.get("REGION") == "" and got.get("DEFAULT_REGION") == "", \
             f"{what}: with a region in ~/.aws/config rolegate's must not be exported: {got}"
-        assert got.get("CLI") == f"{region}/config-file", f"{what}: the CLI should resolve {region} from the file: {got}"
     else:
         assert got.get("REGION") == region and got.get("DEFAULT_REGION") == region, \
             f"{what}: rolegate's region should be exported: {got}"
-        assert got.get("CLI") == f"{region}/env", f"{what}: the CLI should resolve rolegate's {region}: {got}"
+    source = "config-file" if own else "env"
+    for cli in AWS_CLIS:
+        if refused_by_container_endpoint(cli, delivery):  # `configure list` fails: no credentials
+            assert_refused_by_container_endpoint(got.get(cli, ""), f"{what}: {cli} configure list")
+        else:
+            assert got.get(cli) == f"{region}/{source}", f"{what}: {cli} should resolve {region} from {source}: {got}"
     assert got.get("BOTO") == f"{region} https://ec2.{region}.amazonaws.com", \
         f"{what}: boto3 should call {region}: {got}"
     if "JS_REGION" in got:  # region_session(js=True) always prints the line
@@ -673,7 +687,7 @@ def assert_region(got, region, own, what):
 
 @pytest.mark.parametrize("own_config", [True, False], ids=["own-region", "no-own-region"])
 @pytest.mark.parametrize("path", ["ssh-login", "su-l", "ssh"])  # ssh: `ssh host CMD`, which reads no profile.d
-@pytest.mark.parametrize("delivery", ["file", "container"])
+@pytest.mark.parametrize("delivery", ["file", "process", "container"])
 def test_login__users_own_config_region_wins_on_every_path(lab, delivery, path, own_config):
     lab.configure(delivery=delivery)
     cleanup = alice_aws_config(own_region_file if own_config else None)
@@ -682,13 +696,17 @@ def test_login__users_own_config_region_wins_on_every_path(lab, delivery, path, 
     finally:
         cleanup()
     what = f"alice's {path} login under {delivery} delivery (own config: {own_config})"
-    assert_region(got, OWN_REGION if own_config else "us-east-1", own_config, what)
+    assert_region(got, OWN_REGION if own_config else "us-east-1", own_config, what, delivery)
 
 
+# The CLI v1 reads AWS_DEFAULT_PROFILE before AWS_PROFILE (as botocore and rolegate do); the v2
+# reads AWS_PROFILE first and AWS_DEFAULT_PROFILE only without it: with one of them set, both agree.
+@pytest.mark.parametrize("variable", ["AWS_PROFILE", "AWS_DEFAULT_PROFILE"])
 @pytest.mark.parametrize("profile,own", [("dev", True), ("plain", False)])
-def test_login__a_login_shell_selecting_a_profile_gets_that_profiles_region_rule(lab, profile, own):
-    """PAM decided for `default` (which names eu-west-2); a login shell with AWS_PROFILE set asks
-    `rolegate region`: a profile naming its own region keeps it, one naming none gets rolegate's."""
+def test_login__a_login_shell_selecting_a_profile_gets_that_profiles_region_rule(lab, profile, own, variable):
+    """PAM decided for `default` (which names eu-west-2); a login shell with AWS_PROFILE (or
+    AWS_DEFAULT_PROFILE) set asks `rolegate region`: a profile naming its own region keeps it, one
+    naming none gets rolegate's; both AWS CLIs then resolve that region."""
     lab.configure()
 
     def make(path):
@@ -696,15 +714,18 @@ def test_login__a_login_shell_selecting_a_profile_gets_that_profiles_region_rule
             fh.write(f"[default]\nregion = {OWN_REGION}\n[profile dev]\nregion = ap-south-1\n"
                      f"[profile plain]\noutput = json\n")
     cleanup = alice_aws_config(make)
-    try:  # a login shell started with AWS_PROFILE set (as SendEnv or pam_env would give it) reads profile.d
-        done = lab.h.session("ssh", "alice", f"AWS_PROFILE={profile} bash -lc '"
-                                             f"echo REGION=${{AWS_REGION:-}}; echo DEFAULT_REGION=${{AWS_DEFAULT_REGION:-}}'")
+    inner = "; ".join(["echo REGION=${AWS_REGION:-}", "echo DEFAULT_REGION=${AWS_DEFAULT_REGION:-}", *CLI_REGIONS])
+    try:  # a login shell started with the variable set (as SendEnv or pam_env would give it) reads profile.d
+        done = lab.h.session("ssh", "alice", f"{variable}={profile} bash -lc {shlex.quote(inner)}")
     finally:
         cleanup()
     got = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
     expected = "" if own else "us-east-1"
     assert done.returncode == 0 and got.get("REGION") == expected and got.get("DEFAULT_REGION") == expected, \
-        f"AWS_PROFILE={profile}: region variables should be {expected!r}: {got} {done.stderr[-1000:]}"
+        f"{variable}={profile}: region variables should be {expected!r}: {got} {done.stderr[-1000:]}"
+    resolved = "ap-south-1/config-file" if own else "us-east-1/env"
+    for cli in AWS_CLIS:
+        assert got.get(cli) == resolved, f"{variable}={profile}: {cli} should resolve {resolved}: {got}"
 
 
 def test_login__a_login_shell_with_a_dotfile_managers_linked_config_gets_its_own_region(lab):
