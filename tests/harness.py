@@ -35,8 +35,8 @@ AWS_CLIS = {"CLI": AWS_CLI, "CLI2": AWS_CLI_V2}
 # CLI v2 releases that predate AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE (the token file EKS Pod
 # Identity brought, late 2023): they send `container` delivery's endpoint no token, and it refuses
 # them (403), so their default profile has no credentials under that delivery. Their named profiles
-# work there: those come from the credentials file through credential_process. Any other version is
-# expected to work, so a listed one that starts working fails the test that names this limit.
+# work there: those come from the credentials file through credential_process. A listed version is
+# expected to be refused there, and the test fails if it gets the role; any other is expected to get it.
 CLI_V2_WITHOUT_CONTAINER_TOKEN_FILE = {"2.9.19"}
 # The last line such a refused CLI v2 prints (the endpoint's 403, as its container provider reports it).
 CLI_V2_CONTAINER_REFUSAL = "Received non 200 response (403) from ECS metadata"
