@@ -29,6 +29,11 @@ def test_install__twice_equals_once_and_uninstall_restores_etc_byte_for_byte(hos
     assert "pam_succeed_if.so quiet service notin sshd:sudo:sudo-i:login" in common, \
         f"the allow-list guard is missing from common-session:\n{common}"
     assert "pam_python.so" in common and os.path.exists("/etc/profile.d/rolegate.sh"), "pieces missing"
+    for unit in ("/etc/systemd/system/rolegated.service", "/etc/systemd/system/rolegate-lockdown.service",
+                 "/etc/rolegate/lockdown.nft"):
+        assert os.path.exists(unit), f"install did not write {unit} (the broker's unit, the boot lockdown and its rules)"
+    assert "/etc/rolegate/lockdown.nft" in open("/etc/systemd/system/rolegate-lockdown.service").read(), \
+        "the lockdown unit does not apply the root-only rules install wrote"
     assert os.path.exists("/etc/rolegate/rolegate.yaml"), "no example config was written"
     assert "@include common-auth" in open("/etc/pam.d/rolegate").read(), \
         "no `rolegate` PAM service (rolegate elevate's) was put in place"
