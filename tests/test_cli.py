@@ -9,6 +9,7 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import socket
 import subprocess
 
@@ -261,6 +262,39 @@ def test_cli__a_dead_socket_is_broker_unreachable(argv, tmp_path):
         held.close()
     assert code == exitcodes.BROKER_UNREACHABLE and path in err, \
         f"rolegate {' '.join(argv)} with nobody listening at {path}: exit {code}\n{out}{err}"
+
+
+def test_cli__a_broker_that_never_answers_is_unreachable_and_ctrl_c_is_130(tmp_path):
+    """A socket that accepts (root listens on it, as the broker does) but never answers: the
+    client's deadline gives 3; a Ctrl-C while it waits gives 130, without a traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("the client talks only to a root broker")
+    def silent_broker(name):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(tmp_path / name))
+        s.listen(8)
+        return s, str(tmp_path / name)
+
+    silent, path = silent_broker("never.sock")
+    try:
+        code, out, err = rolegate("env", env={"ROLEGATE_SOCKET": path}, timeout=60)
+        assert code == exitcodes.BROKER_UNREACHABLE and "did not answer" in err, \
+            f"rolegate env against a silent broker: exit {code}\n{out}{err}"
+    finally:
+        silent.close()
+    silent, path = silent_broker("waiting.sock")  # a fresh one: nothing queued from the process above
+    try:
+        waiting = subprocess.Popen([ROLEGATE, "status"], env={"PATH": "/usr/bin:/bin", "ROLEGATE_SOCKET": path},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        conn, _ = silent.accept()  # its request has arrived: it now waits for the answer
+        conn.recv(4096)
+        waiting.send_signal(signal.SIGINT)
+        out, err = waiting.communicate(timeout=30)
+        conn.close()
+        assert waiting.returncode == exitcodes.INTERRUPTED and "Traceback" not in err, \
+            f"Ctrl-C during rolegate status: exit {waiting.returncode}\n{out}{err}"
+    finally:
+        silent.close()
 
 
 def test_cli__needs_root_is_a_failed_operation(write_config):

@@ -372,3 +372,22 @@ def test_elevate__a_command_that_cannot_run_is_refused_before_pam_asks_anything(
         assert "profile=admin" not in log, f"the broker was asked for an elevation anyway:\n{log}"
     finally:
         shell.close()
+
+
+def test_elevate__json_puts_only_the_result_on_stdout_and_the_prompts_on_the_terminal(host):
+    password_stack()
+    shell = Shell(host, "alice")
+    try:
+        time.sleep(4.5)  # any back-off an earlier test's failure left
+        code, out = elevate_in(shell, [PASSWORDS["alice"]], extra="--json > ~/elevate.json")
+        assert code == 0 and "Password" in out, f"elevate --json failed, or its prompt left the terminal ({code}):\n{out}"
+        text = shell.do("cat ~/elevate.json")
+        try:
+            found = json.loads(text)
+        except ValueError:
+            raise AssertionError(f"elevate --json's standard output is not one JSON object:\n{text}") from None
+        assert found.get("state") == "granted" and found.get("profile") == "admin" \
+            and found.get("role") == arn("admin") and found.get("until"), f"elevate --json's result: {found}"
+        assert "dropped admin" in shell.do(f"{ROLEGATE} drop admin"), "the elevation could not be dropped"
+    finally:
+        shell.close()
