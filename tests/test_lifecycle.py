@@ -17,7 +17,7 @@ import types
 import pytest
 
 from conftest import start_moto
-from harness import ACCOUNT, CONFIG_PATH, RUNTIME_DIR, Held, sandbox_host, run, wait_gone
+from harness import ACCOUNT, CONFIG_PATH, RUNTIME_DIR, Held, Shell, sandbox_host, run, wait_gone
 
 FAST = f"""
 version: 1
@@ -239,14 +239,91 @@ def test_lifecycle__process_delivery_long_running_client_follows_rotations(host)
             fh.write(LONG_CLIENT)
         os.chmod(host.workdir, 0o755)
         os.chmod(script, 0o644)
-        cmd = (f'echo "CONFIG=$AWS_CONFIG_FILE"; AWS_ENDPOINT_URL_STS={host.moto.url} '
-               f'{sys.executable} {script}')
+        cmd = (f'echo "CREDENTIALS=$AWS_SHARED_CREDENTIALS_FILE"; echo "CONFIG=${{AWS_CONFIG_FILE:-}}"; '
+               f'AWS_ENDPOINT_URL_STS={host.moto.url} {sys.executable} {script}')
         done = host.session("ssh", "alice", cmd, timeout=90)
-        assert "CONFIG=" + RUNTIME_DIR in done.stdout, f"no AWS_CONFIG_FILE from process delivery: {done.stdout}"
+        assert "CREDENTIALS=" + RUNTIME_DIR in done.stdout, \
+            f"no AWS_SHARED_CREDENTIALS_FILE from process delivery: {done.stdout}"
+        assert "CONFIG=\n" in done.stdout, f"process delivery set AWS_CONFIG_FILE (the user's own config is " \
+                                           f"then out of use): {done.stdout}"
         keys = done.stdout.strip().splitlines()[-1].split()
         assert len(set(keys)) >= 3, f"one boto3 client should see 2 rotations; saw keys {keys}: {done.stderr}"
     finally:
         os.chmod(host.workdir, 0o700)
+        host.write_config(FAST.format(delivery="file"))
+        host.stop_broker()
+        host.start_broker()
+
+
+# 0.3.0, whose process delivery pointed AWS_CONFIG_FILE at a config file of its own (grants/ID/config).
+PROCESS_CONFIG_RELEASE = "509d703"
+WHOAMI = ("AWS_ENDPOINT_URL_STS=%s %s -c \"import boto3; print(boto3.client('sts').get_caller_identity()['Arn'])\" "
+          "2>&1 | tail -n 1")
+
+
+def test_lifecycle__a_process_session_begun_under_0_3_0_keeps_its_config_file_across_the_upgrade(host):
+    """A session that 0.3.0's broker pointed at its own config file (AWS_CONFIG_FILE) keeps a valid
+    file under the new broker, which takes over 0.3.0's records, until the session ends, through a
+    move to another role too; a login after the upgrade gets the credentials file instead."""
+    old_tree = os.path.join(host.workdir, "rolegate-0.3.0")
+    os.makedirs(old_tree, exist_ok=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    archive = subprocess.run(["git", "-C", repo, "archive", PROCESS_CONFIG_RELEASE, "pam_rolegate"],
+                             capture_output=True, check=False)
+    assert archive.returncode == 0, f"commit {PROCESS_CONFIG_RELEASE} (rolegate 0.3.0) is missing from this " \
+                                    f"clone; fetch the full history: {archive.stderr.decode()}"
+    subprocess.run(["tar", "-x", "-C", old_tree], input=archive.stdout, check=True, timeout=60)
+    whoami = WHOAMI % (host.moto.url, sys.executable)
+    role = f"arn:aws:sts::{ACCOUNT}:assumed-role/%s/"
+    saved = dict(host.env)
+    shells = []
+    try:
+        host.write_config(FAST.format(delivery="process"))
+        host.stop_broker()
+        host.env["PYTHONPATH"] = old_tree  # the 0.3.0 broker, on this host's config and runtime_dir
+        host.start_broker()
+        before = Shell(host, "alice")
+        shells.append(before)
+        config_file = before.do("echo ${AWS_CONFIG_FILE:-}")
+        assert config_file.startswith(RUNTIME_DIR) and config_file.endswith("/config"), \
+            f"0.3.0's process delivery should point AWS_CONFIG_FILE at its own file: {config_file!r}"
+
+        host.stop_broker()  # the upgrade: files and records stay
+        host.env = dict(saved)
+        mark = host.log_mark()
+        host.start_broker()
+        assert "recovered: sessions=1" in host.log_since(mark), \
+            f"0.3.0's session was not taken over:\n{host.log_since(mark)}"
+        after = Shell(host, "alice")  # the same grant (alice, sshd), before any refresh rewrote its files
+        shells.append(after)
+        pointers = after.do("echo \"${AWS_SHARED_CREDENTIALS_FILE:-}|${AWS_CONFIG_FILE:-}\"")
+        assert pointers.startswith(RUNTIME_DIR) and pointers.endswith("/credentials|"), \
+            f"a login after the upgrade should get the credentials file and no AWS_CONFIG_FILE: {pointers!r}"
+        for shell, what in ((after, "a login after the upgrade"), (before, "the session begun under 0.3.0")):
+            arn = shell.do(whoami)
+            assert arn.startswith(role % "alice-role"), f"{what} has not alice's role after the upgrade: {arn}"
+
+        # A move rewrites the grant's files: 0.3.0's config file must come back with them.
+        host.write_config(FAST.format(delivery="process").replace("role/alice-role", "role/alice-moved"))
+        host.broker.send_signal(signal.SIGHUP)
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (seen and seen[-1].startswith(role % "alice-moved")):
+            time.sleep(0.2)
+            seen.append(before.do(whoami))
+        assert seen and seen[-1].startswith(role % "alice-moved"), \
+            f"the session begun under 0.3.0 never reached its new role after a move: {seen[-3:]}\n" \
+            f"{host.log_since(mark)[-3000:]}"
+        arn = after.do(whoami)
+        assert arn.startswith(role % "alice-moved"), f"the login after the upgrade was not moved: {arn}"
+        for shell in shells:
+            shell.close()
+        shells = []
+        assert wait_gone(config_file), "0.3.0's config file outlived the sessions of its grant"
+    finally:
+        for shell in shells:
+            shell.close()
+        host.env = saved
         host.write_config(FAST.format(delivery="file"))
         host.stop_broker()
         host.start_broker()

@@ -475,6 +475,56 @@ def test_refresh__pool_keeps_to_its_rate_and_refreshes_every_grant(host, sleeper
         f"{worst} AssumeRole calls within 1 s at +{at}s; refresh.rate {RATE} allows {RATE} + a burst of {WORKERS}"
 
 
+def test_refresh__a_reload_that_makes_grants_due_refreshes_them_at_once(host, sleepers):
+    # Keys issued more than the least refresh interval (10 s) ago, made due by a reload that
+    # lengthens refresh_before, are due at the reload: 0.3.0 counted the interval from the reload
+    # and held every grant back 10 s more (a 500-grant pass took 15 s where the rate allows 5).
+    users = RATE_USERS[:3]
+    restart(host, config(users, duration=900, refresh_before=300))
+    pids = sleepers.start(len(users))
+    logins = [login(u, pid) for u, pid in zip(users, pids)]
+    keys = {path: key_id(path) for _sid, path in logins}
+    time.sleep(11)  # every key is now older than the least refresh interval, and 890 s from expiry
+    host.write_config(config(users, duration=900, refresh_before=890))
+    mark = host.log_mark()
+    host.broker.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded:" in host.log_since(mark), 10, "the reload to be logged")
+    # Right after the reload each grant is being refreshed or is done: still on its old key, it
+    # must be due now. Never due later with its old key (that was the 10 s hold).
+    now = time.time()
+    from datetime import datetime, timezone
+
+    listed = [g for g in status() if g["principal"] in users]
+    assert len(listed) == len(users), f"status lists {len(listed)} of the {len(users)} live grants: {listed}"
+    for grant in listed:
+        path = grant["path"]
+        due = datetime.strptime(grant["next_refresh"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+        if path in keys and os.path.exists(path) and key_id(path) == keys[path]:
+            assert due <= now + 1, f"{grant['principal']}'s grant, due by the new refresh_before, was " \
+                                   f"scheduled {due - now:.0f}s after the reload instead of at once"
+    wait_for(lambda: all(os.path.exists(p) and key_id(p) != k for p, k in keys.items()), 60,
+             "every grant to be refreshed after the reload", interval=0.2)
+
+
+def test_registry__a_reload_counts_the_least_refresh_interval_from_the_keys_issue(tmp_path):
+    from pam_rolegate.rules.config import MIN_REFRESH_INTERVAL
+
+    reg, clock, engine, _store = make_registry(tmp_path, "0")
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    issued = clock.now
+    longer = dataclasses.replace(reg.cfg, session=dataclasses.replace(reg.cfg.session, refresh_before=890))
+    clock.now += 1  # new keys: the interval still holds them back, counted from their issue
+    reg.reconfigure(longer, engine)
+    due = reg.next_due(opened.grant.id)
+    assert due == issued + MIN_REFRESH_INTERVAL, \
+        f"keys 1 s old made due by a reload are due at +{due - issued:g}s, expected +{MIN_REFRESH_INTERVAL}s"
+    clock.now += 30  # old keys: due at the reload, not the interval after it
+    reg.reconfigure(dataclasses.replace(longer, session=dataclasses.replace(longer.session, refresh_before=880)),
+                    engine)
+    due = reg.next_due(opened.grant.id)
+    assert due == clock.now, f"keys 31 s old made due by a reload are due {due - clock.now:g}s after it, not at once"
+
+
 # -- SIGHUP revocation ----------------------------------------------------------------------------
 
 
@@ -615,7 +665,8 @@ class MemoryStore:
     """The credential store's API, in memory: which grants have files now."""
 
     def __init__(self):
-        self.files = {}
+        self.files = {}  # grant id -> what was last written for it
+        self.names = set()  # (grant id, file name) there now
         self.writes = []  # every grant id written, in order: a file that came and went still counts
 
     def path(self, grant_id, name="credentials"):
@@ -623,9 +674,14 @@ class MemoryStore:
 
     def write(self, grant_id, name, content, uid, gid):
         self.files[grant_id] = content
+        self.names.add((grant_id, name))
         self.writes.append(grant_id)
 
+    def has(self, grant_id, name):
+        return (grant_id, name) in self.names
+
     def remove(self, grant_id):
+        self.names = {n for n in self.names if n[0] != grant_id}
         return self.files.pop(grant_id, None) is not None
 
     def grant_ids(self):
@@ -1082,6 +1138,34 @@ def test_registry__an_elevation_ends_with_drop_with_the_last_session_and_with_it
     assert reg.elevations() == [] and reg.named(again.grant.id, "admin", 0, 60) is None, \
         "an elevation survived the removal of its rule"
     assert "[admin]" not in store.files[again.grant.id].decode(), "the removed elevation is still named"
+
+
+def test_registry__a_grant_of_0_3_0s_process_delivery_keeps_its_config_file_until_its_sessions_end(tmp_path):
+    from pam_rolegate.core.registry import Registry
+
+    reg, clock, engine, store = make_registry(tmp_path, "1h")
+    reg.cfg = dataclasses.replace(reg.cfg, delivery="process")
+    opened = reg.open(root_login(), "pam", os.getpid(), None)
+    key = opened.grant.id
+    env = reg.env_for(opened.grant)
+    assert "AWS_CONFIG_FILE" not in env and env.get("AWS_SHARED_CREDENTIALS_FILE") == store.path(key), \
+        f"process delivery should point at the credentials file and leave AWS_CONFIG_FILE alone: {env}"
+    assert b"credential_process = /" in store.files[key], f"no credential_process in the file: {store.files[key]}"
+    grants, sessions = reg.consistent(lambda g, s: (g, s))
+    store.names = {(key, "config")}  # as 0.3.0 left the grant: its config file, no credentials file
+    again = Registry(reg.cfg, engine, store, DecisionLog(), clock=clock, rolegate_cmd="/usr/bin/rolegate")
+    kept, _reaped = again.restore(grants, sessions)
+    assert kept == 1, "the live session should be kept across the upgrade"
+    assert store.has(key, "config") and store.has(key, "credentials"), \
+        f"after the upgrade the grant should have 0.3.0's config file and the credentials file: {store.names}"
+    assert f"credential_process = /usr/bin/rolegate credentials --grant {key}\n".encode() in store.files[key], \
+        f"0.3.0's config file was not rewritten with its command: {store.files[key]}"
+    assert "AWS_CONFIG_FILE" not in again.env_for(again.live_grant(key)), "a login after the upgrade got AWS_CONFIG_FILE"
+    again.close(session_id=opened.session.id)
+    assert not store.names, f"the grant's files outlived its last session: {store.names}"
+    revived = again.open(root_login(), "pam", os.getpid(), None)
+    assert revived.granted and store.names == {(key, "credentials")}, \
+        f"a login after 0.3.0's sessions ended should get the credentials file only: {store.names}"
 
 
 def test_registry__a_restart_forgets_elevations_and_their_sections(tmp_path):

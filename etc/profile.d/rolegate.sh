@@ -8,6 +8,8 @@ __rolegate_have=
 case "${AWS_SHARED_CREDENTIALS_FILE:-}" in
     "$__rolegate_dir"*) [ -r "$AWS_SHARED_CREDENTIALS_FILE" ] && __rolegate_have=1 ;;
 esac
+# 0.3.0's process delivery pointed AWS_CONFIG_FILE at rolegate's own file: sessions begun before
+# an upgrade keep it until they end.
 case "${AWS_CONFIG_FILE:-}" in
     "$__rolegate_dir"*) [ -r "$AWS_CONFIG_FILE" ] && __rolegate_have=1 ;;
 esac
@@ -23,7 +25,7 @@ if [ -n "$__rolegate_have" ]; then
     # (a dotfile manager's), which the broker, as root, does not follow; `rolegate region` reads
     # as the user. The usual shell starts no program here.
     case "${AWS_CONFIG_FILE:-}" in
-        "$__rolegate_dir"*) ;; # process delivery: rolegate's config file, the user's is not in use
+        "$__rolegate_dir"*) ;; # 0.3.0's process delivery file: the user's config is not in use
         *) if [ -n "${AWS_CONFIG_FILE:-}" ] || [ "${AWS_DEFAULT_PROFILE:-${AWS_PROFILE:-default}}" != default ] \
                || [ -L "${HOME:-/nonexistent}/.aws" ] || [ -L "${HOME:-/nonexistent}/.aws/config" ]; then
                [ -x "$__rolegate_bin" ] && __rolegate_out=$("$__rolegate_bin" region --shell sh) \

@@ -319,7 +319,7 @@ def own_region_named(environ, runtime_dir):
     else:
         path = os.path.join(environ.get("HOME") or os.path.expanduser("~"), *homefiles.AWS_CONFIG)
     if path.startswith(runtime_dir):
-        return False  # rolegate's own file (process delivery): the user's config is not in use
+        return False  # 0.3.0's process delivery file (a session from before an upgrade): not the user's
     try:
         text = homefiles.read_own(path).decode("utf-8")
     except (homefiles.Unreadable, UnicodeDecodeError):
@@ -341,8 +341,7 @@ def run_env(args, deps):
     if protocol.CONTAINER_TOKEN_VAR in unset and protocol.CONTAINER_URI_VAR in deps.environ:
         unset.append(protocol.CONTAINER_URI_VAR)
     # The user's own region for the profile in use wins (docs/sessions.md "Whose region wins").
-    if awsconfig.REGION_VARS[0] in env and awsconfig.CONFIG_FILE_VAR not in env \
-            and own_region_named(deps.environ, runtime_dir):
+    if awsconfig.REGION_VARS[0] in env and own_region_named(deps.environ, runtime_dir):
         env = {k: v for k, v in env.items() if k not in awsconfig.REGION_VARS}
         unset += [k for k in awsconfig.REGION_VARS if k in deps.environ]
     for line in shell_lines(env, unset, args.shell):
@@ -366,7 +365,7 @@ def run_region(args, deps):
             deps.warn(f"cannot read rolegate's config ({err}); leaving the region variables as they are")
             return None
 
-    cfg = load() if awsconfig.CONFIG_FILE_VAR in deps.environ else None  # is that file rolegate's own?
+    cfg = load() if awsconfig.CONFIG_FILE_VAR in deps.environ else None  # rolegate's own (0.3.0's)?
     if awsconfig.CONFIG_FILE_VAR in deps.environ and cfg is None:
         return exitcodes.OK
     runtime_dir = (cfg.runtime_dir if cfg else "/run/rolegate").rstrip("/") + "/"

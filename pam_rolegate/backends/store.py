@@ -12,7 +12,8 @@ Layout (all directories root-owned):
     runtime_dir/grants/          0711  users may pass through, not list
     runtime_dir/grants/GRANT/    0711
     runtime_dir/grants/GRANT/credentials   0600, owned by the grant's target user
-    runtime_dir/grants/GRANT/config        0600, (delivery: process) AWS config file
+    runtime_dir/grants/GRANT/config        0600, 0.3.0's process delivery file, kept for sessions
+                                           begun before an upgrade until they end
     runtime_dir/grants/GRANT/token         0600, (delivery: container) the endpoint's token
 """
 
@@ -27,6 +28,8 @@ from ..errors import StoreError
 GRANTS = "grants"
 STATE = "state"
 CREDENTIALS = "credentials"
+# 0.3.0's process delivery pointed AWS_CONFIG_FILE here (a config file of its own, in place of the
+# user's); sessions begun under it keep it until they end (registry: Grant.legacy_config).
 AWS_CONFIG = "config"
 TOKEN = "token"  # delivery container: the endpoint's authorization token
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -51,13 +54,16 @@ def fs_type(path, mountinfo="/proc/self/mountinfo"):
     return best_type
 
 
-def credentials_ini(creds, named=()):
-    """The AWS shared-credentials format: profile `default` with `creds` (None: no default, the
-    endpoint serves it), then one section per named profile, `named` being (name, command) pairs
-    whose credential_process fetches it. Every SDK reads credential_process from this file too:
-    botocore and the JS SDK merge it into the config file's profiles."""
+def credentials_ini(creds, named=(), command=None):
+    """The AWS shared-credentials format: profile `default` with `creds`, or with `command` as its
+    credential_process (delivery process), or neither (None: the endpoint serves it), then one
+    section per named profile, `named` being (name, command) pairs whose credential_process fetches
+    it. Every SDK reads credential_process from this file too (botocore, both AWS CLIs and the JS
+    SDK merge it into the config file's profiles), so the user's own ~/.aws/config stays in use."""
     lines = ["# written by rolegate; replaced before it expires, removed at logout"]
-    if creds is not None:
+    if command is not None:
+        lines += ["[default]", f"credential_process = {command}"]
+    elif creds is not None:
         lines += ["[default]", f"aws_access_key_id = {creds.access_key_id}",
                   f"aws_secret_access_key = {creds.secret_access_key}"]
         if creds.session_token:
@@ -70,8 +76,9 @@ def credentials_ini(creds, named=()):
 
 
 def process_config_ini(region, command, named=()):
-    """An AWS config file whose default profile, and each named one ((name, command) pairs), fetch
-    credentials through credential_process. A config file names profiles `[profile NAME]`."""
+    """0.3.0's process delivery file, for sessions begun before an upgrade (AWS_CONFIG_FILE points at
+    it): an AWS config file whose default profile, and each named one ((name, command) pairs),
+    fetch credentials through credential_process. A config file names profiles `[profile NAME]`."""
     text = f"# written by rolegate for this session\n[default]\nregion = {region}\ncredential_process = {command}\n"
     for name, cmd in named:
         text += f"[profile {name}]\nregion = {region}\ncredential_process = {cmd}\n"
@@ -249,6 +256,26 @@ class CredentialStore:
             pass
         finally:
             os.close(fd)
+
+    def has(self, grant_id, name):
+        """Whether grants/GRANT/NAME is there (a regular file; links are not followed)."""
+        _check_name(grant_id)
+        _check_name(name)
+        grants = self._grants_fd(create=False)
+        if grants is None:
+            return False
+        try:
+            gfd = self._subdir(grants, grant_id, 0o711, self.path(grant_id, ""), create=False)
+        finally:
+            os.close(grants)
+        if gfd is None:
+            return False
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=gfd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(gfd)
 
     def remove(self, grant_id):
         """Remove a grant's directory and everything in it. True when something was removed."""

@@ -83,6 +83,13 @@ class Grant:
     profile: Optional[str] = None  # a named profile's grant (memory only); None: a login's default
     # A default grant's named profiles, ((name, role), ...): the sections its files carry.
     profiles: Tuple[Tuple[str, str], ...] = ()
+    # When its credentials came from STS (epoch; None in 0.3.0's records and older): a reschedule's
+    # least refresh interval counts from here, not from the reschedule.
+    issued: Optional[float] = None
+    # 0.3.0's process delivery: sessions begun before the upgrade point AWS_CONFIG_FILE at
+    # grants/ID/config, written with the grant's files until its last session ends (restore()
+    # finds these grants by that file).
+    legacy_config: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,21 +227,26 @@ class Registry:
     def now_dt(self):
         return epoch_to_dt(self.clock())
 
-    def schedule(self, creds):
-        """When to refresh: refresh_before ahead of expiry, less a little jitter, never in the past."""
+    def schedule(self, creds, issued=None):
+        """When to refresh: refresh_before ahead of expiry, less a little jitter, never in the past.
+        `issued`: when STS gave `creds` (None: just now)."""
+        now = self.clock()
         rb = self.cfg.session.refresh_before
         lifetime = creds.seconds_left(self.now_dt())
         jitter = secrets.randbelow(1000) / 1000 * min(30.0, 0.1 * max(lifetime - rb, 0))
-        # Never sooner than config's least refresh interval, whatever lifetime STS gave: keys
-        # shorter-lived than refresh_before (a role's lower cap) must not be re-assumed every
-        # second for ever. Keys about to expire (recovered after the broker was down) go sooner.
+        # Never sooner than config's least refresh interval after the keys were issued, whatever
+        # lifetime STS gave: keys shorter-lived than refresh_before (a role's lower cap) must not
+        # be re-assumed every second for ever. Keys about to expire (recovered after the broker
+        # was down) go sooner. Counted from the issue, not from now: a reload that makes old keys
+        # due (a longer refresh_before) refreshes them at once, at the refresh rate, instead of
+        # holding every grant back by the interval first (0.3.0's 10 s wait before a pass).
         floor = min(MIN_REFRESH_INTERVAL, max(lifetime / 2, 1.0))
-        return self.clock() + max(lifetime - rb - jitter, floor)
+        since = now if issued is None else min(issued, now)
+        return max(now + lifetime - rb - jitter, since + floor, now)
 
     def pointer(self, grant):
-        """(variable, path) through which a session finds this grant, by delivery."""
-        if self.cfg.delivery == "process":
-            return "AWS_CONFIG_FILE", self.store.path(grant.id, store.AWS_CONFIG)
+        """(variable, path) through which a session finds this grant, by delivery. Never
+        AWS_CONFIG_FILE: the user's own config (profiles, region, output, chains) stays in use."""
         if self.cfg.delivery == "container":
             return CONTAINER_TOKEN_VAR, self.store.path(grant.id, store.TOKEN)
         return "AWS_SHARED_CREDENTIALS_FILE", self.store.path(grant.id, store.CREDENTIALS)
@@ -254,8 +266,7 @@ class Registry:
         return env
 
     def _named_commands(self, grant):
-        return [(name, f"{self.rolegate_cmd} credentials --grant {grant.id} --profile {name}")
-                for name, _role in grant.profiles]
+        return [(name, f"{self._command(grant)} --profile {name}") for name, _role in grant.profiles]
 
     def _write_files(self, grant):
         named = self._named_commands(grant)
@@ -264,12 +275,19 @@ class Registry:
             self.store.write(grant.id, store.CREDENTIALS, store.credentials_ini(None, named),
                              grant.target_uid, grant.target_gid)
         elif self.cfg.delivery == "process":
-            command = f"{self.rolegate_cmd} credentials --grant {grant.id}"
-            self.store.write(grant.id, store.AWS_CONFIG, store.process_config_ini(self.cfg.region, command, named),
+            self.store.write(grant.id, store.CREDENTIALS, store.credentials_ini(None, named, self._command(grant)),
                              grant.target_uid, grant.target_gid)
         else:
             self.store.write(grant.id, store.CREDENTIALS, store.credentials_ini(grant.credentials, named),
                              grant.target_uid, grant.target_gid)
+        if grant.legacy_config:
+            self.store.write(grant.id, store.AWS_CONFIG,
+                             store.process_config_ini(self.cfg.region, self._command(grant), named),
+                             grant.target_uid, grant.target_gid)
+
+    def _command(self, grant):
+        """The credential_process that fetches this grant's default profile."""
+        return f"{self.rolegate_cmd} credentials --grant {grant.id}"
 
     def _fresh(self, grant):
         return grant.credentials.seconds_left(self.now_dt()) > self.cfg.session.refresh_before
@@ -426,8 +444,10 @@ class Registry:
                 id=key, principal=ident.principal, principal_uid=ident.principal_uid, target=ident.target,
                 target_uid=ident.target_uid, target_gid=ident.target_gid, service=ident.service, rhost=rhost,
                 role=rule.role, request=request, credentials=creds, next_refresh=self.schedule(creds),
+                issued=self.clock(),
                 token=held.token if held is not None and held.token else secrets.token_urlsafe(32),
-                profile=rule.profile, profiles=self._sections(key, profiles))
+                profile=rule.profile, profiles=self._sections(key, profiles),
+                legacy_config=held is not None and held.legacy_config)
             with self._lock:
                 self._check_still_given(key, ident, rule, decided)
                 # A lingering grant has no files until a session revives it; a background
@@ -816,6 +836,9 @@ class Registry:
             if until <= self.clock():
                 until = None
         if until is not None:
+            if grant.legacy_config:  # its sessions from before the upgrade have ended
+                grant = dataclasses.replace(grant, legacy_config=False)
+                self._put_grant(grant)
             self._lingering[key] = until
             self._tell("grant_lingering", grant, until)
         else:
@@ -1004,6 +1027,8 @@ class Registry:
         kept = reaped = 0
         with self._lock:
             for grant in grants.values():
+                if not grant.legacy_config and self.store.has(grant.id, store.AWS_CONFIG):
+                    grant = dataclasses.replace(grant, legacy_config=True)  # made by 0.3.0's process delivery
                 self._put_grant(grant)
             for session in sessions.values():
                 if session.grant_id in grants and procs.alive(session.pid, session.started):
@@ -1018,6 +1043,13 @@ class Registry:
                                       reason="ended while the broker was down")
             for key in list(self._grants):
                 self._release_if_unused(key, "released", linger=False)
+            # Grants made by 0.3.0's process delivery: their sessions keep the config file they
+            # point at; logins from now on are pointed at the credentials file, written now.
+            for grant in [g for g in self._grants.values() if g.legacy_config]:
+                try:
+                    self._write_files(grant)
+                except (OSError, StoreError) as err:
+                    self.log.error(f"could not write grant {grant.id}'s files: {err}")
             # Elevations are not kept across a restart (their grants had no sessions, so they went
             # just now): their sections leave the files of the logins that carried them.
             ended = {}
@@ -1043,6 +1075,7 @@ class Registry:
             if cfg.session.refresh_before != old.session.refresh_before:
                 for grant in list(self._grants.values()):
                     if grant.id not in self._lingering and not grant.failures:
-                        self._put_grant(dataclasses.replace(grant, next_refresh=self.schedule(grant.credentials)))
+                        self._put_grant(dataclasses.replace(
+                            grant, next_refresh=self.schedule(grant.credentials, grant.issued)))
 
 
