@@ -136,8 +136,9 @@ def run_check_config(args, deps):
     return exitcodes.OK
 
 
-# The services the PAM hook runs for are install.HOOK_SERVICES (its guard in the PAM profile);
-# these are the broker's own: shells that ask for themselves, and the IMDS emulator.
+# The PAM hook runs for install.HOOK_SERVICES only (its guard in the PAM profile), the broker serves
+# `shell` and `imds` itself. su's services are the ones people expect to work: their shells do ask,
+# as `shell` (mapping.SWITCH_USER_SERVICES lists them for the rules' principal).
 SU_SERVICES = ("su", "su-l")
 
 
