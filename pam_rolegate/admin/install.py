@@ -343,10 +343,11 @@ def uninstall(say=print):
         say("rolegate install left no record here; nothing to undo"
             + (" (the Debian package's pieces go with `apt-get purge rolegate`)" if package_installed() else ""))
         return record
-    if os.path.isdir("/run/systemd/system") and UNIT in record.get("files", {}):
+    units_ran = os.path.isdir("/run/systemd/system") and UNIT in record.get("files", {})
+    if units_ran:
         # Stopping the lockdown unit leaves its rules; fw.remove() below takes them away.
         subprocess.run(["systemctl", "disable", "--now", *reversed(UNITS)], capture_output=True)
-    if record.get("firewall"):
+    if record.get("firewall") or units_ran:  # the lockdown unit applied it even after --no-firewall
         from ..backends import firewall as fw
 
         fw.remove()
@@ -369,6 +370,8 @@ def uninstall(say=print):
             os.unlink(path)
         else:
             say(f"kept {path}: changed since install")
+    if units_ran:  # systemd forgets the unit files just removed
+        subprocess.run(["systemctl", "daemon-reload"], capture_output=True)
     for d in sorted(record.get("dirs", []), key=len, reverse=True):
         try:
             os.rmdir(d)
