@@ -20,7 +20,7 @@ ROLEGATE = os.path.join(VENV, "bin", "rolegate")
 PASSWORD = "Dan-pw-5"
 # One person per refusal class: each has a rate-limit window of their own, so every class's
 # line is seen however fast the tests run.
-PEOPLE = ("rfann", "rfben", "rfcat", "rfdan", "rfeve", "rffay", "rfgus", "rfhal", "rfivy", "rfjon", "rfkim", "rfsvc")
+PEOPLE = ("rfann", "rfben", "rfcat", "rfdan", "rfeve", "rffay", "rfgus", "rfhal", "rfivy", "rfjon", "rfkim", "rflee", "rfsvc")
 
 
 def arn(role):
@@ -36,7 +36,7 @@ reap_interval: 2s
 metrics_file: {metrics_file}
 metrics_interval: 1s
 roles:
-  - match: {{user: [rfann, rfben, rfcat, rfdan, rfeve, rfgus, rfhal, rfivy, rfjon, rfkim]}}
+  - match: {{user: [rfann, rfben, rfcat, rfdan, rfeve, rfgus, rfhal, rfivy, rfjon, rfkim, rflee]}}
     role: {arn("base")}
   - match: {{user: rfhal, service: sudo, target: rfsvc}}
     role: {arn("svc")}
@@ -88,6 +88,7 @@ REFUSALS = [
     ("a login the rules give no such profile", "rfeve", "admin --reason INC-1", "no on-demand profile 'admin'"),
     ("a profile nobody has", "rfivy", "nosuch --reason INC-1", "no on-demand profile 'nosuch'"),
     ("a person with no login grant", "rffay", "admin --reason INC-1", ""),
+    ("a profile name longer than a frame's string", "rflee", f"{'p' * 2000} --reason INC-1", "no on-demand profile"),
 ]
 
 
@@ -101,6 +102,7 @@ def test_elevate_refusals__each_refusal_before_pam_has_one_denied_line(host, per
     lines = denied_lines(log)
     assert len(lines) == 1, f"exactly one `denied: action=elevate` line expected for {person}, got:\n{log}"
     profile = args.split()[0]
+    profile = profile if len(profile) <= 64 else profile[:61] + "..."  # a line keeps a valid name's length
     assert f"principal={person} " in lines[0] and f"profile={profile} " in lines[0] and "reason=" in lines[0], \
         f"the line should name the person, the profile and the reason: {lines[0]}"
     assert words in lines[0], f"the line's reason should say {words!r}: {lines[0]}"

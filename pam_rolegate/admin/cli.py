@@ -549,17 +549,19 @@ def run_elevate(args, deps):
         if isinstance(found, int):
             why = "not found" if found == exitcodes.CMD_NOT_FOUND else "not executable"
             return _fail(args, deps, f"{args.command[0]}: {why}; nothing was asked of the broker", found)
-    # The broker decides every refusal (one `denied: action=elevate` line each): a reason or --for
-    # it would refuse is sent anyway, only made to fit the wire (a string of at most MAX_STRING
-    # characters, valid UTF-8; a 32-bit count), and refused there as too long or out of range.
-    reason = args.reason
-    if reason is not None:
-        reason = reason.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:protocol.MAX_STRING]
+    # The broker decides every refusal (one `denied: action=elevate` line each): a profile, reason
+    # or --for it would refuse is sent anyway, only made to fit the wire (a string of at most
+    # MAX_STRING characters, valid UTF-8; a 32-bit count), and refused there as unknown, too long
+    # or out of range.
+    def fit(text):
+        return None if text is None else \
+            text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:protocol.MAX_STRING]
+
     if seconds is not None:
         seconds = min(seconds, 2 ** 31 - 1)
     grant = session_grant(deps.environ)
     try:
-        reply = _broker_call(protocol.Elevate(grant=grant, profile=args.profile, reason=reason,
+        reply = _broker_call(protocol.Elevate(grant=grant, profile=fit(args.profile), reason=fit(args.reason),
                                               seconds=seconds), deps)
     except RolegateError as err:
         return fail(f"not elevated: {err}", exitcodes.of_error(err))

@@ -620,8 +620,10 @@ class Handlers:
                 principal = pwd.getpwuid(peer.uid).pw_name
             except KeyError:
                 principal = f"uid {peer.uid}"
+        # A profile name is at most 64 characters (config.PROFILE_RE); a longer one is cut for the line.
+        profile = req.profile if len(req.profile) <= 64 else req.profile[:61] + "..."
         self.refusals.limited(event, peer.uid, action="elevate", principal=principal, uid=peer.uid, pid=peer.pid,
-                              profile=req.profile, reason=str(error.message)[:REFUSAL_REASON_MAX], **fields)
+                              profile=profile, reason=str(error.message)[:REFUSAL_REASON_MAX], **fields)
         return error
 
     def elevation(self, peer, req):
