@@ -13,6 +13,7 @@ import syslog
 import threading
 import time
 
+from . import hostcheck
 from .rules import config as config_mod
 from .hookside import protocol
 from .backends import sdnotify, store
@@ -174,7 +175,7 @@ class Broker:
     def _reload(self, path):
         try:
             cfg = config_mod.load(path)
-            config_mod.check_paths(cfg)  # what a start would refuse, a reload refuses too (check-config's check)
+            hostcheck.check_paths(cfg)  # what a start would refuse, a reload refuses too (check-config's check)
         except ConfigError as err:
             self.log.decision("failed", action="reload", reason=str(err), kept="previous config")
             return False
@@ -308,7 +309,7 @@ def serve(config_path, engine=None, log=None, ready=None):
     try:
         cfg = config_mod.load(config_path)
         # check-config's filesystem checks, located in the file; start() walks again as it creates.
-        config_mod.check_paths(cfg)
+        hostcheck.check_paths(cfg)
     except ConfigError as err:
         log.error(f"not starting: {err}")
         return exitcodes.NEGATIVE  # the config is invalid

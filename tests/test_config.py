@@ -9,6 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pam_rolegate import hostcheck
 from pam_rolegate.rules import config, names
 from pam_rolegate.errors import ConfigError
 
@@ -529,7 +530,7 @@ def test_config__control_character_is_located():
 # -- property: generated rule sets survive a YAML round trip ---------------------------------
 
 _ALNUM = string.ascii_letters + string.digits
-# user/group names as config._USER_RE allows them: [A-Za-z0-9_.][A-Za-z0-9_.@-]*$?
+# user/group names as yamlnodes.USER_RE allows them: [A-Za-z0-9_.][A-Za-z0-9_.@-]*$?
 USER = st.builds(lambda first, rest, dollar: first + rest + dollar,
                  st.sampled_from(_ALNUM + "_."), st.text(alphabet=_ALNUM + "_.@-", max_size=15), st.sampled_from(["", "$"]))
 SERVICE = st.sampled_from(["sshd", "sudo", "sudo-i", "su", "su-l", "login", "shell", "cron", "gdm-password"]) | USER
@@ -669,13 +670,13 @@ def test_config__elevate_max_is_capped_at_1h_whatever_the_source():
 
 def test_config__imds_allow_users_are_resolved_and_an_unknown_name_is_located():
     cfg = config.parse(HEAD + "imds_allow_users: [root, nobody]\n", PATH)
-    config.check_users(cfg)  # both exist on every Debian host: no error
+    hostcheck.check_users(cfg)  # both exist on every Debian host: no error
     cfg = config.parse(HEAD + "imds_allow_users:\n  - root\n  - rg-no-such-user\n", PATH)
     with pytest.raises(ConfigError) as info:
-        config.check_users(cfg)
+        hostcheck.check_users(cfg)
     assert_located(info.value, 5, 5, "no such user: 'rg-no-such-user'; `rolegate firewall apply` could not lock IMDS")
     with pytest.raises(ConfigError) as info:
-        config.check_host(cfg)
+        hostcheck.check_host(cfg)
     assert_located(info.value, 5, 5, "no such user")
 
 
@@ -796,9 +797,9 @@ def _broker_start(config_path, timeout=30):
 
 # Refusals the broker does not make although check-config does: it never uses imds_allow_users (the
 # firewall does), so a service account deleted since must not stop every user's credentials at the
-# next start; `rolegate firewall apply` refuses them, located alike (config.check_users).
+# next start; `rolegate firewall apply` refuses them, located alike (hostcheck.check_users).
 SPARED_BY_BROKER = ("no such user",)
-# And the firewall never looks at the broker's directories (config.check_paths): it applies with them.
+# And the firewall never looks at the broker's directories (hostcheck.check_paths): it applies with them.
 SPARED_BY_FIREWALL = ("runtime_dir", "rules_cache")
 
 

@@ -103,6 +103,7 @@ def maps_nobody(cfg):
 
 
 def run_check_config(args, deps):
+    from .. import hostcheck
     from ..rules import config
 
     path = args.path or config.config_path(args.config, deps.environ)
@@ -111,7 +112,7 @@ def run_check_config(args, deps):
         # What the broker would refuse at start and the firewall at apply, by the same functions; a
         # user who may not search some directory on the way is told what stayed unchecked (root's
         # check-config sees all). Host checks: run it on the host the config is for.
-        unchecked = config.check_host(cfg)
+        unchecked = hostcheck.check_host(cfg)
     except ConfigError as err:
         if args.json:
             deps.say(json.dumps({"path": path, "valid": False, "error": str(err), "line": err.line,

@@ -75,6 +75,7 @@ def hook_runs_for(service, pam_dir=PAM_DIR):
 
 
 def check_config(ctx):
+    from .. import hostcheck
     from ..rules import config
     from ..errors import ConfigError
 
@@ -86,7 +87,7 @@ def check_config(ctx):
     try:
         # The broker's start checks (runtime_dir, rules_cache and their parents) and the firewall's
         # (imds_allow_users resolved: a user deleted since leaves the lockdown unapplied), located.
-        unchecked = config.check_host(cfg)
+        unchecked = hostcheck.check_host(cfg)
     except ConfigError as err:
         return [Result("config", FAIL, str(err), "fix the file at that position, or the directory or user it "
                                                  "names; `rolegate check-config`")]

@@ -212,9 +212,9 @@ def apply(uids, mode="reject", port=None, doors=()):
 def apply_config(cfg):
     """apply() with what the config says: who may reach IMDS, the mode, the doors' ports. Returns
     the uids allowed."""
-    from ..rules import config
+    from .. import hostcheck  # imports this module: asked at call time
 
-    config.check_users(cfg)  # a name no user has is refused located in the file, as check-config does
+    hostcheck.check_users(cfg)  # a name no user has is refused located in the file, as check-config does
     uids = allowed_uids(cfg.imds_allow_users)
     apply(uids, cfg.imds.mode, cfg.imds.port, door_ports(cfg))
     return uids
