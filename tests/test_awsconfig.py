@@ -9,7 +9,7 @@ import types
 import botocore.session
 import pytest
 
-from pam_rolegate.admin import cli
+from pam_rolegate.admin import cli, verbs_session
 from pam_rolegate.rules import awsconfig
 
 # (name, file text, profile, the region botocore resolves from the file or None)
@@ -150,11 +150,11 @@ def test_cli__env_drops_the_region_where_the_users_config_names_one(tmp_path, mo
     reply = {"granted": True, "runtime_dir": "/run/rolegate",
              "env": {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
                      "AWS_SHARED_CREDENTIALS_FILE": "/run/rolegate/grants/g/credentials"}}
-    monkeypatch.setattr(cli, "_broker_call", lambda request, deps: reply)  # the broker's part: test_imds
+    monkeypatch.setattr(verbs_session, "broker_call", lambda request, deps: reply)  # the broker's part: test_imds
     for environ, kept in [({}, False), ({"AWS_PROFILE": "plain"}, True), ({"AWS_PROFILE": "dev"}, False)]:
         out = io.StringIO()
         args = types.SimpleNamespace(shell="sh", verbose=False)
-        cli.run_env(args, cli.Deps(out=out, environ=dict(environ, HOME=str(tmp_path))))
+        verbs_session.run_env(args, cli.Deps(out=out, environ=dict(environ, HOME=str(tmp_path))))
         lines = out.getvalue()
         assert ("AWS_REGION=" in lines) == kept, f"rolegate env with {environ}: {lines}"
         assert "AWS_SHARED_CREDENTIALS_FILE=" in lines, f"rolegate env lost the credentials pointer: {lines}"

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO
 from harness import VENV
 from pam_rolegate import __version__
-from pam_rolegate.admin import cli, exitcodes
+from pam_rolegate.admin import cli, exitcodes, verbs_session
 
 CONFIG = """version: 1
 region: us-east-1
@@ -97,10 +97,10 @@ def test_cli__policy_lists_exactly_the_configured_roles(write_config):
 
 
 def test_cli__env_output_quotes_for_each_shell():
-    lines = cli.shell_lines({"AWS_REGION": "it's"}, ["AWS_ACCESS_KEY_ID"], "sh")
+    lines = verbs_session.shell_lines({"AWS_REGION": "it's"}, ["AWS_ACCESS_KEY_ID"], "sh")
     assert lines == ["unset AWS_ACCESS_KEY_ID", "export AWS_REGION='it'\\''s'"], lines
-    assert cli.shell_lines({"A": "x"}, ["B"], "csh") == ["unsetenv B", "setenv A 'x'"]
-    assert cli.shell_lines({"A": "x"}, ["B"], "fish") == ["set -e B", "set -gx A 'x'"]
+    assert verbs_session.shell_lines({"A": "x"}, ["B"], "csh") == ["unsetenv B", "setenv A 'x'"]
+    assert verbs_session.shell_lines({"A": "x"}, ["B"], "fish") == ["set -e B", "set -gx A 'x'"]
 
 
 # -- the conventions, as a table: real `rolegate` and `rolegated` processes from the test venv ----------

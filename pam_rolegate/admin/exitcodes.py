@@ -43,7 +43,7 @@ def of_error(err):
 
     if isinstance(err, BrokerUnavailable):
         return BROKER_UNREACHABLE
-    code = getattr(err, "refusal", None)  # cli.BrokerRefused: the broker answered with an error code
+    code = getattr(err, "refusal", None)  # deps.BrokerRefused: the broker answered with an error code
     if code is not None:
         return BROKER_REFUSAL.get(code, FAILED)
     if isinstance(err, ConfigError):
