@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from . import peers
-from .sockets import loop_thread
+from .loops import loop_thread
 from ..backends.firewall import DOOR_CONNECTIONS_PER_UID
 from ..errors import RolegateError
 
