@@ -278,3 +278,98 @@ def test_homefiles__the_cost_of_the_read_at_a_login(home):
         assert p50 < homefiles.READ_BUDGET, f"the read of a local file should fit its budget: p50 {p50:.3f} s"
     finally:
         reader.close()
+
+
+# -- the stat cache: a login whose ~/.aws/config has not changed is not read again ----------------
+SETTLE = 0.2  # the tests' settle time: longer than a timestamp tick, short enough to wait out
+
+
+def settled_reader():
+    return homefiles.HomeReader(readers=1, cache=homefiles.StatCache(settle=SETTLE))
+
+
+def read_through(reader, pw):
+    return reader.read(pw.pw_uid, timeout=5)
+
+
+def test_homefiles__an_unchanged_config_is_served_from_the_cache(home):
+    put(home, "[default]\nregion = eu-west-2\n")
+    time.sleep(SETTLE + 0.1)
+    reader = settled_reader()
+    try:
+        first = read_through(reader, home)
+        assert reader.cache.misses == 1 and reader.cache.hits == 0, "the first read must read the file"
+        second = read_through(reader, home)
+        assert second == first, f"the cache answered other bytes: {second!r}"
+        assert reader.cache.hits == 1, f"an unchanged file was read again (hits {reader.cache.hits})"
+    finally:
+        reader.close()
+
+
+def test_homefiles__a_config_changed_within_the_settle_time_is_not_kept(home):
+    put(home, "[default]\nregion = eu-west-2\n")  # just written: its times may share a tick with the next write
+    reader = settled_reader()
+    try:
+        read_through(reader, home)
+        read_through(reader, home)
+        assert reader.cache.hits == 0, "a file written within the settle time was served from the cache"
+    finally:
+        reader.close()
+
+
+def test_homefiles__same_size_new_content_and_a_touched_mtime_is_read_again(home):
+    path = put(home, "[default]\nregion = eu-west-2\n")
+    time.sleep(SETTLE + 0.1)
+    reader = settled_reader()
+    try:
+        assert b"eu-west-2" in read_through(reader, home)
+        before = os.stat(path)
+        with open(path, "r+") as fh:  # same size, same inode, mtime set back: only the ctime tells
+            fh.write("[default]\nregion = eu-west-1\n")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_size, after.st_ino, after.st_mtime_ns) == (before.st_size, before.st_ino, before.st_mtime_ns)
+        assert b"eu-west-1" in read_through(reader, home), "a changed file was answered from the cache"
+    finally:
+        reader.close()
+
+
+def test_homefiles__a_cached_config_swapped_for_a_symlink_is_refused(home):
+    path = put(home, f"[default]\nregion = eu-west-2\n")
+    time.sleep(SETTLE + 0.1)
+    reader = settled_reader()
+    try:
+        read_through(reader, home)
+        target = secret_file()
+        os.unlink(path)
+        os.symlink(target, path)
+        with pytest.raises(Unreadable, match="symlink") as caught:
+            read_through(reader, home)
+        assert SECRET_REGION not in str(caught.value)
+        # the .aws directory swapped for a link to a copy of the old one: refused too
+        os.unlink(path)
+        put(home, "[default]\nregion = eu-west-2\n")
+        time.sleep(SETTLE + 0.1)
+        assert b"eu-west-2" in read_through(reader, home), "the restored config should be read"
+        aws = os.path.join(home.pw_dir, ".aws")
+        moved = os.path.join(home.pw_dir, ".aws-moved")  # the same filesystem: the inodes are the cached ones
+        os.rename(aws, moved)
+        os.symlink(moved, aws)
+        with pytest.raises(Unreadable, match="symlink"):
+            read_through(reader, home)
+    finally:
+        reader.close()
+        remove(os.path.join(home.pw_dir, ".aws-moved"))
+
+
+def test_homefiles__a_cached_config_the_user_may_no_longer_read_is_refused(home):
+    path = put(home, "[default]\nregion = eu-west-2\n", mode=0o644, owner=0)  # an administrator's, readable
+    time.sleep(SETTLE + 0.1)
+    reader = settled_reader()
+    try:
+        assert b"eu-west-2" in read_through(reader, home)
+        os.chmod(path, 0o600)  # now root's alone: the kept bytes must not outlive the user's right to them
+        with pytest.raises(Unreadable, match="permission denied"):
+            read_through(reader, home)
+    finally:
+        reader.close()

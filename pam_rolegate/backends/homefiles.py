@@ -27,14 +27,25 @@ treated as hostile input, and none of it may stop, fail or slow a login past its
   server) is abandoned to its thread, and at most READERS such threads exist: past that, and past
   MAX_WAITING reads queued, logins skip the read at once.
 
+- **Read again only when it changed.** A HomeReader keeps what it last read for each user with the
+  status (dev, inode, mode, owner, size, mtime_ns, ctime_ns) of the home directory, every directory
+  below it and the file. Each later read still walks the path as the user, with every check above,
+  and stats the file without opening it: when every status is the same, the bytes kept are the
+  answer. Any chmod, chown, rename, write or link swap changes a ctime or an inode, so the file is
+  read again (and refused again, where it now must be). A file changed within CACHE_SETTLE of the
+  read is not kept: timestamps tick coarsely, and a second write in the same tick with the same
+  size would otherwise look unchanged.
+
 Every failure is an `Unreadable` with a reason that names the path step, never the contents.
 """
 
 import errno
+import functools
 import os
 import pwd
 import stat
 import threading
+import time
 
 from ..errors import RolegateError
 
@@ -52,6 +63,12 @@ READERS = 4
 MAX_WAITING = 64
 # The kernel's own limit on symlinks in one path lookup (MAXSYMLINKS).
 MAX_LINK_HOPS = 40
+# A file whose mtime or ctime is younger than this when read is read again next time: the kernel's
+# timestamps tick every few ms (jiffies), and an NFS server's clock may run seconds apart from ours.
+CACHE_SETTLE = 2.0
+# What the cache may hold, all users together: real configs are a few KiB, so this is thousands of
+# users; past it the oldest entries go (the next read of theirs is a full read, nothing worse).
+CACHE_BYTES = 8 * 1024 * 1024
 AWS_CONFIG = (".aws", "config")  # below the home directory; AWS_CONFIG_FILE is unknown to PAM
 
 _DIR_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -181,10 +198,56 @@ def _owned(st, uid):
     return st.st_uid in (uid, 0)
 
 
-def read_below(home_fd, parts, uid, limit=MAX_CONFIG_BYTES):
+def _stamp(st):
+    """What must stay the same for a kept read to still be the answer: which inode, its type, mode and
+    owner (the rights the read was made with), its size and both its times."""
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class StatCache:
+    """The bytes last read per (user, home, path), with the stamps of every step to them. Thread-safe:
+    a HomeReader's threads share one."""
+
+    def __init__(self, max_bytes=CACHE_BYTES, settle=CACHE_SETTLE, clock=time.time_ns):
+        self.max_bytes = max_bytes
+        self.settle_ns = int(settle * 1e9)
+        self.clock = clock
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        self._kept = {}  # key -> (stamps, bytes), oldest first
+        self._bytes = 0
+
+    def get(self, key, stamps):
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] == stamps:
+                self.hits += 1
+                return kept[1]
+            self.misses += 1
+            return None
+
+    def put(self, key, stamps, data, st):
+        """Keep `data`, read from a file whose fstat was `st`, unless it changed too recently to tell."""
+        settled = self.clock() - self.settle_ns
+        with self._lock:
+            old = self._kept.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            if st.st_mtime_ns > settled or st.st_ctime_ns > settled or len(data) > self.max_bytes:
+                return
+            while self._kept and self._bytes + len(data) > self.max_bytes:
+                oldest = next(iter(self._kept))  # dicts keep insertion order: the oldest entry first
+                self._bytes -= len(self._kept.pop(oldest)[1])
+            self._kept[key] = (stamps, data)
+            self._bytes += len(data)
+
+
+def read_below(home_fd, parts, uid, limit=MAX_CONFIG_BYTES, cache=None, key=None, stamps=()):
     """The bytes of home/parts[0]/.../parts[-1]: no symlink, directories and a regular file owned by
-    `uid` or root, at most `limit` bytes."""
+    `uid` or root, at most `limit` bytes. With a `cache`, the file is opened only when its status or
+    that of a step to it (`stamps`: the home's, and the directories' here) differs from the last read's."""
     fd = os.dup(home_fd)
+    stamps = list(stamps)
     try:
         for name in parts[:-1]:
             try:
@@ -198,19 +261,28 @@ def read_below(home_fd, parts, uid, limit=MAX_CONFIG_BYTES):
             st = os.fstat(fd)
             if not stat.S_ISDIR(st.st_mode) or not _owned(st, uid):
                 raise Unreadable(f"{name} is not a directory of the user's")
+            stamps.append(_stamp(st))
         where = "/".join(parts)
         try:  # before opening: no device or FIFO is ever opened, no link followed
             st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
         except OSError as err:
             raise _no_entry(err, where) from None
+        if cache is not None:  # the same inodes with the same rights and times: what was read is the answer
+            kept = cache.get(key, tuple(stamps) + (_stamp(st),))
+            if kept is not None:
+                return kept
         _check_file(st, uid, limit, where)
         try:
             ffd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
         except OSError as err:
             raise _no_entry(err, where) from None
         try:
-            _check_file(os.fstat(ffd), uid, limit, where)  # what was opened, whatever was swapped in
-            return _read_bounded(ffd, limit, where)
+            opened = os.fstat(ffd)
+            _check_file(opened, uid, limit, where)  # what was opened, whatever was swapped in
+            data = _read_bounded(ffd, limit, where)
+            if cache is not None:  # stamped with what was opened: a swap after the stat is read again
+                cache.put(key, tuple(stamps) + (_stamp(opened),), data, opened)
+            return data
         finally:
             os.close(ffd)
     finally:
@@ -266,8 +338,9 @@ def _check_file(st, uid, limit, where):
         raise Unreadable(f"{where} is larger than {limit} bytes")
 
 
-def read_user_file(uid, parts, limit=MAX_CONFIG_BYTES):
-    """Read home/parts of account `uid` with its own filesystem identity (the steps above)."""
+def read_user_file(uid, parts, limit=MAX_CONFIG_BYTES, cache=None):
+    """Read home/parts of account `uid` with its own filesystem identity (the steps above); with a
+    StatCache, only when something on the way changed since the last read."""
     try:
         pw = pwd.getpwuid(uid)
     except KeyError:
@@ -278,7 +351,11 @@ def read_user_file(uid, parts, limit=MAX_CONFIG_BYTES):
         except OSError as err:
             raise _no_entry(err, "home directory") from None
         try:
-            return read_below(home_fd, parts, uid, limit)
+            if cache is None:
+                return read_below(home_fd, parts, uid, limit)
+            # The passwd entry's home and group are part of the key: a new home is a new file.
+            key = (uid, pw.pw_gid, pw.pw_dir, tuple(parts), limit)
+            return read_below(home_fd, parts, uid, limit, cache, key, (_stamp(os.fstat(home_fd)),))
         except OSError as err:
             raise _no_entry(err, "/".join(parts)) from None
         finally:
@@ -303,8 +380,9 @@ class HomeReader:
     every reader holds a read its caller gave up on (the homes are not answering), later reads are
     refused at once instead of each waiting out its budget in the queue."""
 
-    def __init__(self, readers=READERS, max_waiting=MAX_WAITING, read=read_user_file):
-        self._read = read
+    def __init__(self, readers=READERS, max_waiting=MAX_WAITING, read=None, cache=None):
+        self.cache = cache or StatCache()
+        self._read = read or functools.partial(read_user_file, cache=self.cache)
         self._readers = readers
         self._max_waiting = max_waiting
         self._lock = threading.Lock()

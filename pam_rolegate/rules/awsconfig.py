@@ -17,6 +17,7 @@ the SDKs then fail on the file whatever the environment says, and rolegate keeps
 """
 
 import configparser
+import functools
 import re
 import shlex
 
@@ -61,6 +62,9 @@ BLANK_RUN = 8
 _LONG_BLANKS = re.compile(r"(?<=\S)([^\S\n]{%d})[^\S\n]+" % BLANK_RUN)
 
 
+# Pure, so its answers can be kept: the broker asks about the same few files at every login (~0.1 ms
+# of configparser each). Bounded: 64 texts of at most 64 KiB (homefiles.MAX_CONFIG_BYTES) each.
+@functools.lru_cache(maxsize=64)
 def profile_region(text, profile=DEFAULT_PROFILE):
     """The region `text` (an AWS config file's contents) names for `profile`, or None."""
     parser = configparser.RawConfigParser()
