@@ -17,7 +17,7 @@ import types
 import pytest
 
 from conftest import start_moto
-from harness import ACCOUNT, CONFIG_PATH, RUNTIME_DIR, Held, Shell, sandbox_host, run, wait_gone
+from harness import ACCOUNT, CONFIG_PATH, PAM_SOCKET, RUNTIME_DIR, Held, Shell, sandbox_host, run, wait_gone
 
 FAST = f"""
 version: 1
@@ -124,6 +124,57 @@ def test_lifecycle__killed_pam_process_is_reaped(host):
     assert time.monotonic() - start < 7
     held.proc.kill()
     held.proc.wait(10)
+
+
+# A process that logs in as the PAM hook does (open_session for its own pid), then sends its
+# close_session without reading the reply, as the hook does at logout; "lose" sends a close that
+# names no session (a close the broker never acts on). It prints the session id; "stay" keeps the
+# process alive afterwards, so only the close can end the session.
+HOOK_LIKE = """
+import os, sys, time
+from pam_rolegate.hookside import client, protocol
+path, user, how = sys.argv[1:4]
+reply = client.call(protocol.OpenSession(user=user, service="sshd", pid=os.getpid()), path=path)
+assert reply.get("granted"), reply
+sid = reply.get("session")
+client.send(protocol.CloseSession(session="lost-" + sid if how == "lose" else sid), path=path)
+print(sid, flush=True)
+if how == "stay":
+    time.sleep(60)
+"""
+
+
+def hook_like(host, how):
+    return subprocess.Popen([sys.executable, "-c", HOOK_LIKE, PAM_SOCKET, "erin", how], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, **host.env))
+
+
+def test_lifecycle__a_close_sent_without_waiting_is_still_acted_on(host):
+    mark = host.log_mark()
+    proc = hook_like(host, "stay")
+    try:
+        sid = proc.stdout.readline().strip()
+        assert sid, "the hook-like process got no session"
+        # The process lives on: only the close it sent (and hung up on) can end its session.
+        wait_for(lambda: f"released: session={sid}" in host.log_since(mark), 10,
+                 f"the broker acting on the close of {sid} whose sender did not wait for the reply")
+        assert proc.poll() is None, "the process ended before its close was acted on: the test proves nothing"
+        assert f"reaped: session={sid}" not in host.log_since(mark), "the session was reaped, not closed"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_lifecycle__a_lost_close_is_reaped_when_its_process_exits(host):
+    mark = host.log_mark()
+    proc = hook_like(host, "lose")
+    sid = proc.stdout.readline().strip()
+    assert sid, "the hook-like process got no session"
+    proc.wait(10)
+    # reap_interval is 2 s here; the pidfd reaps at once. 2 + 5 s is a no-hang bound, not a speed claim.
+    wait_for(lambda: f"reaped: session={sid}" in host.log_since(mark), 2 + 5,
+             f"the reaper ending session {sid} whose close was lost")
+    assert f"released: session={sid}" not in host.log_since(mark), "a close naming no session released this one"
 
 
 def test_lifecycle__reused_pid_does_not_keep_a_dead_session_alive():

@@ -118,6 +118,27 @@ def _exchange(sock, request, deadline):
             return parts[0] if len(parts) == 1 else protocol.join_replies(parts[0], parts[1:])
 
 
+def send(request, path=None, timeout=3.0, require_root=True):
+    """Send one request and wait for no reply: the request's frame is in the broker's socket when this
+    returns, and the broker reads and acts on it after we have gone (it takes our pid and uid from
+    the connection, which the kernel keeps). For a logout only, whose loss the broker's reaper makes
+    good: nothing here can tell whether the broker acted on it, or turned it away as `busy`.
+    Raises BrokerUnavailable when there is no broker to hand it to."""
+    path = path or socket_path()
+    sock = _connect(path, time.monotonic() + timeout)
+    try:
+        _pid, uid, _gid = peer_credentials(sock)
+        if require_root and uid != 0:
+            raise BrokerUnavailable(f"refusing the broker socket {path}: its owner is uid {uid}, not root")
+        try:
+            # A frame of a few dozen bytes fits a fresh socket's buffer at once; MSG_NOSIGNAL as in _exchange.
+            sock.sendall(protocol.encode_request(request), _socket.MSG_NOSIGNAL)
+        except OSError as err:
+            raise BrokerUnavailable(f"lost the connection to the broker: {err}") from None
+    finally:
+        sock.close()
+
+
 def call(request, path=None, timeout=3.0, require_root=True):
     """Send one request and return its Reply or ErrorReply. Raises BrokerUnavailable."""
     path = path or socket_path()

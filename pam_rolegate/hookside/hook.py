@@ -123,17 +123,18 @@ def open_session(pamh, args, started):
 
 
 def close_session(pamh, args, session):
-    """Tell the broker this session ended. Logout never fails because of us."""
+    """Tell the broker this session ended, without waiting for its answer. Logout never fails because
+    of us. A close the broker never acts on (turned away as `busy`, or a broker restarting) is made
+    good by its reaper: the session's process is this one (the pid it was opened with), which the
+    broker watches through a pidfd and reaps as soon as it exits, or at its reap_interval sweep."""
     if session == NO_SESSION:
         return pamh.PAM_SUCCESS
     opts, _problems = parse_options(args)
     try:
         request = protocol.CloseSession(session=session) if session else protocol.CloseSession(pid=os.getpid())
-        reply = client.call(request, path=opts["socket"], timeout=opts["timeout"])
-        if isinstance(reply, protocol.ErrorReply):
-            raise RuntimeError(f"the broker refused ({reply.code}): {reply.message}")
+        client.send(request, path=opts["socket"], timeout=opts["timeout"])
         if opts["debug"]:
-            _emit("closed", session=session, released=reply.get("released"))
+            _emit("closed", session=session, sent=True)
     except Exception as err:
         _emit("failed", error=True, action="close", session=session, reason=str(err),
               result="the broker's reaper will release it")

@@ -48,11 +48,17 @@ grant, so a reply of any size streams.
 
 An overloaded door answers `busy`: the client waits a little and asks again within its budget.
 
+A sender may hang up without reading the reply: the PAM hook sends close_session and goes (its
+logout then costs no round trip). The door still reads that frame and acts on it, and its reply
+is lost with nobody waiting; a close the door turned away is made good by the reaper, which ends
+the session once its process exits (pidfd) or at the next reap_interval sweep.
+
 Version history
 ---------------
 1  2026-11-28  first version: ping, open_session, close_session, env, credentials, status.
 2  2026-11-30  two doors: open/close_session only on the root-only PAM door; `status` streams
                (grants without session lists, plus a `sessions` list naming their grants).
+2  2026-12-07  the same wire: the hook no longer waits for close_session's reply (see above).
 """
 
 try:  # CPython's C JSON codec, without the `re` import that `json` costs at every login
