@@ -3,12 +3,15 @@ asked of the real botocore (the tests' venv: boto3 and the AWS CLI v1 run on it)
 rolegate applies is the one the SDKs apply; plus `rolegate region`/`env`'s reading of the file."""
 
 import io
+import json
 import os
+import subprocess
 import types
 
 import botocore.session
 import pytest
 
+from harness import AWS_CLI_V2
 from pam_rolegate.admin import cli, verbs_session
 from pam_rolegate.rules import awsconfig
 
@@ -93,6 +96,63 @@ def test_awsconfig__profile_in_use_follows_botocores_order(environ, expected):
             mp.setenv(k, v)
         assert (session.get_config_variable("profile") or "default") == expected, \
             f"botocore picks {session.get_config_variable('profile')!r} from {environ}"
+
+
+# The AWS CLI v2 (Debian's awscli) carries its own copy of botocore, which `import botocore` loads once
+# `awscli` is imported, on the interpreter /usr/bin/aws names: it is asked the same questions.
+CLI_V2_REGIONS = r"""
+import json, sys, tempfile
+import awscli  # from here on, `botocore` is the CLI v2's own copy
+import botocore.exceptions, botocore.session
+answers = []
+for text, profile in json.load(sys.stdin):
+    with tempfile.NamedTemporaryFile("w", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        session = botocore.session.Session()
+        session.set_config_variable("config_file", fh.name)
+        try:
+            answers.append(session.full_config["profiles"].get(profile, {}).get("region") or None)
+        except botocore.exceptions.ConfigParseError:
+            answers.append(None)
+print(json.dumps({"botocore": botocore.__file__, "answers": answers}))
+"""
+CLI_V2_PROFILE = r"""
+import json, awscli, botocore.session
+print(json.dumps({"botocore": botocore.__file__, "profile": botocore.session.Session().get_config_variable("profile")}))
+"""
+
+
+def cli_v2_python(code, stdin="", env=None):
+    """`code` run by the CLI v2's interpreter in a clean environment plus `env`; its JSON answer."""
+    assert os.path.exists(AWS_CLI_V2), f"no AWS CLI v2 at {AWS_CLI_V2}: scripts/deps installs Debian's awscli"
+    with open(AWS_CLI_V2) as fh:
+        python = fh.readline()[2:].strip()  # its #! line
+    done = subprocess.run([python, "-I", "-c", code], input=stdin, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {})})
+    assert done.returncode == 0, f"{python} could not load the CLI v2's botocore: {done.stderr[-2000:]}"
+    answer = json.loads(done.stdout)
+    assert "/awscli/botocore/" in answer["botocore"], f"not the CLI v2's own botocore: {answer['botocore']}"
+    return answer
+
+
+def test_awsconfig__the_aws_cli_v2_reads_each_file_as_the_table_says():
+    answers = cli_v2_python(CLI_V2_REGIONS, json.dumps([[text, profile] for _, text, profile, _ in CASES]))["answers"]
+    wrong = {name: f"read {got!r}, the table says {expected!r}"
+             for (name, _, _, expected), got in zip(CASES, answers) if got != expected}
+    assert len(answers) == len(CASES) and not wrong, f"the AWS CLI v2 reads these files otherwise: {wrong}"
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, None),
+    ({"AWS_PROFILE": "dev"}, "dev"),
+    ({"AWS_DEFAULT_PROFILE": "ops"}, "ops"),
+    ({"AWS_PROFILE": "dev", "AWS_DEFAULT_PROFILE": "ops"}, "dev"),  # the other way round from botocore and the v1
+])
+def test_awsconfig__the_aws_cli_v2_reads_aws_profile_before_aws_default_profile(environ, expected):
+    """docs/sessions.md tells users to set one of the two, or both alike: here is why."""
+    got = cli_v2_python(CLI_V2_PROFILE, env=environ)["profile"]
+    assert got == expected, f"the AWS CLI v2 picks profile {got!r} from {environ}, expected {expected!r}"
 
 
 # -- `rolegate region`: the same rule for a login shell that selects another profile -----------------
