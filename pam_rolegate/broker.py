@@ -1,7 +1,8 @@
 """rolegated, assembled: the core (registry, records, lifecycle), the two socket doors, signals.
 
-Assembly only. What a grant or session is lives in registry.py, how changes survive a restart in
-records.py, refresh and reaping in lifecycle.py, the sockets in doors/sockets.py.
+Assembly only. What a grant or session is lives in core/grants.py, the core's API in registry.py,
+how changes survive a restart in records.py, refresh and reaping in lifecycle.py, the sockets in
+doors/sockets.py.
 """
 
 import dataclasses

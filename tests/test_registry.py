@@ -620,7 +620,7 @@ class ListLog:
 
 def test_records__replay_skips_a_torn_last_line_silently_and_reports_a_bad_middle_line():
     from pam_rolegate.core.records import Journal, _line
-    from pam_rolegate.core.registry import Session
+    from pam_rolegate.core.grants import Session
 
     def s(sid):
         return {"s": dataclasses.asdict(Session(id=sid, grant_id="g1", kind="pam", pid=1, started=5,
@@ -727,7 +727,7 @@ def root_login():
 
 
 def test_registry__linger_never_outlasts_the_grants_refresh_time(tmp_path):
-    from pam_rolegate.core.registry import Listener
+    from pam_rolegate.core.grants import Listener
 
     seen = []
 

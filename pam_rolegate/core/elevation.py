@@ -45,7 +45,7 @@ class Request:
     def __init__(self, uid, view, profile, rule, reason, seconds, now):
         self.id = secrets.token_hex(6)
         self.uid = uid
-        self.view = view  # the login grant (registry.Grant) it elevates
+        self.view = view  # the login grant (grants.Grant) it elevates
         self.principal = view.principal
         self.principal_uid = view.principal_uid
         self.rule = rule  # as decided at the start: STS is called only if the rules in force still say so

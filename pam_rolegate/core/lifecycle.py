@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..hookside import procs
-from .registry import Listener
+from .grants import Listener
 
 # Leave this many descriptors for files, STS connections, the journal and the pool, besides what
 # the doors may hold (the broker adds theirs); the rest may watch processes.

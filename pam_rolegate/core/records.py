@@ -17,7 +17,7 @@ import os
 import threading
 from datetime import datetime, timezone
 
-from .registry import Grant, Listener, Session, iso
+from .grants import Grant, Listener, Session, iso
 from ..backends.sts import AssumeRequest, Credentials
 
 JOURNAL = "journal"

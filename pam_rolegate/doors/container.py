@@ -14,7 +14,7 @@ import hmac
 import json
 
 from .web import HttpDoor, text
-from ..core.registry import CONTAINER_PATH, iso
+from ..core.grants import CONTAINER_PATH, iso
 
 
 class ContainerDoor(HttpDoor):

@@ -9,7 +9,7 @@ from ..rules import awsconfig, mapping
 from ..backends import homefiles
 from ..hookside import procs, protocol
 from ..errors import StoreError, StsError
-from ..core.registry import SDK_MIN_LEFT, ShellLimit, epoch_to_dt, iso
+from ..core.grants import SDK_MIN_LEFT, ShellLimit, epoch_to_dt, iso
 from .refusals import REFUSAL_REASON_MAX
 
 HOOK_MARGIN = 0.3  # seconds kept back from the hook's budget for our reply and its PAM bookkeeping

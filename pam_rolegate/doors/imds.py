@@ -33,7 +33,7 @@ from aiohttp import web
 from ..rules import config, mapping
 from ..errors import RolegateError
 from .web import HttpDoor, text
-from ..core.registry import iso
+from ..core.grants import iso
 
 SERVICE = config.IMDS_SERVICE
 TOKEN_TTL_MAX = 21600  # what the real IMDS allows
