@@ -134,6 +134,11 @@ def image_dir():
 
 @pytest.fixture(scope="session")
 def tree_deb(image_dir):
+    """This tree's package by scripts/build-deb; ROLEGATE_TEST_DEB=PATH tests that package instead
+    (a developer's shortcut, e.g. one built from a copy of a tree in mid-change)."""
+    given = os.environ.get("ROLEGATE_TEST_DEB")
+    if given:
+        return given
     out = tempfile.mkdtemp(prefix="rolegate-host-deb-")
     return guestlib.build_deb(out)
 
@@ -329,7 +334,8 @@ class TestBootedHost:
         assert props["Type"] == "notify", \
             f"rolegated.service is Type={props['Type']}: systemd counts it ready before its doors listen"
         # When systemd took it for ready (µs since the epoch) against when each door's socket was made
-        # and when the stand-in served the gatekeeper's keys.
+        # and when the stand-in served the gatekeeper's keys to a client on 169.254.169.254 (the
+        # stand-in's own warm-up calls come from 127.0.0.1).
         ready = g.root("python3 -c \"import subprocess, datetime; t = subprocess.run(['systemctl', 'show', "
                        "'rolegated', '-p', 'ActiveEnterTimestamp', '--timestamp=us+utc'], capture_output=True, "
                        "text=True).stdout.split('=', 1)[1].strip(); print(datetime.datetime.strptime(t, "
@@ -344,7 +350,8 @@ class TestBootedHost:
                                          "rolegated for ready"
         fetched = g.root("journalctl -b -u aws-standin -o json --no-pager | python3 -c \"import json, sys\n"
                          "for l in sys.stdin:\n e = json.loads(l)\n"
-                         " if 'security-credentials/' in str(e.get('MESSAGE', '')): "
+                         " m = str(e.get('MESSAGE', ''))\n"
+                         " if m.startswith('169.254.169.254 ') and 'security-credentials/' in m: "
                          "print(int(e['__REALTIME_TIMESTAMP']) / 1e6)\"").stdout.split()
         assert fetched, "the stand-in served no gatekeeper keys (GET .../security-credentials/ROLE) this boot:\n" \
                         f"{journal(g, 'aws-standin')[-2000:]}"
