@@ -46,3 +46,46 @@ def test_rules__the_import_walk_names_each_upward_import():
         f"the walk resolved a relative import wrongly: {found[0]}"
     assert not upward_imports("from .settings import Config\nfrom ..errors import ConfigError\n",
                               "rules/sample.py"), "the walk named an import that stays inside rules/ or errors"
+
+
+# -- core/: the registry's parts report changes to listeners and never import records or lifecycle --
+
+CORE = PACKAGE / "core"
+LISTENERS = ("pam_rolegate.core.records", "pam_rolegate.core.lifecycle")
+
+
+def core_imports(path):
+    """The core modules (pam_rolegate.core.NAME) that core file `path` imports."""
+    found = set()
+    for _line, name in imported_names(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE))):
+        parts = name.split(".")
+        if parts[:2] == ["pam_rolegate", "core"] and len(parts) > 2 and (CORE / f"{parts[2]}.py").exists():
+            found.add(f"pam_rolegate.core.{parts[2]}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CORE.glob("*.py") if f"pam_rolegate.core.{p.stem}" not in LISTENERS),
+                         ids=lambda p: p.name)
+def test_core__the_registrys_parts_import_neither_records_nor_lifecycle(path):
+    found = sorted(core_imports(path) & set(LISTENERS))
+    assert not found, (f"core/{path.name} imports {found}: the registry reports changes to the listeners it is "
+                       "handed (docs/internals.md), it never imports them")
+
+
+def test_core__its_modules_import_each_other_without_a_circle():
+    graph = {f"pam_rolegate.core.{p.stem}": core_imports(p) for p in CORE.glob("*.py")}
+    assert "pam_rolegate.core.grants" in graph["pam_rolegate.core.registry"] | graph["pam_rolegate.core.records"], \
+        f"the walk found none of the core's imports of grants.py: {graph}"
+
+    def circle_from(start, path):
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path:
+                found = circle_from(start, path + [nxt])
+                if found:
+                    return found
+        return None
+
+    circles = [c for c in (circle_from(m, [m]) for m in sorted(graph)) if c]
+    assert not circles, "core/ modules import each other in a circle: " + " -> ".join(circles[0])
