@@ -225,8 +225,17 @@ class Guest:
         return cmd
 
     def root(self, script, check=True, timeout=COMMAND_TIMEOUT, input=None, multiplex=True):
-        """Run a shell script as root in the guest; a CompletedProcess (text)."""
-        return self.run(self.ssh_cmd("root", script, multiplex=multiplex), check, timeout, input, f"root: {script}")
+        """Run a shell script as root in the guest; a CompletedProcess (text). ssh's own failure
+        (exit 255: the connection, not the script) is tried twice more over a fresh connection."""
+        for attempt in range(3):
+            done = self.run(self.ssh_cmd("root", script, multiplex=multiplex), False, timeout, input, f"root: {script}")
+            if done.returncode != 255 or not multiplex:
+                break
+            self.close_multiplexed()
+            time.sleep(2)
+        if check and done.returncode != 0:
+            raise GuestError(f"root: {script!r} exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}")
+        return done
 
     def login(self, user, script, check=False, timeout=COMMAND_TIMEOUT, input=None):
         """A fresh ssh login of `user` (a PAM session of its own) running `script`."""
@@ -249,10 +258,14 @@ class Guest:
         self.root(f"mkdir -p $(dirname {q}) && cat > {q} && chmod {mode} {q} && chown {owner} {q}", input=text)
 
     def put(self, local, remote):
-        """Copy a file into the guest (scp over root's connection)."""
-        subprocess.run(["scp", "-q", "-i", self.key, "-P", str(self.port), *SSH_OPTIONS,
-                        "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control}", "-o", "ControlPersist=120",
-                        local, f"root@127.0.0.1:{remote}"], check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
+        """Copy a file into the guest: its bytes through root's ssh connection (`cat >`), which
+        needs nothing of the guest's sftp server."""
+        with open(local, "rb") as fh:
+            done = subprocess.run(self.ssh_cmd("root", f"cat > {shlex.quote(remote)}", multiplex=True), stdin=fh,
+                                  capture_output=True, timeout=COMMAND_TIMEOUT)
+        if done.returncode != 0:
+            raise GuestError(f"copying {local} to the guest's {remote} failed ({done.returncode}): "
+                             f"{done.stderr.decode(errors='replace')}")
 
     def add_user(self, name, groups=(), password=None):
         """A user in the guest who logs in over ssh with a key of the test's."""
