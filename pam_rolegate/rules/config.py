@@ -8,8 +8,7 @@ import os
 
 from ..errors import ConfigError
 from .settings import (  # noqa: F401 (re-exported: callers name them config.X)
-    CONFIG_ENV, DEFAULT_PATH, ELEVATE_MIN, IMDS_SERVICE, MIN_REFRESH_INTERVAL, Config, Elevate, ImdsSettings,
-    Match, RefreshSettings, Rule, SessionSettings, Source)
+    CONFIG_ENV, DEFAULT_PATH, ELEVATE_MIN, IMDS_SERVICE, MIN_REFRESH_INTERVAL, Config, Elevate, Match, Rule, Source)
 from .roles import PROFILE_RE  # noqa: F401
 from .toplevel import ConfigReader
 from .yamlnodes import compose, endpoint_problem, parse_duration  # noqa: F401

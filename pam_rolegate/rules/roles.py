@@ -6,8 +6,8 @@ import re
 import yaml
 
 from . import crosschecks, names
-from .settings import ELEVATE_MAX, ELEVATE_MIN, ELEVATION_TAGS, REASON_MODES, Elevate, Match, Rule, \
-    MIN_REFRESH_INTERVAL
+from .settings import (ELEVATE_MAX, ELEVATE_MIN, ELEVATION_TAGS, MIN_REFRESH_INTERVAL, REASON_MODES, Elevate,
+                       Match, Rule)
 from .yamlnodes import USER_RE, NodeReader
 
 # re.ASCII everywhere: \d and \w must not accept other scripts' digits and letters.
