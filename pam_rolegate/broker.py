@@ -62,7 +62,7 @@ class Broker:
         self.elevations = Elevations(self.registry, self.log)
         handlers = Handlers(self.registry, refusals, homes=self.homes, log=self.log, elevations=self.elevations)
         self.pam_door = Door("pam", os.path.join(cfg.runtime_dir, protocol.PAM_SOCKET), handlers.pam(),
-                             PAM_WORKERS, self.log, refusals, mode=0o600)
+                             PAM_WORKERS, self.log, refusals, mode=0o600, on_loop=handlers.pam_on_loop())
         self.user_door = Door("user", os.path.join(cfg.runtime_dir, protocol.USER_SOCKET), handlers.user(),
                               USER_WORKERS, self.log, refusals, per_uid_connections=MAX_CONNECTIONS_PER_UID,
                               per_uid_serving=MAX_SERVING_PER_UID, per_uid_working=MAX_WORKING_PER_UID,

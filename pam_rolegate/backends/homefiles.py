@@ -69,6 +69,9 @@ CACHE_SETTLE = 2.0
 # What the cache may hold, all users together: real configs are a few KiB, so this is thousands of
 # users; past it the oldest entries go (the next read of theirs is a full read, nothing worse).
 CACHE_BYTES = 8 * 1024 * 1024
+# How long peek() trusts the passwd facts (home, group) of the last read through the pool: as long
+# as the PAM door trusts a login's NSS answer (doors/handlers.py RESOLVED_TTL).
+PEEK_AGE = 30.0
 AWS_CONFIG = (".aws", "config")  # below the home directory; AWS_CONFIG_FILE is unknown to PAM
 
 _DIR_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -204,9 +207,29 @@ def _stamp(st):
     return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+# Filesystems whose metadata a stat answers from this machine: a check of a home on one of these may
+# run where nothing may wait long (the PAM door's loop). Anything else (NFS, CIFS, FUSE) may hang.
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "jfs", "zfs"})
+
+
+def _filesystem_of(dev):
+    """The type of the filesystem mounted from device `dev` (st_dev), or None when no mount says."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == want and "-" in fields:
+                    return fields[fields.index("-") + 1]
+    except OSError:
+        pass
+    return None
+
+
 class StatCache:
-    """The bytes last read per (user, home, path), with the stamps of every step to them. Thread-safe:
-    a HomeReader's threads share one."""
+    """The bytes last read per (user, home, path), with the stamps of every step to them; and for
+    each user, the passwd facts (home, group) of the last read through the pool and whether that
+    home is on a local filesystem, which peek() uses without asking NSS. Thread-safe."""
 
     def __init__(self, max_bytes=CACHE_BYTES, settle=CACHE_SETTLE, clock=time.time_ns):
         self.max_bytes = max_bytes
@@ -216,6 +239,25 @@ class StatCache:
         self._lock = threading.Lock()
         self._kept = {}  # key -> (stamps, bytes), oldest first
         self._bytes = 0
+        self._homes = {}  # (uid, parts, limit) -> (gid, home, local, time.monotonic() of the NSS answer)
+        self._local = {}  # st_dev -> whether its filesystem is local
+
+    def resolved(self, uid, parts, limit, gid, home, dev):
+        """A read through the pool asked NSS for `uid` now and found `home` on device `dev`."""
+        local = self._local.get(dev)
+        if local is None:
+            local = self._local[dev] = _filesystem_of(dev) in LOCAL_FILESYSTEMS
+        with self._lock:
+            if len(self._homes) >= 65536:  # bounded however many uids log in
+                self._homes.clear()
+            self._homes[(uid, tuple(parts), limit)] = (gid, home, local, time.monotonic())
+
+    def home_of(self, uid, parts, limit, max_age):
+        """(gid, home) of `uid`'s last read when NSS said so within `max_age` s and the home is local."""
+        found = self._homes.get((uid, tuple(parts), limit))
+        if found is None or not found[2] or time.monotonic() - found[3] > max_age:
+            return None
+        return found[0], found[1]
 
     def get(self, key, stamps):
         with self._lock:
@@ -242,7 +284,7 @@ class StatCache:
             self._bytes += len(data)
 
 
-def read_below(home_fd, parts, uid, limit=MAX_CONFIG_BYTES, cache=None, key=None, stamps=()):
+def read_below(home_fd, parts, uid, limit=MAX_CONFIG_BYTES, cache=None, key=None, stamps=(), kept_only=False):
     """The bytes of home/parts[0]/.../parts[-1]: no symlink, directories and a regular file owned by
     `uid` or root, at most `limit` bytes. With a `cache`, the file is opened only when its status or
     that of a step to it (`stamps`: the home's, and the directories' here) differs from the last read's."""
@@ -269,7 +311,7 @@ def read_below(home_fd, parts, uid, limit=MAX_CONFIG_BYTES, cache=None, key=None
             raise _no_entry(err, where) from None
         if cache is not None:  # the same inodes with the same rights and times: what was read is the answer
             kept = cache.get(key, tuple(stamps) + (_stamp(st),))
-            if kept is not None:
+            if kept is not None or kept_only:
                 return kept
         _check_file(st, uid, limit, where)
         try:
@@ -355,7 +397,9 @@ def read_user_file(uid, parts, limit=MAX_CONFIG_BYTES, cache=None):
                 return read_below(home_fd, parts, uid, limit)
             # The passwd entry's home and group are part of the key: a new home is a new file.
             key = (uid, pw.pw_gid, pw.pw_dir, tuple(parts), limit)
-            return read_below(home_fd, parts, uid, limit, cache, key, (_stamp(os.fstat(home_fd)),))
+            home_st = os.fstat(home_fd)
+            cache.resolved(uid, parts, limit, pw.pw_gid, pw.pw_dir, home_st.st_dev)
+            return read_below(home_fd, parts, uid, limit, cache, key, (_stamp(home_st),))
         except OSError as err:
             raise _no_entry(err, "/".join(parts)) from None
         finally:
@@ -443,6 +487,29 @@ class HomeReader:
         if job.error is not None:
             raise job.error
         return job.result
+
+    def peek(self, uid, parts=AWS_CONFIG, limit=MAX_CONFIG_BYTES, max_age=PEEK_AGE):
+        """What a read would answer, found on the calling thread without NSS and without opening the
+        file: the kept bytes when the walk as the user (every check of a read) finds nothing changed,
+        Unreadable when the walk itself says no (no such file, a link, ...). None when this cannot be
+        told here: no read through the pool within `max_age` s (whose NSS answer names the home),
+        a home not on a local filesystem (a stat there may hang), or something changed (the file
+        must be read: through the pool)."""
+        found = self.cache.home_of(uid, parts, limit, max_age)
+        if found is None:
+            return None
+        gid, home = found
+        key = (uid, gid, home, tuple(parts), limit)
+        try:
+            with FsIdentity(uid, gid):
+                home_fd = open_home(home, uid)
+                try:
+                    return read_below(home_fd, parts, uid, limit, self.cache, key, (_stamp(os.fstat(home_fd)),),
+                                      kept_only=True)
+                finally:
+                    os.close(home_fd)
+        except OSError:
+            return None
 
     def close(self):
         with self._work:

@@ -86,12 +86,13 @@ class SingleFlight:
                 raise RulesChanged(key)
 
     def obtain(self, key, ident, rule, rhost, decided, profiles=(), budget=None, force=False, write=True,
-               again=False, tags=(), duration=None):
+               again=False, tags=(), duration=None, warm_only=False):
         """Grant `key` holding `rule`'s role: reused while fresh and still that role, else one
         AssumeRole however many ask. New credentials go to the grant's files when it has sessions,
         or `write` asks (a login). `decided` is the generation `rule` was chosen under: credentials
         that come back after a reload took that rule, or revoked the grant, are dropped unwritten
-        (raises RulesChanged). `profiles`: the named profiles its files name (profile_sections)."""
+        (raises RulesChanged). `profiles`: the named profiles its files name (profile_sections).
+        `warm_only`: None rather than anything that may wait (an STS call, another login's)."""
         with self.index.lock:
             current = held = self.index.grants.get(key)
             if current is not None and current.role != rule.role:
@@ -101,6 +102,8 @@ class SingleFlight:
                 if current.profiles == full:
                     return current
                 return self.files.renamed(current, full)
+            if warm_only:
+                return None
             flight = self._inflight.get(key)
             leader = flight is None
             if leader:

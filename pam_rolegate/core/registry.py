@@ -90,14 +90,22 @@ class Registry:
 
     # -- the doors' API ------------------------------------------------------------------------
 
-    def open(self, facts, kind, pid, started, budget=None, sid=None):
-        """Resolve, decide, obtain and record one session. Raises mapping.UnknownUser, StsError,
-        StoreError or ShellLimit; returns Opened."""
+    def resolve(self, facts):
+        """The login's identity through NSS (mapping.resolve); an unknown user is a `denied:` line."""
         try:
-            ident = mapping.resolve(facts)
+            return mapping.resolve(facts)
         except mapping.UnknownUser as err:
             self.log.decision("denied", user=facts.user, service=facts.service, reason=str(err))
             raise
+
+    def open(self, facts, kind, pid, started, budget=None, sid=None, ident=None, warm_only=False):
+        """Resolve, decide, obtain and record one session. Raises mapping.UnknownUser, StsError,
+        StoreError or ShellLimit; returns Opened. `ident`: the facts resolved already (resolve()),
+        decided again here under the rules in force. `warm_only`: None instead of anything that may
+        wait (an STS call, another login's for the same grant): the PAM door answers a warm login
+        on its loop with this, and sends the rest to a worker."""
+        if ident is None:
+            ident = self.resolve(facts)
         cfg, decided = self.index.rules()
         decision = mapping.decide(cfg, ident)
         if decision.rule is None:
@@ -114,7 +122,9 @@ class Registry:
         linger = True
         try:
             grant = self._obtain(key, ident, rule, facts.rhost, decided, profile_sections(decision.profiles),
-                                 budget=budget)
+                                 budget=budget, **({"warm_only": True} if warm_only else {}))
+            if grant is None:
+                return None  # not warm: nothing was taken, the finally below lets go of the hold
             with self.index.lock:
                 # A reload may have unmapped this login while it was under way (the grant may
                 # have been fresh, so no STS call checked): then no session, and the release

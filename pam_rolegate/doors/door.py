@@ -62,6 +62,9 @@ ACCEPT_RETRY = 0.1  # out of descriptors: accepting pauses this long rather than
 # turn slowed by a storm of `busy` refusals let one uid's 1000 simultaneous pings through at ~20/s.
 INLINE_ACTIONS = frozenset({protocol.Ping.ACTION})
 INLINE_FRAME = 256  # frames up to this size are checked for an inline action; a ping's is ~30 bytes
+# Frames up to this size are offered to the door's on-loop handlers (a warm open_session: its frame
+# is ~150 bytes, at most ~5 KiB with every string at its limit); larger ones go to a worker undecoded.
+ON_LOOP_FRAME = 8192
 
 
 class Peer:
@@ -97,7 +100,7 @@ class Door:
 
     def __init__(self, name, path, handlers, workers, log, refusals, per_uid_connections=None,
                  per_uid_serving=None, per_uid_working=None, mode=0o666, inline=INLINE_ACTIONS,
-                 max_connections=MAX_CONNECTIONS):
+                 max_connections=MAX_CONNECTIONS, on_loop=None):
         self.name = name
         self.max_connections = max_connections
         # The user door's pool for uids that hold few connections when it is full (see
@@ -112,6 +115,10 @@ class Door:
         self.per_uid_serving = per_uid_serving  # None: no line, every admitted connection is served at once
         self.per_uid_working = per_uid_working
         self.inline = inline
+        # action -> handler tried on the loop first; its None sends the request to a worker as usual.
+        # Such a handler must not wait: no NSS, STS or read of a file that may be slow (handlers.py).
+        self.on_loop = on_loop or {}
+        self.served_on_loop = 0
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-door")
         # All of these are touched only on the door's loop.
         self._held = {}  # uid -> connections held, waiting or served
@@ -295,15 +302,15 @@ class Door:
                 writer.close()  # connected and left without a word (a liveness probe): nothing to log
                 return
             loop = asyncio.get_running_loop()
-            if self._inline(body):
-                reply = self.dispatch(peer, body)
-            elif self.per_uid_working:
+            # A ping, or what an on-loop handler answers (a warm login), costs no thread hop.
+            reply = self.dispatch(peer, body) if self._inline(body) else self._on_loop(peer, body)
+            if reply is None and self.per_uid_working:
                 gate = self._working.get(uid)
                 if gate is None:
                     gate = self._working[uid] = asyncio.Semaphore(self.per_uid_working)
                 async with gate:
                     reply = await loop.run_in_executor(self.pool, self.dispatch, peer, body)
-            else:
+            elif reply is None:
                 reply = await loop.run_in_executor(self.pool, self.dispatch, peer, body)
             await self._send(writer, reply)
             self.served += 1
@@ -321,6 +328,26 @@ class Door:
             return protocol.decode_request(body).ACTION in self.inline
         except ProtocolError:
             return False  # the worker's dispatch reports what is wrong with it
+
+    def _on_loop(self, peer, body):
+        """The on-loop handler's reply for this frame, or None: a worker answers it as ever."""
+        if not self.on_loop or len(body) > ON_LOOP_FRAME:
+            return None
+        try:
+            request = protocol.decode_request(body)
+        except ProtocolError:
+            return None  # the worker's dispatch reports what is wrong with it
+        handler = self.on_loop.get(request.ACTION)
+        if handler is None:
+            return None
+        try:
+            reply = handler(peer, request)
+        except Exception as err:  # a bug costs this request, never the door (as in dispatch)
+            self.log.error(f"internal error in {request.ACTION} on the loop: {type(err).__name__}: {err}")
+            return protocol.ErrorReply(protocol.E_INTERNAL, f"internal error: {type(err).__name__}")
+        if reply is not None:
+            self.served_on_loop += 1
+        return reply
 
     @staticmethod
     async def _read_frame(reader):

@@ -13,6 +13,12 @@ from ..core.grants import SDK_MIN_LEFT, ShellLimit, epoch_to_dt, iso
 from .refusals import REFUSAL_REASON_MAX
 
 HOOK_MARGIN = 0.3  # seconds kept back from the hook's budget for our reply and its PAM bookkeeping
+# How long the PAM door's loop reuses a login's NSS answer (its principal's groups, the target's
+# uid) to answer the same login warm, with no thread hop. The rules are decided afresh every time;
+# only NSS is not asked again. nscd keeps group answers 3600 s and sssd 5400 s by default: a group
+# change reaches a login here no later than it would through them.
+RESOLVED_TTL = 30.0
+RESOLVED_MAX = 65536  # logins remembered; past this the memory starts over (bounded whoever logs in)
 
 
 class Handlers:
@@ -24,10 +30,17 @@ class Handlers:
         self.homes = homes  # a homefiles.HomeReader: PAM logins look for the user's own region
         self.log = log
         self.elevations = elevations  # core.elevation.Elevations: rolegate elevate, approve, drop
+        # (user, service, ruser) -> (mapping.Identity, time.monotonic() NSS gave it): written by the
+        # workers' opens, read by the loop's; single dict operations, atomic under the GIL.
+        self._resolved = {}
 
     def pam(self):
         return {protocol.Ping.ACTION: self.ping, protocol.OpenSession.ACTION: self.open_session,
                 protocol.CloseSession.ACTION: self.close_session}
+
+    def pam_on_loop(self):
+        """What the PAM door may answer on its loop, each handler returning None for "not here"."""
+        return {protocol.OpenSession.ACTION: self.open_session_warm}
 
     def user(self):
         handlers = {protocol.Ping.ACTION: self.ping, protocol.Env.ACTION: self.env,
@@ -73,11 +86,60 @@ class Handlers:
             return env
         return {k: v for k, v in env.items() if k not in awsconfig.REGION_VARS}
 
-    def _open(self, facts, kind, pid, started, budget=None, sid=None):
+    def _own_region_now(self, uid):
+        """Whether `uid`'s own config names a region, as far as the calling thread can tell at once
+        (HomeReader.peek): True, False, or None when only a read through the pool can say."""
+        if self.homes is None:
+            return False
+        try:
+            data = self.homes.peek(uid)
+        except homefiles.Unreadable as err:
+            return False if err.quiet else None  # no file: no region; a refusal: the pool logs it
+        if data is None:
+            return None
+        try:
+            return awsconfig.names_region(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            return False
+
+    def open_session_warm(self, peer, req):
+        """open_session answered on the door's loop, or None: a login of a grant that is fresh (live
+        or lingering), whose NSS answer is at most RESOLVED_TTL old and whose own config a stat shows
+        unchanged. Anything that may wait (NSS, STS, a read of a file) goes to a worker as before."""
+        if peer.uid != 0 or req.pid <= 0:
+            return None  # refusals and odd requests: the worker's handler answers them
+        found = self._resolved.get((req.user, req.service, req.ruser))
+        if found is None or time.monotonic() - found[1] > RESOLVED_TTL:
+            return None
+        ident = found[0]
+        own = False
+        # Unmapped: no session, so no region to look for. (A reload that maps this login between
+        # here and the open's own decision costs that one login the user's region, nothing more.)
+        if mapping.decide(self.registry.cfg, ident).rule is not None:
+            own = self._own_region_now(ident.target_uid)
+            if own is None:
+                return None
+        facts = mapping.LoginFacts(user=req.user, service=req.service, ruser=req.ruser, rhost=req.rhost,
+                                   tty=req.tty)
+        return self._open(facts, "pam", req.pid, procs.start_time(req.pid), ident=ident, own=own)
+
+    def _open(self, facts, kind, pid, started, budget=None, sid=None, ident=None, own=None):
+        """One login's open. With `ident` (and `own`, the answer about its own region) it is the
+        loop's warm open: None when the grant is not warm."""
         reg = self.registry
         deadline = None if budget is None else time.monotonic() + budget
         try:
-            opened = reg.open(facts, kind, pid, started, budget=budget, sid=sid)
+            if ident is not None:
+                opened = reg.open(facts, kind, pid, started, ident=ident, warm_only=True)
+                if opened is None:
+                    return None
+            else:
+                ident = reg.resolve(facts)
+                if kind == "pam":
+                    if len(self._resolved) >= RESOLVED_MAX:
+                        self._resolved = {}
+                    self._resolved[(facts.user, facts.service, facts.ruser)] = (ident, time.monotonic())
+                opened = reg.open(facts, kind, pid, started, budget=budget, sid=sid, ident=ident)
         except mapping.UnknownUser as err:
             return protocol.ErrorReply(protocol.E_UNKNOWN_USER, str(err))
         except StsError as err:
@@ -89,7 +151,9 @@ class Handlers:
                                    "runtime_dir": reg.cfg.runtime_dir})
         grant = opened.grant
         env = reg.env_for(grant)
-        if kind == "pam":  # a shell's `rolegate env` decides for itself, with the shell's profile
+        if own:
+            env = {k: v for k, v in env.items() if k not in awsconfig.REGION_VARS}
+        elif kind == "pam" and own is None:  # a shell's `rolegate env` decides for itself, with the shell's profile
             env = self.own_region_env(grant, env, deadline)
         return protocol.Reply({"granted": True, "session": opened.session.id, "grant": grant.id, "role": grant.role,
                                "env": env, "reason": opened.reason,
