@@ -10,12 +10,19 @@ Tables, all from one run on this machine, so ratios compare like with like:
            a login's p99 during the pass
   profiles a user with 1, 5 and 20 named profiles: login time ÷ empty hook and STS calls at login,
            then the STS calls and time of each profile's first use and of a second use
+  ssh      `ssh alice@127.0.0.1 true` against a real sshd (as the tests start it), its PAM stack with no
+           hook line, with an empty pam_python hook in its place, and with rolegate (warm), in paired
+           rounds taken in turn: each as a ratio to no hook, and the ms it adds
 
-    sudo scripts/bench [--rounds N] [--only hook,burst,scale,refresh,profiles] [--grants N,N] [--profiles N,N]
+    sudo scripts/bench [--rounds N] [--only hook,burst,scale,refresh,profiles,ssh] [--grants N,N] [--profiles N,N]
+           [--timings]   the broker's own timings of each PAM door request (scripts/bench_timings.py), printed
+                         after the hook table: where a warm open's and a close's time goes
 """
 
 import argparse
+import glob
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -192,6 +199,150 @@ def hook_table(h, hook, rounds):
         for label, samples, calls in group:
             print(f"{label:54} {statistics.median(samples):7.1f} {pct(samples, 90):7.1f} {min(samples):7.1f} "
                   f"{statistics.median(samples) / base:7.2f} {min(samples) / base_min:6.2f} {calls:5d}")
+
+
+# -- the broker's own timings (--timings) -------------------------------------------------------------
+
+TIMINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_timings.py")
+
+
+def start_timed_broker(h, out):
+    """rolegated as h.start_broker starts it, but under scripts/bench_timings.py writing to `out`."""
+    log = open(h.broker_log_path, "a")
+    h.broker = subprocess.Popen([sys.executable, TIMINGS, out], stdout=log, stderr=log,
+                                env=dict(os.environ, **h.env), start_new_session=True)
+    log.close()
+    h.wait_for_socket()
+
+
+def timings_table(out, since=0):
+    """Medians (µs) of each step of the PAM door's requests recorded in `out` from line `since` on."""
+    import json
+
+    time.sleep(1.0)  # the writer's last half-second batch
+    with open(out) as fh:
+        recs = [json.loads(line) for line in fh.readlines()[since:]]
+    steps = [("accept→frame", "arrived", "framed"), ("frame→handler", "framed", "dispatch"),
+             ("handler", "dispatch", "dispatched"), ("→loop", "dispatched", "send"),
+             ("write+close", "send", "sent"), ("total", "arrived", "end")]
+    inner = ["open", "env_for", "own_region", "close"]
+    groups = {}
+    for rec in recs:
+        if rec.get("door") == "pam" and rec.get("action"):
+            where = "on loop" if rec.get("on_loop") else "worker"
+            groups.setdefault((rec["action"], (rec.get("user") or "-") + ", " + where), []).append(rec)
+    print("\nThe broker's own timings of the PAM door's requests in the hook table (µs, medians; "
+          "scripts/bench_timings.py)\n")
+    print(f"{'request':30} {'n':>4} " + " ".join(f"{label:>12}" for label, _a, _b in steps)
+          + " " + " ".join(f"{name:>10}" for name in inner))
+    for (action, user), rs in sorted(groups.items()):
+        cells = []
+        for _label, a, b in steps:
+            d = [(r[b] - r[a]) * 1e6 for r in rs if a in r and b in r]
+            cells.append(f"{statistics.median(d):12.0f}" if d else f"{'-':>12}")
+        for name in inner:
+            d = [r[name] * 1e6 for r in rs if name in r]
+            cells.append(f"{statistics.median(d):10.0f}" if d else f"{'-':>10}")
+        print(f"{action + ' ' + user:30} {len(rs):4d} " + " ".join(cells))
+
+
+def roundtrip_table(rounds):
+    """The hook's two broker calls as the hook makes them, timed from this side: a warm open, then its
+    close sent both ways in turn: waiting for the reply (client.call, before 2026-12-07) and not
+    (client.send, the hook now)."""
+    holder = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    opens, by_call, by_send = [], [], []
+    try:
+        for r in range(rounds * 2):
+            start = time.perf_counter()
+            reply = call(protocol.OpenSession(user="alice", service="rg-hook", pid=holder.pid, budget_ms=3000))
+            opens.append((time.perf_counter() - start) * 1000)
+            assert reply.get("granted"), f"a warm open was not granted: {reply}"
+            close = protocol.CloseSession(session=reply.get("session"))
+            start = time.perf_counter()
+            if r % 2:
+                client.send(close, path=PAM_SOCKET)
+                by_send.append((time.perf_counter() - start) * 1000)
+            else:
+                call(close)
+                by_call.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.01)  # the close is acted on before the next open
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+    print(f"\nThe hook's broker calls timed by the caller, {rounds * 2} warm opens (ms)\n")
+    print(f"{'call':40} {'median':>7} {'p90':>7} {'min':>7}")
+    for label, samples in (("open_session (warm)", opens), ("close_session, waiting for the reply", by_call),
+                           ("close_session, sent without waiting", by_send)):
+        print(f"{label:40} {statistics.median(samples):7.2f} {pct(samples, 90):7.2f} {min(samples):7.2f}")
+
+
+# -- ssh ---------------------------------------------------------------------------------------------
+
+
+def pam_variants(hook, empty):
+    """{variant: {pam file: text}}: the stacks as installed (rolegate), with the empty hook `empty` in
+    the same line (the guard and options unchanged), and with pam_permit in that line (no interpreter)."""
+    variants = {"rolegate": {}, "empty hook": {}, "no hook": {}}
+    line = re.compile(r"pam_python\.so\s+" + re.escape(hook) + r"[^\n]*")
+    for path in glob.glob("/etc/pam.d/*"):
+        try:
+            text = open(path).read()
+        except (IsADirectoryError, UnicodeDecodeError):
+            continue
+        if hook not in text:
+            continue
+        variants["rolegate"][path] = text
+        variants["empty hook"][path] = line.sub(lambda m: m.group(0).replace(hook, empty), text)
+        variants["no hook"][path] = line.sub("pam_permit.so", text)
+    return variants
+
+
+def ssh_table(h, hook, rounds):
+    """ssh logins with and without the hook, in paired rounds: each round runs every variant once, in
+    an order that turns each round, so drift and the other helpers' load touch them alike."""
+    h.start_sshd()
+    empty = os.path.join(h.workdir, "empty_hook.py")
+    with open(empty, "w") as fh:
+        fh.write(EMPTY_HOOK)
+    variants = pam_variants(hook, empty)
+    assert variants["rolegate"], f"no PAM file carries the hook {hook}: is it installed?"
+    names = list(variants)
+    samples = {name: [] for name in names}
+    cmd = h.ssh_cmd("alice", "true")
+
+    def use(name):
+        for path, text in variants[name].items():
+            with open(path + ".bench", "w") as fh:
+                fh.write(text)
+            os.rename(path + ".bench", path)  # whole, at once: a login never reads half a stack
+
+    try:
+        for name in names:  # one unmeasured login each: host keys, caches, the grant
+            use(name)
+            run(cmd)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                use(name)
+                start = time.perf_counter()
+                done = run(cmd, check=False)
+                took = (time.perf_counter() - start) * 1000
+                if done.returncode != 0:
+                    raise SystemExit(f"ssh with {name} failed: {done.stderr.strip()[-300:]}")
+                samples[name].append(took)
+    finally:
+        use("rolegate")
+    base, base_min = statistics.median(samples["no hook"]), min(samples["no hook"])
+    print(f"\nssh: `ssh alice@127.0.0.1 true` against sshd on 127.0.0.1, {rounds} paired rounds (each variant once "
+          f"per round, order turning); alice's grant warm (linger)\n(ms; ÷none: median over no hook's median; "
+          f"min÷: the same for minimums; +ms: median minus no hook's median)\n")
+    print(f"{'PAM stack':28} {'median':>7} {'p90':>7} {'min':>7} {'÷none':>7} {'min÷':>6} {'+ms':>6}")
+    for name in ("no hook", "empty hook", "rolegate"):
+        m = statistics.median(samples[name])
+        print(f"{name:28} {m:7.1f} {pct(samples[name], 90):7.1f} {min(samples[name]):7.1f} {m / base:7.2f} "
+              f"{min(samples[name]) / base_min:6.2f} {m - base:6.1f}")
+    paired = [w - wo for w, wo in zip(samples["rolegate"], samples["empty hook"])]
+    print(f"{'rolegate − empty hook, paired':28} median {statistics.median(paired):.1f} ms per login")
 
 
 # -- burst -------------------------------------------------------------------------------------------
@@ -396,7 +547,8 @@ def profiles_table(h, hook, holder, counts, rounds):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--only", default="hook,burst,scale,refresh,profiles")
+    p.add_argument("--only", default="hook,burst,scale,refresh,profiles,ssh")
+    p.add_argument("--timings", action="store_true", help="the broker's own timings of each PAM door request")
     p.add_argument("--profiles", default="1,5,20")
     p.add_argument("--bursts", default="8,32,128,512")
     p.add_argument("--sessions", default="10,100,1000,10000")
@@ -412,9 +564,16 @@ def main():
             h.add_user(user)
         h.write_config(config())
         hook = h.install_pam()
-        h.start_broker()
+        out = os.path.join(h.workdir, "timings.jsonl")
+        if args.timings:
+            start_timed_broker(h, out)
+        else:
+            h.start_broker()
         if "hook" in only:
             hook_table(h, hook, args.rounds)
+            if args.timings:
+                timings_table(out)
+                roundtrip_table(args.rounds)
         if "burst" in only:
             burst_table(h, holder, [int(c) for c in args.bursts.split(",")])
         if "scale" in only:
@@ -423,6 +582,8 @@ def main():
             refresh_table(h, holder, [int(n) for n in args.grants.split(",")])
         if "profiles" in only:
             profiles_table(h, hook, holder, [int(n) for n in args.profiles.split(",")], args.rounds)
+        if "ssh" in only:
+            ssh_table(h, hook, args.rounds)
     finally:
         holder.stop()
         h.stop()
