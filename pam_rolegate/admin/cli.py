@@ -5,10 +5,12 @@ whoami, profiles), verbs_elevation (elevate, drop, approve, deny, approvals) and
 (firewall, install, uninstall, doctor, daemon); deps holds what they share.
 
 Imports of heavy modules (boto3 through sts, yaml through config) happen inside the verbs
-that need them: `rolegate env` runs in every login shell and must start fast.
+that need them, and a verb's module is imported only when it runs (_verb): `rolegate env` runs
+in every login shell and must start fast.
 """
 
 import argparse
+import importlib
 import io
 import os
 import sys
@@ -17,10 +19,6 @@ from .. import __version__
 from ..errors import RolegateError
 from . import exitcodes
 from .deps import Deps, report_failure
-from .verbs_checks import run_check_config, run_check_user, run_policy
-from .verbs_elevation import run_approvals, run_approve, run_drop, run_elevate
-from .verbs_host import run_daemon, run_doctor, run_firewall, run_install, run_uninstall
-from .verbs_session import run_credentials, run_env, run_profiles, run_region, run_status, run_whoami
 
 
 # -- wiring --------------------------------------------------------------------------------------
@@ -57,11 +55,12 @@ def parser():
         s.set_defaults(run=run)
         return s
 
-    s = command("check-config", "validate a config file; warn when no rule maps anyone", run=run_check_config)
+    s = command("check-config", "validate a config file; warn when no rule maps anyone",
+                run="verbs_checks.run_check_config")
     s.add_argument("path", nargs="?", help="the file to check (default: the config --config names)")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    s = command("check-user", "which rule and role a login would get, and why", run=run_check_user,
+    s = command("check-user", "which rule and role a login would get, and why", run="verbs_checks.run_check_user",
                 description="Which rule and role a login would get, and why: every named profile it would get "
                             "with the rule that gives each, and the session name and source identity of each. "
                             "Exit 1 when no rule matches, and for a service the PAM hook never runs for.")
@@ -74,27 +73,27 @@ def parser():
     s.add_argument("--rules", metavar="FILE", help=RULES_HELP)
     s.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    command("daemon", "run the broker (rolegated) in the foreground", run=run_daemon,
+    command("daemon", "run the broker (rolegated) in the foreground", run="verbs_host.run_daemon",
             description=DAEMON_DESCRIPTION)
 
-    s = command("env", "shell lines that point this shell at your credentials", run=run_env)
+    s = command("env", "shell lines that point this shell at your credentials", run="verbs_session.run_env")
     s.add_argument("--shell", choices=("sh", "csh", "fish"), default="sh", help=SHELL_HELP)
     s.add_argument("-v", "--verbose", action="store_true", help="say why when you have no role")
 
     s = command("region", "shell lines: rolegate's region, or none where your own AWS config names one for the "
-                          "profile in use (profile.d runs it when AWS_PROFILE is set)", run=run_region)
+                          "profile in use (profile.d runs it when AWS_PROFILE is set)", run="verbs_session.run_region")
     s.add_argument("--shell", choices=("sh", "csh", "fish"), default="sh", help=SHELL_HELP)
 
-    s = command("credentials", "credential_process JSON for your grant", run=run_credentials)
+    s = command("credentials", "credential_process JSON for your grant", run="verbs_session.run_credentials")
     s.add_argument("--grant", help="the grant id (written into the session's AWS config file)")
     s.add_argument("--profile", help="one of the grant's named profiles (assumed on first use)")
 
     s = command("profiles", "the profiles this session can use, their roles, which are held and until when",
-                run=run_profiles)
+                run="verbs_session.run_profiles")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
 
     s = command("elevate", "an on-demand profile for this session: PAM asks who you are, then STS is called with "
-                           "your reason in the session tags", run=run_elevate,
+                           "your reason in the session tags", run="verbs_elevation.run_elevate",
                 description="An on-demand profile for this session: the broker runs the rolegate PAM service and "
                             "relays its questions to this terminal (from standard input when there is none), waits "
                             "for an approver where the rule names one, then assumes the role with your reason in "
@@ -111,39 +110,42 @@ def parser():
     s.add_argument("command", nargs="*", metavar="CMD", help="after --: one command to run with the profile, "
                                                               "which is dropped when it exits")
 
-    s = command("drop", "end an elevation now", run=run_drop)
+    s = command("drop", "end an elevation now", run="verbs_elevation.run_drop")
     s.add_argument("profile", help="the elevated profile to drop")
 
     for verb, what in (("approve", "approve an elevation request (members of its approvers group)"),
                        ("deny", "deny an elevation request (members of its approvers group)")):
-        s = command(verb, what, run=run_approve)
+        s = command(verb, what, run="verbs_elevation.run_approve")
         s.add_argument("id", help="the request's id (`rolegate approvals` lists them)")
 
-    s = command("approvals", "elevation requests waiting for your approval", run=run_approvals)
+    s = command("approvals", "elevation requests waiting for your approval", run="verbs_elevation.run_approvals")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    s = command("status", "grants, roles and expiry (yours; root sees all)", run=run_status)
+    s = command("status", "grants, roles and expiry (yours; root sees all)", run="verbs_session.run_status")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    s = command("whoami", "GetCallerIdentity with this session's credentials", run=run_whoami)
+    s = command("whoami", "GetCallerIdentity with this session's credentials", run="verbs_session.run_whoami")
     s.add_argument("--profile", help="a profile's instead of the default's (as aws --profile)")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    s = command("doctor", "check every piece of the installation: PASS/WARN/FAIL with the fix", run=run_doctor)
+    s = command("doctor", "check every piece of the installation: PASS/WARN/FAIL with the fix",
+                run="verbs_host.run_doctor")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.add_argument("--assume", action="store_true", help="also assume every configured role")
 
-    s = command("install", "put rolegate in place: PAM, profile.d, systemd unit, firewall", run=run_install)
+    s = command("install", "put rolegate in place: PAM, profile.d, systemd unit, firewall",
+                run="verbs_host.run_install")
     s.add_argument("--options", default="", help="hook options for the PAM line, e.g. 'on_error=deny timeout=2'")
     s.add_argument("--no-firewall", action="store_true", help="do not apply the IMDS lockdown now")
 
-    command("uninstall", "remove exactly what install put in place", run=run_uninstall)
+    command("uninstall", "remove exactly what install put in place", run="verbs_host.run_uninstall")
 
-    s = command("firewall", "the IMDS lockdown: apply, remove or show the nftables rules", run=run_firewall)
+    s = command("firewall", "the IMDS lockdown: apply, remove or show the nftables rules",
+                run="verbs_host.run_firewall")
     s.add_argument("action", choices=("apply", "remove", "show"), help="apply or remove the lockdown (root), "
                                                                        "or show the rules in force")
 
-    s = command("policy", "IAM policies the config needs, as JSON", run=run_policy)
+    s = command("policy", "IAM policies the config needs, as JSON", run="verbs_checks.run_policy")
     s.add_argument("--gatekeeper", default="arn:aws:iam::ACCOUNT_ID:role/GATEKEEPER_ROLE",
                    help="the gatekeeper (instance) role's ARN, for the trust policies")
     s.add_argument("--rules", metavar="FILE", help=RULES_HELP)
@@ -160,7 +162,7 @@ def daemon_parser():
     p = argparse.ArgumentParser(prog="rolegated", description=DAEMON_DESCRIPTION)
     p.add_argument("--version", action="version", version=VERSION, help="print the version and exit")
     _add_config(p, None)
-    p.set_defaults(run=run_daemon, verb="daemon")
+    p.set_defaults(run="verbs_host.run_daemon", verb="daemon")
     return p
 
 
@@ -184,6 +186,13 @@ def _parse(p, argv, command):
         raise
 
 
+def _verb(where):
+    """The run_<verb> function a parser names as "MODULE.FUNCTION" (a module of admin/), imported
+    only when that verb runs: `rolegate env` runs in every login shell and loads its module alone."""
+    module, name = where.rsplit(".", 1)
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
 def run(p, argv, deps, command=()):
     """Parse, run the verb and turn what went wrong into the exit-code table's code."""
     args = None
@@ -191,7 +200,7 @@ def run(p, argv, deps, command=()):
         args = _parse(p, argv, command)
         if command:
             args.command = list(args.command or []) + list(command)
-        code = args.run(args, deps)
+        code = _verb(args.run)(args, deps)
         deps.out.flush()  # here, so a reader that went away (`| head`) is met below, not at exit
         return code
     except BrokenPipeError:
