@@ -138,6 +138,8 @@ def tree_deb(image_dir):
     (a developer's shortcut, e.g. one built from a copy of a tree in mid-change)."""
     given = os.environ.get("ROLEGATE_TEST_DEB")
     if given:
+        assert os.path.isfile(given), f"ROLEGATE_TEST_DEB={given} is no file here (scripts/sandbox has a /tmp of " \
+                                      "its own: put the package elsewhere, e.g. /var/tmp)"
         return given
     out = tempfile.mkdtemp(prefix="rolegate-host-deb-")
     return guestlib.build_deb(out)
