@@ -501,6 +501,8 @@ class HomeReader:
         gid, home = found
         key = (uid, gid, home, tuple(parts), limit)
         try:
+            # On the caller's thread (the PAM door's loop), which goes back to root's identity on
+            # the way out: setfsuid(0) cannot fail while the effective uid is 0, as the broker's is.
             with FsIdentity(uid, gid):
                 home_fd = open_home(home, uid)
                 try:

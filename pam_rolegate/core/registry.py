@@ -104,6 +104,18 @@ class Registry:
         decided again here under the rules in force. `warm_only`: None instead of anything that may
         wait (an STS call, another login's for the same grant): the PAM door answers a warm login
         on its loop with this, and sends the rest to a worker."""
+        if not warm_only:
+            return self._open(facts, kind, pid, started, budget, sid, ident, False)
+        # Nor does the loop wait for the lock: held by a worker (a reload writing files, say), the
+        # login goes to a worker. Held here across the open (an RLock: the blocks inside re-enter it).
+        if not self.index.lock.acquire(blocking=False):
+            return None
+        try:
+            return self._open(facts, kind, pid, started, None, sid, ident, True)
+        finally:
+            self.index.lock.release()
+
+    def _open(self, facts, kind, pid, started, budget, sid, ident, warm_only):
         if ident is None:
             ident = self.resolve(facts)
         cfg, decided = self.index.rules()
