@@ -3,4 +3,4 @@
 This file must import nothing: the PAM hook loads this package inside sshd, standard library only.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
