@@ -169,9 +169,23 @@ class Guest:
             done = self.root("cat /proc/sys/kernel/random/boot_id", check=False, timeout=30, multiplex=False)
             if done.returncode == 0 and done.stdout.strip() and done.stdout.strip() != old_boot:
                 self.boots.append(round(time.monotonic() - start, 1))
+                self.wait_user_sessions(deadline)
                 return done.stdout.strip()
             time.sleep(2)
         raise GuestError(f"the guest's sshd did not answer within {timeout} s ({self.accel})\n"
+                         f"serial console:\n{self.serial_tail()}")
+
+    def wait_user_sessions(self, deadline):
+        """Root's ssh answers before users may log in (pam_nologin until systemd-user-sessions.service,
+        which waits for what is ordered before it, rolegated among them): wait for that too."""
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.root("systemctl is-active systemd-user-sessions.service", check=False, timeout=60).stdout.strip()
+            if state == "active":
+                return
+            time.sleep(2)
+        raise GuestError(f"users may not log in yet (systemd-user-sessions.service is {state!r}) at the boot deadline\n"
+                         f"{self.root('systemctl list-jobs --no-pager', check=False, timeout=60).stdout}"
                          f"serial console:\n{self.serial_tail()}")
 
     def reboot(self, timeout=BOOT_TIMEOUT):
@@ -321,10 +335,14 @@ def build_deb(out):
 
 
 def install_deb(guest, path):
-    """dpkg -i in the guest: its dependencies are in the image, so this needs no network."""
+    """dpkg -i in the guest (install or upgrade): its dependencies are in the image, so this needs
+    no network."""
     remote = "/root/" + os.path.basename(path)
     guest.put(path, remote)
-    return guest.root(f"DEBIAN_FRONTEND=noninteractive dpkg -i {remote}", check=False, timeout=300)
+    # --force-confold: as an unattended upgrade runs, keeping the admin's edited conffiles (the
+    # example config changes between releases) instead of stopping at dpkg's prompt.
+    return guest.root(f"DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold -i {remote}",
+                      check=False, timeout=300)
 
 
 def main():

@@ -450,8 +450,12 @@ class TestBootedHost:
             g.write(USERS_OATH, f"HOTP/T30/6 alice - {OATH_SECRET}\n", "0600")
             code = g.root(f"oathtool --totp {OATH_SECRET}").stdout.strip()
             ok, out = elevate(PASSWORDS["alice"] + "' '" + code)
+            # What the broker's own mount namespace (ProtectSystem=strict) lets it do in that directory.
+            view = g.root(f"nsenter -t $(systemctl show -p MainPID --value rolegated) -m sh -c "
+                          f"'touch {USERS_OATH}.probe && rm {USERS_OATH}.probe && echo writable' 2>&1", check=False)
             assert ok == 0 and "elevated: admin" in out, f"elevation with password and TOTP failed ({ok}):\n{out}\n" \
-                                                         f"{journal(g)[-3000:]}"
+                f"the broker's view of {os.path.dirname(USERS_OATH)}/ (made as the docs say, while it runs): " \
+                f"{view.stdout.strip()}\n{journal(g)[-3000:]}"
             users = g.root(f"cat {USERS_OATH}").stdout
             assert code in users, f"pam_oath did not record the used code in {USERS_OATH} (can the unit write it?): " \
                                   f"{users!r}"
@@ -534,7 +538,8 @@ class TestPackageLife:
         assert purged.returncode == 0, f"dpkg --purge rolegate failed:\n{purged.stdout}\n{purged.stderr}"
         table = g.root("nft list table inet rolegate", check=False)
         assert table.returncode != 0, f"purge left the IMDS lockdown:\n{table.stdout}"
-        left = g.root("find / /run -xdev -iname '*rolegate*' -not -path '/proc/*' 2>/dev/null; "
+        # /run/systemd/units/invocation:* is systemd's record of the unit's last run, not a file of ours.
+        left = g.root("find / /run -xdev -iname '*rolegate*' -not -path '/run/systemd/units/*' 2>/dev/null; "
                       "grep -rl pam_rolegate /etc 2>/dev/null; true").stdout.split()
         assert not left, f"purge left rolegate's files behind: {left}"
         unit = g.root("systemctl show rolegated -p LoadState").stdout.strip()
