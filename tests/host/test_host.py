@@ -361,6 +361,13 @@ class TestBootedHost:
             f"the gatekeeper's keys were first fetched {float(fetched[0]) - ready:.2f} s after systemd took rolegated " \
             "for ready: the first login pays for it"
 
+    def test_unit__systemd_analyze_security_rates_rolegated_at_most_3_0_in_the_guest(self):
+        out = self.guest.root("systemd-analyze security rolegated.service --no-pager", check=False).stdout
+        level = re.search(r"Overall exposure level for rolegated\.service: ([0-9.]+)", out)
+        assert level, f"systemd-analyze security printed no exposure level:\n{out[-2000:]}"
+        assert float(level.group(1)) <= 3.0, f"rolegated.service's exposure is {level.group(1)} (at most 3.0 asked):\n" \
+                                             + "\n".join(l for l in out.splitlines() if l.startswith("✗"))
+
     def test_login__the_first_ssh_login_after_boot_gets_credentials_and_the_journal_shows_it(self):
         g = self.guest
         start = time.monotonic()
