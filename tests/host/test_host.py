@@ -453,7 +453,10 @@ class TestBootedHost:
             # TOTP through libpam-oath, which writes its users file (the counter it keeps against replays).
             g.write("/etc/pam.d/rolegate", "@include common-auth\nauth required pam_oath.so usersfile=" + USERS_OATH + " "
                                            "window=3 digits=6\n@include common-account\n")
-            g.root(f"install -d -m 0700 {os.path.dirname(USERS_OATH)}")
+            made = g.root(f"stat -c '%a %U' {os.path.dirname(USERS_OATH)}", check=False)
+            assert made.stdout.strip() == "700 root", \
+                f"rolegated.service should have made {os.path.dirname(USERS_OATH)} (0700 root) at its start: " \
+                f"{made.stdout.strip() or made.stderr.strip()}"
             g.write(USERS_OATH, f"HOTP/T30/6 alice - {OATH_SECRET}\n", "0600")
             code = g.root(f"oathtool --totp {OATH_SECRET}").stdout.strip()
             ok, out = elevate(PASSWORDS["alice"] + "' '" + code)
@@ -461,7 +464,7 @@ class TestBootedHost:
             view = g.root(f"nsenter -t $(systemctl show -p MainPID --value rolegated) -m sh -c "
                           f"'touch {USERS_OATH}.probe && rm {USERS_OATH}.probe && echo writable' 2>&1", check=False)
             assert ok == 0 and "elevated: admin" in out, f"elevation with password and TOTP failed ({ok}):\n{out}\n" \
-                f"the broker's view of {os.path.dirname(USERS_OATH)}/ (made as the docs say, while it runs): " \
+                f"the broker's view of {os.path.dirname(USERS_OATH)}/ (made by the unit): " \
                 f"{view.stdout.strip()}\n{journal(g)[-3000:]}"
             users = g.root(f"cat {USERS_OATH}").stdout
             assert code in users, f"pam_oath did not record the used code in {USERS_OATH} (can the unit write it?): " \
