@@ -6,7 +6,7 @@ import secrets
 import pytest
 
 from conftest import require_sandbox
-from harness import diff, make_host, run, snapshot
+from harness import CONFIG_PATH, diff, make_host, run, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,17 @@ def host():
     require_sandbox()
     h = make_host()
     h.install_commands()
+    # install writes its example config only where none exists: a config an earlier module of this
+    # run left in the sandbox's /etc would be kept, and the first install here would not be a first.
+    leftover = None
+    if os.path.exists(CONFIG_PATH):
+        with open(CONFIG_PATH) as fh:
+            leftover = fh.read()
+        os.unlink(CONFIG_PATH)
     yield h
+    if leftover is not None:
+        with open(CONFIG_PATH, "w") as fh:
+            fh.write(leftover)
     h.stop()
 
 
