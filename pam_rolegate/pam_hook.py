@@ -1,7 +1,7 @@
 # pam_python entry points for rolegate: load the package from this file's folder, hand each call
 # to pam_rolegate.hookside.hook. Standard library only.
 #
-# PAM line (behind the service allow-list guard, see README "The PATH hazard"):
+# PAM line (behind the service allow-list guard, see docs/security.md, "The PATH hazard"):
 #
 #     session optional pam_python.so /PATH/TO/pam_rolegate/pam_hook.py [OPTIONS]
 #

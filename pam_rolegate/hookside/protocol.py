@@ -187,7 +187,7 @@ class Status(Request):
     ACTION = "status"
 
 
-# Elevation on demand (README "Elevation on demand"): start, then poll (answering PAM's prompts),
+# Elevation on demand (docs/profiles-and-elevation.md): start, then poll (answering PAM's prompts),
 # cancel; approvers approve or deny; drop ends one early.
 class Elevate(Request):
     ACTION = "elevate"
